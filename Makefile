@@ -1,0 +1,50 @@
+# tierstream: the two commands a new user needs are `make demo` and `make test`.
+# Each installs what it needs: a virtualenv with the package and its test tools, and the
+# Apache Kafka jars from Maven Central (into .cache/, git-ignored).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+KAFKA_STAMP := .cache/.kafka-fetched
+
+.PHONY: install kafka test test-fast demo bench schemas broker-start broker-stop clean
+
+install: $(STAMP) $(KAFKA_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(KAFKA_STAMP): deploy/local/kafka.sh deploy/local/pom.xml
+	bash deploy/local/kafka.sh fetch
+	mkdir -p .cache && touch $@
+
+kafka: $(KAFKA_STAMP)
+
+# The whole suite, end-to-end tests included: they start their own broker (or use
+# $$KAFKA_BOOTSTRAP_SERVERS) and the provider simulator.
+test: install
+	$(PY) -m pytest -q -ra
+
+# Only the tests that need no broker.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+demo: install
+	$(VENV)/bin/tierstream demo
+
+schemas: $(STAMP)
+	$(PY) -m schemas.export
+
+broker-start: install
+	$(VENV)/bin/tierstream broker start
+
+broker-stop: $(STAMP)
+	$(VENV)/bin/tierstream broker stop
+
+clean:
+	-$(VENV)/bin/tierstream broker stop
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis *.egg-info

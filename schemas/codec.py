@@ -1,0 +1,79 @@
+"""Bytes <-> models, with failures classified so they can be dead-lettered with a reason."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.models import SCHEMA_VERSION, DeadLetterCode, WireModel
+
+M = TypeVar("M", bound=WireModel)
+
+
+class DecodeError(ValueError):
+    """A message that cannot become a model. ``code`` is machine-readable, ``reason`` human."""
+
+    def __init__(self, code: DeadLetterCode, reason: str, payload: Any = None) -> None:
+        super().__init__(reason)
+        self.code: DeadLetterCode = code
+        self.reason = reason
+        # The parsed JSON, when it was JSON: lets a dead letter name the request it came from.
+        self.payload = payload
+
+
+def encode(model: WireModel) -> bytes:
+    return orjson.dumps(model.model_dump(mode="json"))
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "(message)"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"... and {more} more")
+    return "; ".join(parts)
+
+
+def decode(raw: bytes | None, model: type[M], *, max_bytes: int | None = None) -> M:
+    if raw is None:
+        raise DecodeError("invalid_json", "message has no value (a tombstone?)")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise DecodeError(
+            "too_large", f"message is {len(raw)} bytes, over the limit of {max_bytes} bytes"
+        )
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("invalid_json", f"not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise DecodeError(
+            "schema_invalid", f"expected a JSON object, got {type(payload).__name__}", payload
+        )
+    version = payload.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise DecodeError(
+            "unsupported_schema_version",
+            f"schema_version {version!r} is not supported (this worker reads {SCHEMA_VERSION})",
+            payload,
+        )
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise DecodeError(
+            "schema_invalid",
+            f"{model.__name__} is invalid: {describe_validation_error(exc)}",
+            payload,
+        ) from None
+
+
+def payload_field(payload: Any, name: str) -> str | None:
+    """A string field of a parsed-but-invalid payload, for labelling its dead letter."""
+    if isinstance(payload, dict):
+        value = payload.get(name)
+        if isinstance(value, str) and len(value) <= 128:
+            return value
+    return None

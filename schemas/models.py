@@ -1,0 +1,219 @@
+"""The wire contract: every message tierstream reads or writes on Kafka.
+
+Models are frozen and reject unknown fields, so a producer's typo is a dead letter with
+a reason, not a silently ignored setting. ``schema_version`` is the contract's major
+version; a consumer refuses a version it does not know instead of guessing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION: Literal[1] = 1
+
+Identifier = Annotated[
+    str,
+    Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$"),
+]
+AgentType = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_-]*$")
+]
+TokenCount = Annotated[int, Field(ge=0)]
+Usd = Annotated[float, Field(ge=0)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Tier(StrEnum):
+    """Model tiers, cheapest first."""
+
+    NANO = "nano"
+    STANDARD = "standard"
+    PREMIUM = "premium"
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        ser_json_bytes="base64",
+        val_json_bytes="base64",
+    )
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class AgentRequest(WireModel):
+    """What a producer writes to the requests topic (key: ``workflow_id``)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: Identifier = Field(description="Unique per request; results carry it back.")
+    workflow_id: Identifier = Field(
+        description="Groups the requests of one multi-agent workflow; the partitioning key."
+    )
+    agent_type: AgentType = Field(description="One of the agent types in the configuration.")
+    task: str | None = Field(
+        default=None, min_length=1, description="The task as plain text (or use messages)."
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1, description="The task as chat messages (or use task)."
+    )
+    max_output_tokens: int = Field(default=1024, ge=1, le=200_000)
+    tier_hint: Tier | None = Field(
+        default=None, description="Skip classification and use this tier."
+    )
+    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _exactly_one_task_form(self) -> AgentRequest:
+        if (self.task is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'task' or 'messages'")
+        return self
+
+    def chat(self) -> list[ChatMessage]:
+        """The task as chat messages, whichever form the producer used."""
+        if self.messages is not None:
+            return self.messages
+        assert self.task is not None
+        return [ChatMessage(role="user", content=self.task)]
+
+    def prompt_text(self) -> str:
+        return "\n".join(m.content for m in self.chat())
+
+
+RoutedBy = Literal["hint", "rules", "llm", "llm_fallback"]
+
+
+class TieredRequest(AgentRequest):
+    """A request after classification, on its tier topic (key: ``workflow_id``)."""
+
+    tier: Tier
+    routed_by: RoutedBy
+    classified_at: datetime = Field(default_factory=utcnow)
+
+
+ResultStatus = Literal["ok", "error", "budget_exceeded"]
+
+
+class Timings(WireModel):
+    created_at: datetime
+    classified_at: datetime
+    started_at: datetime
+    finished_at: datetime
+    model_latency_ms: float = Field(ge=0, description="Time spent in the provider call(s).")
+
+
+class AgentResult(WireModel):
+    """The answer to one request, on the results topic (key: ``workflow_id``)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: Identifier
+    workflow_id: Identifier
+    agent_type: AgentType
+    status: ResultStatus
+    output: str | None = None
+    finish_reason: str | None = None
+    tier: Tier
+    routed_by: RoutedBy
+    provider: str
+    model: str
+    input_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    cost_usd: Usd = 0.0
+    attempts: int = Field(ge=0, description="Provider calls made for this request.")
+    timings: Timings
+    error: str | None = None
+    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+
+class CostEvent(WireModel):
+    """One model call's cost, on the costs topic (key: ``workflow_id``)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: Identifier
+    workflow_id: Identifier
+    agent_type: AgentType
+    tier: Tier
+    provider: str
+    model: str
+    attempt: int = Field(ge=1)
+    input_tokens: TokenCount
+    output_tokens: TokenCount
+    cached_input_tokens: TokenCount = 0
+    reasoning_tokens: TokenCount = 0
+    cost_usd: Usd
+    timestamp: datetime = Field(default_factory=utcnow)
+
+
+GuardrailKind = Literal["alert", "limit_reached", "cleared"]
+GuardrailAction = Literal["none", "pause", "block_workflow", "resume", "unblock_workflow"]
+
+
+class GuardrailEvent(WireModel):
+    """A change of guardrail state, on the compacted guardrails topic (key: ``scope``)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    scope: str = Field(
+        min_length=1, description="'hour', 'tier:<tier>' or 'workflow:<workflow_id>'."
+    )
+    kind: GuardrailKind
+    action: GuardrailAction
+    spent_usd: Usd
+    limit_usd: Usd
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    workflow_id: Identifier | None = None
+    reason: str
+    emitted_at: datetime = Field(default_factory=utcnow)
+
+
+DeadLetterCode = Literal[
+    "invalid_json",
+    "schema_invalid",
+    "unsupported_schema_version",
+    "unknown_agent_type",
+    "too_large",
+    "provider_error",
+]
+
+
+class DeadLetter(WireModel):
+    """A message tierstream could not process, on the dead-letter topic.
+
+    ``original_value`` and ``original_key`` are the bytes as read (base64 in JSON), so the
+    message can be repaired and replayed.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    code: DeadLetterCode
+    reason: str = Field(description="What was wrong, for a person to act on.")
+    stage: str = Field(description="The role that gave up: classifier, tier-nano, ...")
+    source_topic: str
+    source_partition: int = Field(ge=0)
+    source_offset: int = Field(ge=0)
+    original_key: bytes | None = None
+    original_value: bytes
+    request_id: str | None = None
+    workflow_id: str | None = None
+    attempts: int = 0
+    failed_at: datetime = Field(default_factory=utcnow)
+
+
+WIRE_MODELS: dict[str, type[WireModel]] = {
+    "agent_request": AgentRequest,
+    "tiered_request": TieredRequest,
+    "agent_result": AgentResult,
+    "cost_event": CostEvent,
+    "guardrail_event": GuardrailEvent,
+    "dead_letter": DeadLetter,
+}

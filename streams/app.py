@@ -1,0 +1,129 @@
+"""One Faust app per role, each its own consumer group.
+
+A role (``classifier``, ``tier-nano`` ...) is a Faust app whose id is
+``<app_id>-<role>``, so every role is a consumer group of its own: any mix of processes,
+a monolith beside a scaled-out tier, consumes each topic exactly once per group, and
+Faust's partition assignor only ever sees members with identical subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import faust
+import mode
+
+from schemas.models import Tier
+from streams.admin import ensure_topics
+from streams.classifier import Classifier, ClassifierHandler
+from streams.envelope import Outgoing, Source
+from streams.logs import logging_config
+from streams.pricing import PriceBook
+from streams.providers import ProviderRegistry
+from streams.tier_worker import TierHandler
+from topologies.config import Settings
+from topologies.topics import CLASSIFIER_ROLE, Role, TopicSpec, Topology, tier_role
+
+Handler = Callable[[Source], Awaitable[list[Outgoing]]]
+
+
+class ProviderService(mode.Service):
+    """Opens the provider client pools with the app and closes them on shutdown."""
+
+    def __init__(self, registry: ProviderRegistry, **kwargs: object) -> None:
+        self.registry = registry
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        await self.registry.start()
+
+    async def on_stop(self) -> None:
+        await self.registry.close()
+
+    @mode.Service.timer(60.0)
+    async def _scale_down_idle_clients(self) -> None:
+        for pool in self.registry.pools.values():
+            await pool.scale_down_idle()
+
+
+def _faust_topic(app: faust.App, spec: TopicSpec) -> faust.TopicT:
+    return app.topic(
+        spec.name,
+        partitions=spec.partitions,
+        replicas=spec.replication_factor,
+        compacting=spec.compacted,
+        config={k: v for k, v in spec.config.items() if k != "cleanup.policy"},
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+
+def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) -> faust.App:
+    topology = Topology(settings)
+    group = topology.consumer_group(settings.app_id, role)
+    datadir = datadir or settings.worker.datadir or Path(tempfile.mkdtemp(prefix=f"{group}-"))
+    app = faust.App(
+        group,
+        broker=settings.kafka.broker_url,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_replication_factor=settings.kafka.replication_factor,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_max_request_size=settings.kafka.max_message_bytes,
+        producer_linger=0.005,
+        web_enabled=False,
+        datadir=str(datadir),
+        logging_config=logging_config(settings.worker.log_level, role),
+    )
+    prices = PriceBook(settings)
+    if role == CLASSIFIER_ROLE:
+        needs_models = settings.classifier.strategy == "llm"
+        providers = ProviderRegistry(settings) if needs_models else None
+        classifier = Classifier(settings, providers)
+        handler: Handler = ClassifierHandler(settings, topology, classifier, prices).handle
+        source = topology.requests
+        concurrency = settings.worker.max_concurrent_tasks if needs_models else 1
+    else:
+        tier = next(t for t in Tier if tier_role(t) == role)
+        providers = ProviderRegistry(settings)
+        handler = TierHandler(tier, settings, topology, providers, prices).handle
+        source = topology.tiers[tier]
+        concurrency = settings.worker.max_concurrent_tasks
+    if providers is not None:
+        app.service(ProviderService(providers))
+
+    outputs = {spec.name: _faust_topic(app, spec) for spec in topology.all() if spec is not source}
+
+    async def process(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            outgoing = await handler(
+                Source(message.topic, message.partition, message.offset, message.key, message.value)
+            )
+            for out in outgoing:
+                # Faust flushes the producer before it commits the source offset, so an
+                # offset is committed only after everything it caused is in Kafka.
+                await outputs[out.topic].send(key=out.key, value=out.value)
+
+    app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
+    return app
+
+
+def run_role(settings: Settings, role: Role) -> None:
+    """Run one role's Faust worker in this process until SIGTERM/SIGINT."""
+    # Create the topology's topics first, with their configured partitions: a consumer
+    # that subscribes before its topic exists waits for a metadata refresh to see it.
+    asyncio.run(ensure_topics(settings))
+    app = build_role_app(settings, role)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.worker.log_level,
+        logging_config=logging_config(settings.worker.log_level, role),
+        redirect_stdouts=False,
+    )
+    worker.execute_from_commandline()

@@ -1,0 +1,226 @@
+"""The ``tierstream`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from topologies.config import ConfigError, load_settings
+from topologies.topics import Topology, parse_roles
+
+app = typer.Typer(
+    help="Tiered, cost-guarded LLM agent workloads on Apache Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+broker_app = typer.Typer(help="A local single-node Apache Kafka broker (KRaft) for development.")
+topics_app = typer.Typer(help="The topology's topics.")
+app.add_typer(broker_app, name="broker")
+app.add_typer(topics_app, name="topics")
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML configuration (default: $TIERSTREAM_CONFIG or the packaged default)."),
+]
+err = Console(stderr=True)
+
+
+def _settings(config: Path | None):  # noqa: ANN202 - typer needs no annotation here
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def worker(
+    roles: Annotated[str, typer.Option(help="Comma-separated: all, classifier, tiers, tier:nano, tier:standard, tier:premium.")] = "all",
+    config: ConfigOption = None,
+) -> None:
+    """Run workers: one Faust app (and consumer group) per role, one process per role."""
+    settings = _settings(config)
+    try:
+        role_list = parse_roles(roles)
+    except ValueError as exc:
+        err.print(f"[red]--roles: {exc}[/]")
+        raise typer.Exit(2) from None
+    # Validate everything a worker needs (prices, provider keys) before starting anything.
+    from streams.pricing import PriceBook
+    from streams.providers.registry import resolve_endpoint
+
+    try:
+        PriceBook(settings)
+        for provider in {t.provider for t in settings.tiers.values()}:
+            resolve_endpoint(settings, provider)
+    except (ConfigError, ValueError) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    if len(role_list) == 1:
+        from streams.app import run_role
+
+        run_role(settings, role_list[0])
+    else:
+        from streams.supervisor import supervise
+
+        raise typer.Exit(supervise(role_list, config))
+
+
+@app.command("provider-sim")
+def provider_sim(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8700,
+    host: Annotated[str, typer.Option(help="Address to bind (keep it on loopback).")] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(help="Median simulated model latency (0: answer at once).")] = 50.0,
+    rpm: Annotated[Optional[int], typer.Option(help="Requests per minute per model (429 above).")] = None,
+    tpm: Annotated[Optional[int], typer.Option(help="Tokens per minute per model (429 above).")] = None,
+    error_rate: Annotated[float, typer.Option(help="Fraction of calls answered 500/503.")] = 0.0,
+) -> None:
+    """Serve the OpenAI and Anthropic HTTP APIs locally, for the demo and the tests."""
+    from streams.simulator import SimulatorConfig, run
+
+    run(
+        SimulatorConfig(
+            host=host, port=port, latency_ms_median=latency_ms, requests_per_minute=rpm,
+            tokens_per_minute=tpm, error_rate=error_rate,
+        )
+    )
+
+
+@app.command()
+def produce(
+    count: Annotated[int, typer.Option(help="How many generated requests (ignored with --file).")] = 100,
+    file: Annotated[Optional[Path], typer.Option(help="A JSON-lines file of AgentRequest objects.")] = None,
+    workflows: Annotated[int, typer.Option(help="Spread generated requests over this many workflows.")] = 20,
+    config: ConfigOption = None,
+) -> None:
+    """Write requests to the requests topic, with a progress bar."""
+    from streams.client import produce_requests, read_jsonl
+    from streams.workload import sample_requests
+
+    settings = _settings(config)
+    if file is not None:
+        try:
+            requests = list(read_jsonl(file))
+        except (OSError, ValueError) as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
+    else:
+        requests = list(sample_requests(count, workflows=workflows))
+    with Progress(console=err) as progress:
+        task = progress.add_task("produced", total=len(requests))
+        sent = asyncio.run(
+            produce_requests(settings, requests, lambda n: progress.advance(task, n))
+        )
+    err.print(f"produced {sent} requests to {Topology(settings).requests.name}")
+
+
+@app.command()
+def results(
+    from_beginning: Annotated[bool, typer.Option(help="Read from the start instead of new messages only.")] = False,
+    idle_timeout: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
+    raw: Annotated[bool, typer.Option(help="Print the JSON as it is on the topic.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Follow the results and dead-letter topics."""
+    from streams.client import follow, render, result_topics
+
+    settings = _settings(config)
+    results_topic, dlq_topic = result_topics(settings)
+
+    async def run() -> None:
+        async for topic, value in follow(
+            settings, [results_topic, dlq_topic], from_beginning=from_beginning, idle_timeout=idle_timeout
+        ):
+            kind = "result" if topic == results_topic else "dead_letter"
+            print(value.decode(errors="replace") if raw else render(kind, value), flush=True)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def demo(
+    count: Annotated[int, typer.Option(help="Requests in the sample workload.")] = 300,
+    latency_ms: Annotated[float, typer.Option(help="Simulated model latency.")] = 80.0,
+    timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 180.0,
+    keep_broker: Annotated[bool, typer.Option(help="Leave the local broker running afterwards.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Start a broker, the simulator and the workers; run a sample workload; summarise it."""
+    from streams.demo import demo as run_demo
+
+    _settings(config)
+    raise typer.Exit(run_demo(config, count, latency_ms, timeout, keep_broker))
+
+
+@topics_app.command("create")
+def topics_create(config: ConfigOption = None) -> None:
+    """Create every topic of the topology that does not exist yet."""
+    from streams.admin import ensure_topics
+
+    created = asyncio.run(ensure_topics(_settings(config)))
+    print("created: " + (", ".join(created) if created else "nothing (all exist)"))
+
+
+@topics_app.command("list")
+def topics_list(config: ConfigOption = None) -> None:
+    """Print the topology: topics, partitions, keys and who reads and writes what."""
+    topology = Topology(_settings(config))
+    for spec in topology.all():
+        extra = " compacted" if spec.compacted else ""
+        print(f"{spec.name:<28} partitions={spec.partitions:<3} key={spec.key:<12} {spec.value.__name__}{extra}")
+    for flow in topology.flows():
+        print(f"{flow.role:<14} reads {', '.join(flow.reads)} -> writes {', '.join(flow.writes)}")
+
+
+def _broker(port: int | None, config: Path | None):  # noqa: ANN202
+    from streams.broker import LocalBroker
+
+    if port is None:
+        port = int(_settings(config).kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+    return LocalBroker(port=port)
+
+
+PortOption = Annotated[Optional[int], typer.Option(help="Broker port (default: from the config's bootstrap_servers).")]
+
+
+@broker_app.command("start")
+def broker_start(port: PortOption = None, config: ConfigOption = None) -> None:
+    """Fetch Kafka from Maven Central if needed, format KRaft storage, start, wait until ready."""
+    from streams.broker import BrokerError
+
+    try:
+        print(_broker(port, config).start())
+    except BrokerError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+
+
+@broker_app.command("stop")
+def broker_stop(port: PortOption = None, config: ConfigOption = None) -> None:
+    """Stop the local broker."""
+    _broker(port, config).stop()
+
+
+@broker_app.command("status")
+def broker_status(port: PortOption = None, config: ConfigOption = None) -> None:
+    """Exit 0 if the local broker is running."""
+    running = _broker(port, config).status()
+    print("running" if running else "stopped")
+    raise typer.Exit(0 if running else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Where each provider is reached (real API or the simulator) and its pooled clients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import stamina
+
+from schemas.models import ChatMessage
+from streams.providers.anthropic_client import AnthropicClient
+from streams.providers.base import Completion, ModelClient, ProviderError
+from streams.providers.openai_client import OpenAIClient
+from streams.providers.pool import ClientPool, PoolStats
+from topologies.config import ProviderName, ProviderSettings, Settings
+
+# The simulator accepts any non-empty key; this one is obviously not a secret.
+SIMULATOR_API_KEY = "tierstream-simulator"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    provider: ProviderName
+    base_url: str | None
+    simulated: bool
+    api_key: str = field(repr=False)
+
+
+def read_api_key(settings: ProviderSettings, environ: Mapping[str, str]) -> str | None:
+    """The key from its environment variable, else from its mounted file (Kubernetes Secret)."""
+    key = environ.get(settings.api_key_env, "").strip()
+    if key:
+        return key
+    if settings.api_key_file is not None and Path(settings.api_key_file).is_file():
+        return Path(settings.api_key_file).read_text().strip() or None
+    return None
+
+
+def simulator_base_url(settings: Settings, provider: ProviderName) -> str:
+    root = f"http://{settings.simulator.host}:{settings.simulator.port}"
+    return f"{root}/v1" if provider == "openai" else root
+
+
+def resolve_endpoint(
+    settings: Settings, provider: ProviderName, environ: Mapping[str, str] | None = None
+) -> Endpoint:
+    environ = os.environ if environ is None else environ
+    conf = settings.providers[provider]
+    key = read_api_key(conf, environ)
+    simulate = conf.use_simulator == "always" or (conf.use_simulator == "auto" and key is None)
+    if simulate:
+        return Endpoint(provider, simulator_base_url(settings, provider), True, SIMULATOR_API_KEY)
+    if key is None:
+        raise ValueError(
+            f"providers.{provider}: no API key in ${conf.api_key_env}"
+            + (f" or {conf.api_key_file}" if conf.api_key_file else "")
+            + " and use_simulator is 'never'"
+        )
+    return Endpoint(provider, conf.base_url, False, key)
+
+
+_CLIENTS = {"openai": OpenAIClient, "anthropic": AnthropicClient}
+
+
+@dataclass(frozen=True, slots=True)
+class Attempted:
+    completion: Completion
+    attempts: int
+
+
+def _backoff_hook(exc: Exception) -> bool | float:
+    """Retry transient provider errors; wait what the server asked for when it said."""
+    if not isinstance(exc, ProviderError) or not exc.retryable:
+        return False
+    return exc.retry_after if exc.retry_after is not None else True
+
+
+class ProviderRegistry:
+    """One client pool per provider that the configured tiers use."""
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.endpoints: dict[str, Endpoint] = {}
+        self.pools: dict[str, ClientPool[ModelClient]] = {}
+        max_in_flight = settings.worker.max_concurrent_tasks
+        for provider in sorted({t.provider for t in settings.tiers.values()}):
+            endpoint = resolve_endpoint(settings, provider, environ)
+            conf = settings.providers[provider]
+            self.endpoints[provider] = endpoint
+
+            def factory(endpoint: Endpoint = endpoint, conf: ProviderSettings = conf) -> ModelClient:
+                # SDK retries off: ours (below) count attempts and share one policy.
+                return _CLIENTS[endpoint.provider](
+                    endpoint.api_key, endpoint.base_url, conf.timeout_seconds, 0
+                )
+
+            self.pools[provider] = ClientPool(
+                provider,
+                factory,
+                lambda client: client.close(),
+                min_size=1,
+                max_size=max(1, -(-max_in_flight // 256)),
+                max_calls_per_client=256,
+            )
+
+    async def start(self) -> None:
+        for pool in self.pools.values():
+            await pool.start()
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
+
+    async def complete(
+        self, provider: str, model: str, messages: list[ChatMessage], max_output_tokens: int
+    ) -> Attempted:
+        """Call the model, retrying transient failures with exponential backoff and jitter.
+
+        Raises :class:`ProviderError` (with ``attempts`` set) when the call cannot succeed.
+        """
+        conf = self.settings.providers[provider]  # type: ignore[index]
+        attempts = 0
+        try:
+            async for attempt in stamina.retry_context(
+                on=_backoff_hook,
+                attempts=conf.max_retries + 1,
+                timeout=None,
+                wait_initial=conf.retry_initial_seconds,
+                wait_max=conf.retry_max_seconds,
+            ):
+                with attempt:
+                    attempts += 1
+                    async with self.pools[provider].acquire() as client:
+                        completion = await client.complete(model, messages, max_output_tokens)
+                    return Attempted(completion, attempts)
+        except ProviderError as exc:
+            exc.attempts = attempts
+            raise
+        raise AssertionError("unreachable: stamina either returns or raises")
+
+    def stats(self) -> list[PoolStats]:
+        return [pool.stats() for pool in self.pools.values()]

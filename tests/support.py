@@ -1,0 +1,127 @@
+"""Helpers for the end-to-end tests: isolated pipelines on the session's real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from streams import processes
+from streams.admin import ensure_topics
+from topologies import Settings, Topology, load_settings
+
+
+@dataclass
+class Collected:
+    results: list[dict] = field(default_factory=list)
+    dead_letters: list[dict] = field(default_factory=list)
+
+    def result_ids(self) -> Counter[str]:
+        return Counter(r["request_id"] for r in self.results)
+
+
+@dataclass
+class Pipeline:
+    """One test's deployment: its own topic prefix, consumer groups and worker processes."""
+
+    env: dict[str, str]
+    settings: Settings
+    log_dir: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.settings)
+
+    async def start_workers(self, *role_specs: str) -> None:
+        """Create the topics (so producers cannot auto-create them with one partition),
+        then start one ``tierstream worker --roles <spec>`` process per spec."""
+        await ensure_topics(self.settings)
+        for spec in role_specs:
+            name = spec.replace(":", "-").replace(",", "+")
+            self.workers.append(
+                processes.spawn(["worker", "--roles", spec], self.env, self.log_dir / f"worker-{name}.log")
+            )
+
+    def stop_workers(self) -> list[int]:
+        return [processes.stop(w) for w in self.workers]
+
+    def assert_workers_alive(self) -> None:
+        dead = [w.args for w in self.workers if w.poll() is not None]
+        assert not dead, f"worker(s) exited early: {dead}; logs in {self.log_dir}"
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
+
+
+def new_pipeline(bootstrap: str, simulator_port: int, log_dir: Path, **overrides: str) -> Pipeline:
+    run = uuid.uuid4().hex[:10]
+    env = {
+        "TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "TIERSTREAM__KAFKA__TOPIC_PREFIX": f"t{run}",
+        "TIERSTREAM__APP_ID": f"ts-{run}",
+        "TIERSTREAM__SIMULATOR__PORT": str(simulator_port),
+        # Keys in the test environment must not send tests to a real provider.
+        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
+        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+        **overrides,
+    }
+    return Pipeline(env=env, settings=load_settings(environ=env), log_dir=log_dir)
+
+
+async def collect(
+    pipeline: Pipeline, expected: int, timeout: float, *, settle: float = 2.0
+) -> Collected:
+    """Read the results and dead-letter topics from the start until ``expected`` messages
+    arrived (then ``settle`` seconds more, to catch duplicates) or ``timeout`` passed."""
+    topology = pipeline.topology
+    consumer = AIOKafkaConsumer(
+        topology.results.name,
+        topology.dead_letters.name,
+        bootstrap_servers=pipeline.settings.kafka.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    collected = Collected()
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        settle_until: float | None = None
+        while time.monotonic() < deadline:
+            if settle_until is not None and time.monotonic() > settle_until:
+                break
+            batch = await consumer.getmany(timeout_ms=250)
+            for records in batch.values():
+                for record in records:
+                    item = orjson.loads(record.value)
+                    target = collected.results if record.topic == topology.results.name else collected.dead_letters
+                    target.append(item)
+            if settle_until is None and len(collected.results) + len(collected.dead_letters) >= expected:
+                settle_until = time.monotonic() + settle
+            pipeline.assert_workers_alive()
+    finally:
+        await consumer.stop()
+    return collected
+
+
+async def produce_raw(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
+    """Write raw (key, value) pairs with a plain aiokafka producer."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in messages]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return len(futures)

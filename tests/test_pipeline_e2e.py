@@ -1,0 +1,104 @@
+"""End to end on a real Kafka broker: producer -> classifier -> tier workers -> results.
+
+Requests are written by a plain aiokafka producer as JSON built by hand (not with the
+project's models), the way a producer in another language would.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import genai_prices
+import orjson
+import pytest
+
+from tests.support import collect, produce_raw
+
+pytestmark = pytest.mark.e2e
+
+# (agent_type, task, tier_hint, expected tier) under the packaged default configuration.
+CASES = (
+    ("router", "Classify ticket {n} as billing or shipping.", None, "nano"),
+    ("writer", "Write a short product update about widget {n}.", None, "standard"),
+    ("planner", "Propose the architecture of service {n}.", None, "premium"),
+    # a NANO keyword, but researchers are configured with min_tier standard
+    ("researcher", "Extract the date from memo {n}.", None, "standard"),
+    # an explicit hint wins over the rules and over the agent type's floor
+    ("analyst", "Find the root cause of outage {n}.", "nano", "nano"),
+)
+EXPECTED_MODELS = {
+    "nano": ("openai", "gpt-4o-mini"),
+    "standard": ("anthropic", "claude-sonnet-4-5"),
+    "premium": ("openai", "o3"),
+}
+
+
+def build_requests(count: int, prefix: str) -> dict[str, tuple[bytes, str, int]]:
+    """request_id -> (JSON bytes, expected tier, max_output_tokens)."""
+    out = {}
+    for n in range(count):
+        agent_type, task, hint, tier = CASES[n % len(CASES)]
+        request_id = f"{prefix}-{n:05d}"
+        body = {
+            "request_id": request_id,
+            "workflow_id": f"wf-{n % 37}",
+            "agent_type": agent_type,
+            "task": task.format(n=n),
+            "max_output_tokens": 32 + n % 200,
+        }
+        if hint:
+            body["tier_hint"] = hint
+        out[request_id] = (orjson.dumps(body), tier, body["max_output_tokens"])
+    return out
+
+
+def check_results(requests: dict[str, tuple[bytes, str, int]], results: list[dict]) -> None:
+    ids = [r["request_id"] for r in results]
+    assert len(ids) == len(set(ids)), "a request_id appeared twice on the results topic"
+    assert set(ids) == set(requests), (
+        f"lost {len(set(requests) - set(ids))}, unexpected {len(set(ids) - set(requests))}"
+    )
+    for result in results:
+        _, tier, max_tokens = requests[result["request_id"]]
+        provider, model = EXPECTED_MODELS[tier]
+        assert result["status"] == "ok", result
+        assert (result["tier"], result["provider"], result["model"]) == (tier, provider, model)
+        assert result["input_tokens"] > 0
+        assert 1 <= result["output_tokens"] <= max_tokens
+        assert result["output"]
+        assert result["attempts"] == 1
+        expected_cost = genai_prices.calc_price(
+            genai_prices.Usage(input_tokens=result["input_tokens"], output_tokens=result["output_tokens"]),
+            model,
+            provider_id=provider,
+        ).total_price
+        assert abs(Decimal(str(result["cost_usd"])) - expected_cost) < Decimal("1e-9"), result
+
+
+async def test_thousand_requests_come_back_once_each(pipeline_factory) -> None:
+    pipeline = pipeline_factory()
+    await pipeline.start_workers("all")
+    requests = build_requests(1000, "r")
+    await produce_raw(
+        pipeline.settings.kafka.bootstrap_servers,
+        pipeline.topology.requests.name,
+        ((orjson.loads(body)["workflow_id"].encode(), body) for body, _, _ in requests.values()),
+    )
+    collected = await collect(pipeline, expected=1000, timeout=240)
+    print(f"results={len(collected.results)} dead_letters={len(collected.dead_letters)}")
+    assert collected.dead_letters == []
+    check_results(requests, collected.results)
+
+
+async def test_roles_in_separate_processes(pipeline_factory) -> None:
+    pipeline = pipeline_factory()
+    await pipeline.start_workers("classifier", "tier:nano", "tier:standard,tier:premium")
+    requests = build_requests(300, "split")
+    await produce_raw(
+        pipeline.settings.kafka.bootstrap_servers,
+        pipeline.topology.requests.name,
+        ((None, body) for body, _, _ in requests.values()),
+    )
+    collected = await collect(pipeline, expected=300, timeout=240)
+    assert collected.dead_letters == []
+    check_results(requests, collected.results)

@@ -1,0 +1,226 @@
+"""The configuration: one pydantic model, validated once at start.
+
+Sources, later wins: the packaged ``default.yaml`` (only when no file is given), the YAML
+file (``--config`` or ``TIERSTREAM_CONFIG``), then environment variables:
+``TIERSTREAM__SECTION__FIELD=value`` for any field, plus the conventional
+``KAFKA_BOOTSTRAP_SERVERS`` and ``MAX_CONCURRENT_TASKS``. Values from the environment are
+parsed as YAML scalars, so ``20`` is a number and ``[a, b]`` a list.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.models import AgentType, Tier
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
+ENV_PREFIX = "TIERSTREAM__"
+# Conventional names (Kubernetes manifests, the seed lesson) mapped to config paths.
+ENV_ALIASES: dict[str, tuple[str, ...]] = {
+    "KAFKA_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
+    "MAX_CONCURRENT_TASKS": ("worker", "max_concurrent_tasks"),
+}
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeUsd = Annotated[float, Field(ge=0)]
+ProviderName = Literal["openai", "anthropic"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each offending field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopicPartitions(Section):
+    requests: PositiveInt = 6
+    tiers: PositiveInt = 6
+    results: PositiveInt = 6
+    costs: PositiveInt = 6
+    guardrails: PositiveInt = 1
+    dead_letters: PositiveInt = 1
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = Field(default="agent", pattern=r"^[A-Za-z0-9._-]+$")
+    replication_factor: PositiveInt = 1
+    partitions: TopicPartitions = TopicPartitions()
+    max_message_bytes: PositiveInt = 1_048_576
+
+    @property
+    def broker_url(self) -> str:
+        """The bootstrap list in Faust's ``kafka://host:port;host:port`` form."""
+        hosts = [h.strip() for h in self.bootstrap_servers.split(",") if h.strip()]
+        return ";".join(f"kafka://{h}" for h in hosts)
+
+
+class TierModel(Section):
+    provider: ProviderName
+    model: str = Field(min_length=1)
+
+
+class ProviderSettings(Section):
+    api_key_env: str = Field(min_length=1)
+    api_key_file: Path | None = None
+    base_url: str | None = None
+    timeout_seconds: float = Field(default=60, gt=0)
+    max_retries: int = Field(default=3, ge=0, le=20)
+    retry_initial_seconds: float = Field(default=0.2, gt=0)
+    retry_max_seconds: float = Field(default=10, gt=0)
+    use_simulator: Literal["auto", "always", "never"] = "auto"
+
+
+class SimulatorSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
+
+
+class RulesSettings(Section):
+    premium_keywords: list[str] = []
+    nano_keywords: list[str] = []
+    premium_min_chars: PositiveInt = 4000
+
+
+class ClassifierSettings(Section):
+    strategy: Literal["rules", "llm"] = "rules"
+    rules: RulesSettings = RulesSettings()
+    agent_type_floor: bool = True
+
+
+class AgentTypeSettings(Section):
+    min_tier: Tier = Tier.NANO
+
+
+class RateLimit(Section):
+    requests_per_minute: PositiveInt
+    tokens_per_minute: PositiveInt
+    burst: PositiveInt = 1
+
+
+class CostGuardrails(Section):
+    max_cost_per_workflow_usd: NonNegativeUsd = 1.0
+    max_cost_per_hour_usd: NonNegativeUsd = 50.0
+    alert_threshold_usd: NonNegativeUsd = 40.0
+
+    @model_validator(mode="after")
+    def _alert_below_limit(self) -> CostGuardrails:
+        if self.alert_threshold_usd > self.max_cost_per_hour_usd:
+            raise ValueError("alert_threshold_usd must not exceed max_cost_per_hour_usd")
+        return self
+
+
+class ModelPrice(Section):
+    input_per_mtok: NonNegativeUsd
+    output_per_mtok: NonNegativeUsd
+    cached_input_per_mtok: NonNegativeUsd | None = None
+
+
+class WorkerSettings(Section):
+    max_concurrent_tasks: PositiveInt = 64
+    max_request_bytes: PositiveInt = 262_144
+    datadir: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = False
+
+
+class Settings(Section):
+    app_id: str = Field(default="tierstream", pattern=r"^[A-Za-z0-9._-]+$")
+    kafka: KafkaSettings = KafkaSettings()
+    tiers: dict[Tier, TierModel]
+    providers: dict[ProviderName, ProviderSettings]
+    simulator: SimulatorSettings = SimulatorSettings()
+    classifier: ClassifierSettings = ClassifierSettings()
+    agent_types: dict[AgentType, AgentTypeSettings] = Field(min_length=1)
+    rate_limits: dict[AgentType, RateLimit] = {}
+    cost_guardrails: CostGuardrails = CostGuardrails()
+    prices: dict[str, ModelPrice] = {}
+    worker: WorkerSettings = WorkerSettings()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Settings:
+        missing_tiers = [t.value for t in Tier if t not in self.tiers]
+        if missing_tiers:
+            raise ValueError(f"tiers: no model configured for {', '.join(missing_tiers)}")
+        for tier, choice in self.tiers.items():
+            if choice.provider not in self.providers:
+                raise ValueError(
+                    f"tiers.{tier.value}.provider: '{choice.provider}' has no entry in providers"
+                )
+        unknown = sorted(set(self.rate_limits) - set(self.agent_types))
+        if unknown:
+            raise ValueError(f"rate_limits: unknown agent types {unknown}")
+        return self
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        child = tree.get(part)
+        if not isinstance(child, dict):
+            child = tree[part] = {}
+        tree = child
+    tree[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, path in ENV_ALIASES.items():
+        if environ.get(name):
+            _set_path(tree, path, yaml.safe_load(environ[name]))
+    for name, raw in environ.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            path = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
+            _set_path(tree, path, yaml.safe_load(raw))
+    return tree
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read, merge and validate the configuration; raise :class:`ConfigError` if invalid."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("TIERSTREAM_CONFIG") or DEFAULT_CONFIG_PATH
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"configuration file {path} must hold a mapping at the top level")
+    merged = _deep_merge(loaded, env_overrides(environ))
+    if overrides:
+        merged = _deep_merge(merged, overrides)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from None

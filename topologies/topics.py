@@ -1,0 +1,156 @@
+"""Topics, keys, partitions and who reads and writes what: the single source of truth.
+
+Workers declare topics from here, the CLI creates them from here, the Kubernetes
+autoscalers and the ACL example are derived from here. Change a topic in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from schemas.models import (
+    AgentRequest,
+    AgentResult,
+    CostEvent,
+    DeadLetter,
+    GuardrailEvent,
+    Tier,
+    TieredRequest,
+    WireModel,
+)
+from topologies.config import Settings
+
+MessageKey = Literal["workflow_id", "scope", "source_key"]
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int
+    key: MessageKey
+    value: type[WireModel]
+    purpose: str
+    config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def compacted(self) -> bool:
+        return self.config.get("cleanup.policy") == "compact"
+
+
+Role = str  # "classifier", "tier-nano", "tier-standard", "tier-premium"
+
+
+@dataclass(frozen=True)
+class Flow:
+    role: Role
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+def tier_role(tier: Tier) -> Role:
+    return f"tier-{tier.value}"
+
+
+CLASSIFIER_ROLE: Role = "classifier"
+ALL_ROLES: tuple[Role, ...] = (CLASSIFIER_ROLE, *(tier_role(t) for t in Tier))
+
+
+def parse_roles(spec: str) -> list[Role]:
+    """``"classifier,tier:premium"`` -> ``["classifier", "tier-premium"]``; ``"all"`` -> every role."""
+    roles: list[Role] = []
+    for raw in (part.strip().lower() for part in spec.split(",")):
+        if not raw:
+            continue
+        if raw == "all":
+            roles.extend(r for r in ALL_ROLES if r not in roles)
+            continue
+        role = raw.replace(":", "-")
+        if role == "tiers":
+            candidates = [tier_role(t) for t in Tier]
+        elif role in ALL_ROLES:
+            candidates = [role]
+        else:
+            raise ValueError(
+                f"unknown role {raw!r}: choose from all, classifier, tiers, "
+                + ", ".join(f"tier:{t.value}" for t in Tier)
+            )
+        roles.extend(r for r in candidates if r not in roles)
+    if not roles:
+        raise ValueError("no role given")
+    return roles
+
+
+class Topology:
+    """Every topic of one deployment (one ``kafka.topic_prefix``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        kafka = settings.kafka
+        prefix = kafka.topic_prefix
+        parts = kafka.partitions
+        rf = kafka.replication_factor
+        max_bytes = str(kafka.max_message_bytes)
+        common = {"max.message.bytes": max_bytes}
+
+        self.requests = TopicSpec(
+            f"{prefix}.requests", parts.requests, rf, "workflow_id", AgentRequest,
+            "agent requests from producers in any language", {**common, "retention.ms": str(WEEK_MS)},
+        )
+        self.tiers: dict[Tier, TopicSpec] = {
+            tier: TopicSpec(
+                f"{prefix}.requests.{tier.value}", parts.tiers, rf, "workflow_id", TieredRequest,
+                f"requests classified {tier.name}, consumed by the {tier.value} tier workers",
+                {**common, "retention.ms": str(WEEK_MS)},
+            )
+            for tier in Tier
+        }
+        self.results = TopicSpec(
+            f"{prefix}.results", parts.results, rf, "workflow_id", AgentResult,
+            "one result per request, for downstream agents", {**common, "retention.ms": str(WEEK_MS)},
+        )
+        self.costs = TopicSpec(
+            f"{prefix}.costs", parts.costs, rf, "workflow_id", CostEvent,
+            "one cost event per model call", {**common, "retention.ms": str(WEEK_MS)},
+        )
+        self.guardrails = TopicSpec(
+            f"{prefix}.guardrails", parts.guardrails, rf, "scope", GuardrailEvent,
+            "current guardrail state per scope (compacted: the latest event is the state)",
+            {**common, "cleanup.policy": "compact"},
+        )
+        self.dead_letters = TopicSpec(
+            f"{prefix}.dlq", parts.dead_letters, rf, "source_key", DeadLetter,
+            "messages that could not be processed, with the reason and original bytes",
+            {**common, "retention.ms": str(4 * WEEK_MS)},
+        )
+
+    def all(self) -> list[TopicSpec]:
+        return [
+            self.requests, *self.tiers.values(), self.results, self.costs,
+            self.guardrails, self.dead_letters,
+        ]
+
+    def flows(self) -> list[Flow]:
+        tier_names = tuple(spec.name for spec in self.tiers.values())
+        flows = [
+            Flow(
+                CLASSIFIER_ROLE,
+                reads=(self.requests.name,),
+                writes=(*tier_names, self.dead_letters.name),
+            )
+        ]
+        for tier, spec in self.tiers.items():
+            flows.append(
+                Flow(
+                    tier_role(tier),
+                    reads=(spec.name,),
+                    writes=(self.results.name, self.costs.name, self.dead_letters.name),
+                )
+            )
+        return flows
+
+    def consumer_group(self, app_id: str, role: Role) -> str:
+        """One consumer group per role, so any mix of processes consumes each topic once."""
+        return f"{app_id}-{role}"
