@@ -54,7 +54,8 @@ def decode(raw: bytes | None, model: type[M], *, max_bytes: int | None = None) -
             "schema_invalid", f"expected a JSON object, got {type(payload).__name__}", payload
         )
     version = payload.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    # `type(...) is int`: JSON true and 1.0 compare equal to 1 in Python, but are not versions.
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise DecodeError(
             "unsupported_schema_version",
             f"schema_version {version!r} is not supported (this worker reads {SCHEMA_VERSION})",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from topologies.config import Settings
 from topologies.topics import Topology
@@ -33,3 +34,43 @@ async def ensure_topics(settings: Settings) -> list[str]:
         return created
     finally:
         await admin.close()
+
+
+async def stable_groups(settings: Settings, groups: list[str]) -> dict[str, int]:
+    """Members per consumer group, counting only groups in the Stable state."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        members: dict[str, int] = {}
+        # One group per request: aiokafka 0.14 sends DescribeGroups v3 but decodes the
+        # answer as v2, which misreads every group after the first.
+        for group_id in groups:
+            for response in await admin.describe_consumer_groups([group_id]):
+                for group in response.to_object()["groups"]:
+                    if group["error_code"] == 0 and group["state"] == "Stable":
+                        members[group["group"]] = len(group["members"])
+        return members
+    finally:
+        await admin.close()
+
+
+async def wait_for_roles(
+    settings: Settings, roles: list[str], timeout: float, members: int = 1
+) -> None:
+    """Wait until each role's consumer group is Stable with ``members`` members: the
+    workers have joined and hold their partitions."""
+    topology = Topology(settings)
+    groups = [topology.consumer_group(settings.app_id, role) for role in roles]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            stable = await stable_groups(settings, groups)
+        except KafkaError:  # e.g. the offsets topic and its coordinator are still being created
+            stable = {}
+        waiting = [g for g in groups if stable.get(g, 0) < members]
+        if not waiting:
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"consumer groups not ready after {timeout:.0f}s: {', '.join(waiting)}")
+        await asyncio.sleep(0.25)

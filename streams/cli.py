@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -219,6 +220,11 @@ def broker_status(port: PortOption = None, config: ConfigOption = None) -> None:
 
 
 def main() -> None:
+    # Commands other than `worker` (which logs JSON through Faust) log plainly to stderr.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # aiokafka logs a topic that is still propagating to its metadata as an ERROR and
+    # then retries; that is noise for a person watching the demo.
+    logging.getLogger("aiokafka.cluster").setLevel(logging.CRITICAL)
     app()
 
 

@@ -18,11 +18,12 @@ from rich.table import Table
 from schemas.codec import DecodeError, decode
 from schemas.models import AgentResult, DeadLetter
 from streams import processes
-from streams.admin import ensure_topics
+from streams.admin import ensure_topics, wait_for_roles
 from streams.client import follow, produce_requests, result_topics
 from streams.summary import RunSummary, percentile
 from streams.workload import sample_requests
 from topologies.config import Settings, load_settings
+from topologies.topics import ALL_ROLES
 
 
 async def run_workload(
@@ -75,9 +76,9 @@ async def run_workload(
 def print_summary(console: Console, summary: RunSummary) -> None:
     table = Table(title="Requests by tier")
     for column in ("tier", "requests", "model", "input tok", "output tok", "cost (USD)"):
-        table.add_column(column, justify="right" if column not in ("tier", "model") else "left")
+        table.add_column(column, justify="right" if column not in ("tier", "model") else "left", no_wrap=True)
     for tier, f in summary.by_tier.items():
-        models = ", ".join(sorted(f.models)) or "-"
+        models = ", ".join(sorted(m.split("/", 1)[1] for m in f.models)) or "-"
         table.add_row(tier.value, str(f.requests), models, f"{f.input_tokens:,}",
                       f"{f.output_tokens:,}", f"{f.cost_usd:.4f}")
     console.print(table)
@@ -113,7 +114,9 @@ def demo(
             broker = LocalBroker(port=int(settings.kafka.bootstrap_servers.rsplit(":", 1)[1]))
             console.print(f"[bold]broker[/]: starting Apache Kafka (KRaft) on {broker.bootstrap_servers} ...")
             bootstrap = broker.start()
-            if not keep_broker:
+            if broker.reused:
+                console.print("[bold]broker[/]: already running; it is left running afterwards")
+            elif not keep_broker:
                 cleanup.callback(broker.stop)
         env = {"TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": bootstrap}
         settings = load_settings(config_path, environ={**os.environ, **env})
@@ -135,6 +138,9 @@ def demo(
         args = ["worker", "--roles", "all"] + (["--config", str(config_path)] if config_path else [])
         worker = processes.spawn(args, env, logs / "worker.log")
         cleanup.callback(processes.stop, worker)
+        # Produce once every role holds its partitions, so latencies measure the pipeline,
+        # not the workers' start-up.
+        asyncio.run(wait_for_roles(settings, list(ALL_ROLES), timeout=120))
 
         console.print(f"[bold]workload[/]: {count} requests across "
                       f"{len(settings.agent_types)} agent types")

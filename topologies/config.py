@@ -210,11 +210,13 @@ def load_settings(
     path = path or environ.get("TIERSTREAM_CONFIG") or DEFAULT_CONFIG_PATH
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from None
+    if loaded is None:  # an empty file: every field takes its default
+        loaded = {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"configuration file {path} must hold a mapping at the top level")
     merged = _deep_merge(loaded, env_overrides(environ))

@@ -127,13 +127,13 @@ class ClientPool(Generic[T]):
             c for c in self._clients
             if c.in_use == 0 and now - c.last_used > self.idle_timeout
         ]
-        removed = 0
+        # Mark them all before the first close awaits, so acquire() cannot hand one out.
+        idle = idle[: max(0, len(self._clients) - self.min_size)]
         for pooled in idle:
-            if len(self._clients) <= self.min_size:
-                break
+            pooled.retiring = True
+        for pooled in idle:
             await self._retire(pooled)
-            removed += 1
-        return removed
+        return len(idle)
 
     async def close(self) -> None:
         for pooled in list(self._clients):
