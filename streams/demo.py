@@ -75,7 +75,7 @@ async def run_workload(
 
 def print_summary(console: Console, summary: RunSummary) -> None:
     table = Table(title="Requests by tier")
-    for column in ("tier", "requests", "model", "input tok", "output tok", "cost (USD)"):
+    for column in ("tier", "requests", "model", "input tok", "output tok", "cost USD"):
         table.add_column(column, justify="right" if column not in ("tier", "model") else "left", no_wrap=True)
     for tier, f in summary.by_tier.items():
         models = ", ".join(sorted(m.split("/", 1)[1] for m in f.models)) or "-"

@@ -1,0 +1,1 @@
+"""Throughput benchmarks (to come): tierstream against a raw aiokafka baseline, same run."""
