@@ -125,3 +125,24 @@ async def produce_raw(bootstrap: str, topic: str, messages: Iterable[tuple[bytes
     finally:
         await producer.stop()
     return len(futures)
+
+
+async def read_topic(pipeline: Pipeline, topic: str, expected: int, timeout: float) -> list[dict]:
+    """Every JSON message of ``topic`` from the start, once ``expected`` arrived or at the deadline."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=pipeline.settings.kafka.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    items: list[dict] = []
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while len(items) < expected and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=250)).values():
+                items.extend(orjson.loads(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return items

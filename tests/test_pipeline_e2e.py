@@ -6,13 +6,14 @@ project's models), the way a producer in another language would.
 
 from __future__ import annotations
 
+from collections import Counter
 from decimal import Decimal
 
 import genai_prices
 import orjson
 import pytest
 
-from tests.support import collect, produce_raw
+from tests.support import collect, produce_raw, read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -102,3 +103,39 @@ async def test_roles_in_separate_processes(pipeline_factory) -> None:
     collected = await collect(pipeline, expected=300, timeout=240)
     assert collected.dead_letters == []
     check_results(requests, collected.results)
+
+
+async def test_llm_meta_routing_end_to_end(pipeline_factory) -> None:
+    """strategy=llm: the classifier asks the NANO model (here scripted through the
+    simulator's #sim:reply directive) and both calls of each request are costed."""
+    pipeline = pipeline_factory(TIERSTREAM__CLASSIFIER__STRATEGY="llm")
+    await pipeline.start_workers("all")
+    answers = ["NANO", "STANDARD", "PREMIUM", "no idea"]
+    expected_tier = {"NANO": "nano", "STANDARD": "standard", "PREMIUM": "premium", "no idea": "standard"}
+    bodies = {}
+    for n in range(60):
+        answer = answers[n % len(answers)]
+        bodies[f"llm-{n}"] = (
+            orjson.dumps({"request_id": f"llm-{n}", "workflow_id": f"wf-{n % 5}", "agent_type": "writer",
+                          "task": f"Handle case {n}. #sim:reply={answer}", "max_output_tokens": 16}),
+            answer,
+        )
+    await produce_raw(
+        pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name,
+        ((None, body) for body, _ in bodies.values()),
+    )
+    collected = await collect(pipeline, expected=60, timeout=180)
+    assert collected.dead_letters == []
+    assert sorted(collected.result_ids()) == sorted(bodies) and max(collected.result_ids().values()) == 1
+    for result in collected.results:
+        answer = bodies[result["request_id"]][1]
+        assert result["tier"] == expected_tier[answer]
+        assert result["routed_by"] == ("llm_fallback" if answer == "no idea" else "llm")
+
+    costs = await read_topic(pipeline, pipeline.topology.costs.name, expected=120, timeout=60)
+    per_request = Counter(c["request_id"] for c in costs)
+    assert per_request == Counter({rid: 2 for rid in bodies}), "one routing call + one answer each"
+    # every routing call is a NANO call; requests routed to NANO add their answer's call
+    routed_to_nano = sum(1 for _, answer in bodies.values() if answer == "NANO")
+    assert sum(1 for c in costs if c["tier"] == "nano") == len(bodies) + routed_to_nano
+    assert all(c["cost_usd"] > 0 for c in costs)
