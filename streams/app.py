@@ -21,6 +21,7 @@ from streams.admin import ensure_topics
 from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
 from streams.logs import logging_config
+from streams.observability import HealthServer, OutgoingObserver, default_metrics
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.tier_worker import TierHandler
@@ -94,17 +95,24 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         handler = TierHandler(tier, settings, topology, providers, prices).handle
         source = topology.tiers[tier]
         concurrency = settings.worker.max_concurrent_tasks
+    metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
+        metrics.pools.watch(providers.stats)  # read at scrape time, free per call
+    app.service(HealthServer(app, port=settings.worker.health_port, registry=metrics.registry))
+    observe = OutgoingObserver(topology, metrics).observe_outgoing
 
     outputs = {spec.name: _faust_topic(app, spec) for spec in topology.all() if spec is not source}
 
     async def process(stream: faust.StreamT) -> None:
         async for event in stream.events():
             message = event.message
-            outgoing = await handler(
-                Source(message.topic, message.partition, message.offset, message.key, message.value)
-            )
+            with metrics.track_in_flight(role):
+                outgoing = await handler(
+                    Source(message.topic, message.partition, message.offset, message.key, message.value)
+                )
+            # Every handler's output passes here, so metrics need no code in the handlers.
+            observe(role, outgoing)
             for out in outgoing:
                 # Faust flushes the producer before it commits the source offset, so an
                 # offset is committed only after everything it caused is in Kafka.

@@ -8,15 +8,18 @@ manager (Kubernetes, systemd) restarts the whole set.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from topologies.config import ENV_PREFIX, load_settings
 from topologies.topics import Role
 
 GRACE_SECONDS = 30.0
+HEALTH_PORT_ENV = f"{ENV_PREFIX}WORKER__HEALTH_PORT"
 
 
 def role_command(role: Role, config_path: Path | None) -> list[str]:
@@ -26,8 +29,28 @@ def role_command(role: Role, config_path: Path | None) -> list[str]:
     return cmd
 
 
-def supervise(roles: list[Role], config_path: Path | None) -> int:
-    children = {role: subprocess.Popen(role_command(role, config_path)) for role in roles}
+def role_env(base: dict[str, str], health_port: int, index: int) -> dict[str, str]:
+    """Child ``index``'s environment: its own health port, as siblings share one host.
+
+    Port 0 already means "any free port" for every child, so it is passed on unchanged.
+    """
+    env = dict(base)
+    if health_port:
+        env[HEALTH_PORT_ENV] = str(health_port + index)
+    return env
+
+
+def supervise(roles: list[Role], config_path: Path | None, health_port: int | None = None) -> int:
+    if health_port is None:
+        # The same sources the children read (file, then environment), so the offsets
+        # start from the port the user configured.
+        health_port = load_settings(config_path).worker.health_port
+    children = {
+        role: subprocess.Popen(
+            role_command(role, config_path), env=role_env(dict(os.environ), health_port, i)
+        )
+        for i, role in enumerate(roles)
+    }
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:

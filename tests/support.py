@@ -69,6 +69,7 @@ def new_pipeline(bootstrap: str, simulator_port: int, log_dir: Path, **overrides
         "TIERSTREAM__KAFKA__TOPIC_PREFIX": f"t{run}",
         "TIERSTREAM__APP_ID": f"ts-{run}",
         "TIERSTREAM__SIMULATOR__PORT": str(simulator_port),
+        "TIERSTREAM__WORKER__HEALTH_PORT": "0",  # several workers per host: free ports
         # Keys in the test environment must not send tests to a real provider.
         "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
         "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",

@@ -130,6 +130,7 @@ class WorkerSettings(Section):
     datadir: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
+    health_port: int = Field(default=8080, ge=0, le=65535)  # /health /ready /metrics; 0: any free port
 
 
 class Settings(Section):
