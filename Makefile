@@ -36,6 +36,10 @@ test-fast: $(STAMP)
 demo: install
 	$(VENV)/bin/tierstream demo
 
+# Throughput against raw aiokafka baselines in the same run; see benchmarks/harness.py.
+bench: install
+	$(VENV)/bin/tierstream bench --requests 5000 --workers 1 --latency-ms 0
+
 schemas: $(STAMP)
 	$(PY) -m schemas.export
 

@@ -162,6 +162,26 @@ def demo(
     raise typer.Exit(run_demo(config, count, latency_ms, timeout, keep_broker))
 
 
+@app.command()
+def bench(
+    requests: Annotated[int, typer.Option(help="Requests per pipeline.")] = 20000,
+    workers: Annotated[int, typer.Option(help="Worker sets per pipeline.")] = 1,
+    latency_ms: Annotated[float, typer.Option(help="Simulated model latency median (0: answer at once).")] = 0.0,
+    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/<ts>.json).")] = None,
+    compare: Annotated[Optional[Path], typer.Option(help="A saved report to print ratios against.")] = None,
+    timeout: Annotated[float, typer.Option(help="Per pipeline, seconds to wait for answers.")] = 900.0,
+    pipelines: Annotated[str, typer.Option(help="Comma-separated: tierstream, raw-fake, raw-sdk.")] = "tierstream,raw-fake,raw-sdk",
+) -> None:
+    """Throughput benchmark: tierstream against a raw aiokafka baseline, in the same run."""
+    from benchmarks.harness import main as bench_main
+
+    argv = ["--requests", str(requests), "--workers", str(workers), "--latency-ms", str(latency_ms),
+            "--timeout", str(timeout), "--pipelines", pipelines]
+    argv += ["--output", str(output)] if output else []
+    argv += ["--compare", str(compare)] if compare else []
+    raise typer.Exit(bench_main(argv))
+
+
 @topics_app.command("create")
 def topics_create(config: ConfigOption = None) -> None:
     """Create every topic of the topology that does not exist yet."""
