@@ -155,8 +155,8 @@ class CostEvent(WireModel):
     timestamp: datetime = Field(default_factory=utcnow)
 
 
-GuardrailKind = Literal["alert", "limit_reached", "cleared"]
-GuardrailAction = Literal["none", "pause", "block_workflow", "resume", "unblock_workflow"]
+GuardrailKind = Literal["alert", "limit_reached", "cleared", "limit_set"]
+GuardrailAction = Literal["none", "pause", "block_workflow", "resume", "unblock_workflow", "set_limit"]
 
 
 class GuardrailEvent(WireModel):
@@ -164,7 +164,9 @@ class GuardrailEvent(WireModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     scope: str = Field(
-        min_length=1, description="'hour', 'tier:<tier>' or 'workflow:<workflow_id>'."
+        min_length=1,
+        description="'hour', 'workflow:<workflow_id>', 'limit:hour', 'limit:workflow' "
+        "or 'resume:hour'.",
     )
     kind: GuardrailKind
     action: GuardrailAction
@@ -175,6 +177,30 @@ class GuardrailEvent(WireModel):
     workflow_id: Identifier | None = None
     reason: str
     emitted_at: datetime = Field(default_factory=utcnow)
+
+
+class SpendSnapshot(WireModel):
+    """A running total kept by the cost role, on the compacted spend topic.
+
+    Hourly totals are kept per costs-topic partition (key
+    ``hour|<window_start>|<scope>|p<partition>``) so that each is updated by one
+    partition's events in order; a reader sums the partitions. ``last_offset`` is the
+    last costs-topic offset the total includes: a tier worker uses it to tell whether
+    its own recent calls are already counted.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["hour", "workflow"]
+    scope: str = Field(description="'global' or 'tier:<tier>' for hours; the workflow_id for workflows.")
+    window_start: datetime | None = None
+    partition: int = Field(ge=0)
+    spent_nanos: int = Field(ge=0, description="Spend in units of 1e-9 USD: sums stay exact.")
+    last_offset: int = Field(ge=0)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def spent_usd(self) -> float:
+        return self.spent_nanos / 1e9
 
 
 DeadLetterCode = Literal[
@@ -215,5 +241,6 @@ WIRE_MODELS: dict[str, type[WireModel]] = {
     "agent_result": AgentResult,
     "cost_event": CostEvent,
     "guardrail_event": GuardrailEvent,
+    "spend_snapshot": SpendSnapshot,
     "dead_letter": DeadLetter,
 }

@@ -20,13 +20,17 @@ from schemas.models import Tier
 from streams.admin import ensure_topics
 from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
+from streams.guardrails.budget import BudgetGate
+from streams.guardrails.cost_role import CostAccountant, cost_tables
+from streams.guardrails.service import GuardrailService
+from streams.guardrails.view import GuardrailView
 from streams.logs import logging_config
 from streams.observability import HealthServer, OutgoingObserver, default_metrics
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
-from topologies.topics import CLASSIFIER_ROLE, Role, TopicSpec, Topology, tier_role
+from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
 
 Handler = Callable[[Source], Awaitable[list[Outgoing]]]
 
@@ -62,6 +66,15 @@ def _faust_topic(app: faust.App, spec: TopicSpec) -> faust.TopicT:
     )
 
 
+def _delivery_callback(on_delivered: Callable[[int, int], None]) -> Callable[[asyncio.Future], None]:
+    def callback(future: asyncio.Future) -> None:  # type: ignore[type-arg]
+        if not future.cancelled() and future.exception() is None:
+            metadata = future.result()
+            on_delivered(metadata.partition, metadata.offset)
+
+    return callback
+
+
 def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) -> faust.App:
     topology = Topology(settings)
     group = topology.consumer_group(settings.app_id, role)
@@ -78,10 +91,16 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         producer_max_request_size=settings.kafka.max_message_bytes,
         producer_linger=0.005,
         web_enabled=False,
+        # Tier agents can be held by the budget gate for the rest of an hour; a rebalance
+        # must not wait for them. An event held across a rebalance is still answered (and
+        # maybe again by the partition's new owner): at least once, never lost.
+        stream_wait_empty=role == CLASSIFIER_ROLE or role == COST_ROLE,
         datadir=str(datadir),
         logging_config=logging_config(settings.worker.log_level, role),
     )
     prices = PriceBook(settings)
+    providers: ProviderRegistry | None = None
+    view: GuardrailView | None = None
     if role == CLASSIFIER_ROLE:
         needs_models = settings.classifier.strategy == "llm"
         providers = ProviderRegistry(settings) if needs_models else None
@@ -89,12 +108,25 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         handler: Handler = ClassifierHandler(settings, topology, classifier, prices).handle
         source = topology.requests
         concurrency = settings.worker.max_concurrent_tasks if needs_models else 1
+    elif role == COST_ROLE:
+        view = GuardrailView(settings)
+        hourly, workflows = cost_tables(app, topology)
+        accountant = CostAccountant(settings, topology, hourly, workflows, view)
+
+        async def handler(source: Source) -> list[Outgoing]:
+            return accountant.apply(source, source.timestamp)
+
+        source = topology.costs
+        concurrency = 1  # tables are updated in offset order
     else:
         tier = next(t for t in Tier if tier_role(t) == role)
         providers = ProviderRegistry(settings)
-        handler = TierHandler(tier, settings, topology, providers, prices).handle
+        view = GuardrailView(settings)
+        handler = TierHandler(tier, settings, topology, providers, prices, BudgetGate(view)).handle
         source = topology.tiers[tier]
         concurrency = settings.worker.max_concurrent_tasks
+    if view is not None:
+        app.service(GuardrailService(app, view, source.name if role != COST_ROLE else None))
     metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
@@ -109,14 +141,19 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
             message = event.message
             with metrics.track_in_flight(role):
                 outgoing = await handler(
-                    Source(message.topic, message.partition, message.offset, message.key, message.value)
+                    Source(
+                        message.topic, message.partition, message.offset, message.key,
+                        message.value, message.timestamp,
+                    )
                 )
             # Every handler's output passes here, so metrics need no code in the handlers.
             observe(role, outgoing)
             for out in outgoing:
                 # Faust flushes the producer before it commits the source offset, so an
                 # offset is committed only after everything it caused is in Kafka.
-                await outputs[out.topic].send(key=out.key, value=out.value)
+                future = await outputs[out.topic].send(key=out.key, value=out.value)
+                if out.on_delivered is not None:
+                    future.add_done_callback(_delivery_callback(out.on_delivered))
 
     app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
     return app

@@ -153,6 +153,14 @@ class LocalBroker:
         version: Kafka release; ``None`` uses the script's default.
         controller_port: KRaft controller port; ``None`` means ``port + 1``.
         extra_env: additional environment for the script (e.g. ``KAFKA_HEAP``).
+        sasl_port: if set, an extra SASL_PLAINTEXT listener on 127.0.0.1 with
+            mechanisms PLAIN and SCRAM-SHA-256 (``KAFKA_SASL_PORT``); ``None``:
+            no SASL listener. Inter-broker and controller traffic stay on
+            PLAINTEXT.
+        sasl_users: ``{name: password}`` for that listener
+            (``KAFKA_SASL_USERS``). SCRAM users are created only when the
+            data dir is first formatted; PLAIN users on every start. Kept out
+            of ``repr()``.
     """
 
     port: int = 9092
@@ -160,20 +168,43 @@ class LocalBroker:
     version: str | None = None
     controller_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    sasl_port: int | None = None
+    sasl_users: dict[str, str] | None = field(default=None, repr=False)
     reused: bool = field(default=False, init=False)
     """Set by :meth:`start`: True if the broker was already running, so a
     caller that did not start it can leave it running."""
 
     @classmethod
-    def on_free_ports(cls, data_dir: Path | None = None, version: str | None = None) -> LocalBroker:
-        """A broker whose listener and controller ports are both currently free."""
-        port, controller_port = free_ports(2)
-        return cls(port=port, controller_port=controller_port, data_dir=data_dir, version=version)
+    def on_free_ports(
+        cls,
+        data_dir: Path | None = None,
+        version: str | None = None,
+        sasl_users: dict[str, str] | None = None,
+    ) -> LocalBroker:
+        """A broker whose listener and controller ports are both currently free;
+        with ``sasl_users``, also a SASL_PLAINTEXT listener on a third free port."""
+        if sasl_users is None:
+            port, controller_port = free_ports(2)
+            return cls(port=port, controller_port=controller_port, data_dir=data_dir, version=version)
+        port, controller_port, sasl_port = free_ports(3)
+        return cls(
+            port=port,
+            controller_port=controller_port,
+            data_dir=data_dir,
+            version=version,
+            sasl_port=sasl_port,
+            sasl_users=dict(sasl_users),
+        )
 
     @property
     def bootstrap_servers(self) -> str:
         """The ``host:port`` clients should bootstrap from."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str | None:
+        """The SASL_PLAINTEXT listener's ``host:port``, or ``None`` without one."""
+        return None if self.sasl_port is None else f"127.0.0.1:{self.sasl_port}"
 
     def _env(self, overrides: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -188,6 +219,13 @@ class LocalBroker:
             env.pop("KAFKA_DATA_DIR", None)
         if self.version is not None:
             env["KAFKA_VERSION"] = self.version
+        if self.sasl_port is not None:
+            env["KAFKA_SASL_PORT"] = str(self.sasl_port)
+            if self.sasl_users is not None:
+                env["KAFKA_SASL_USERS"] = ",".join(f"{n}:{p}" for n, p in self.sasl_users.items())
+        else:
+            env.pop("KAFKA_SASL_PORT", None)
+            env.pop("KAFKA_SASL_USERS", None)
         # Probe with this interpreter: it is the one that has aiokafka.
         env.setdefault("TIERSTREAM_PYTHON", sys.executable)
         env.update(self.extra_env)
@@ -259,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
     wait.add_argument("--timeout", type=float, default=90.0)
 
+    env_sasl_port = os.environ.get("KAFKA_SASL_PORT", "")
     for name, text in (
         ("start", "start the local broker and wait for it"),
         ("stop", "stop the local broker"),
@@ -268,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--port", type=int, default=int(os.environ.get("KAFKA_PORT", "9092")))
         p.add_argument("--data-dir", type=Path, default=None)
         p.add_argument("--kafka-version", default=None)
+        p.add_argument(
+            "--sasl-port",
+            type=int,
+            default=env_sasl_port or None,  # a string default goes through type=int too
+            help="also a SASL_PLAINTEXT listener here (users from KAFKA_SASL_USERS)",
+        )
         if name == "start":
             p.add_argument("--timeout", type=float, default=90.0)
 
@@ -282,7 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready: {args.bootstrap} ({time.monotonic() - started:.1f}s)")
         return 0
 
-    broker = LocalBroker(port=args.port, data_dir=args.data_dir, version=args.kafka_version)
+    # The SASL users (KAFKA_SASL_USERS) reach kafka.sh through the environment.
+    broker = LocalBroker(
+        port=args.port,
+        data_dir=args.data_dir,
+        version=args.kafka_version,
+        sasl_port=args.sasl_port,
+    )
     try:
         if args.command == "start":
             print(broker.start(timeout=args.timeout))

@@ -21,6 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 broker_app = typer.Typer(help="A local single-node Apache Kafka broker (KRaft) for development.")
+guardrail_app = typer.Typer(help="Cost guardrails: read the state, resume the hour, change limits.")
+app.add_typer(guardrail_app, name="guardrail")
 topics_app = typer.Typer(help="The topology's topics.")
 app.add_typer(broker_app, name="broker")
 app.add_typer(topics_app, name="topics")
@@ -200,6 +202,54 @@ def topics_list(config: ConfigOption = None) -> None:
         print(f"{spec.name:<28} partitions={spec.partitions:<3} key={spec.key:<12} {spec.value.__name__}{extra}")
     for flow in topology.flows():
         print(f"{flow.role:<14} reads {', '.join(flow.reads)} -> writes {', '.join(flow.writes)}")
+
+
+@guardrail_app.command("status")
+def guardrail_status(config: ConfigOption = None) -> None:
+    """Spend this hour against its limits, and the workflows out of budget (JSON)."""
+    import orjson
+
+    from streams.guardrails.operator import read_state
+
+    view = asyncio.run(read_state(_settings(config)))
+    print(orjson.dumps(view.status(), option=orjson.OPT_INDENT_2).decode())
+
+
+@guardrail_app.command("resume")
+def guardrail_resume(
+    reason: Annotated[str, typer.Option(help="Recorded on the guardrail event.")] = "resumed by an operator",
+    config: ConfigOption = None,
+) -> None:
+    """Resume consumption for the rest of the current hour, whatever was spent."""
+    from streams.guardrails.operator import resume_hour
+
+    event = asyncio.run(resume_hour(_settings(config), reason))
+    print(f"resumed until {event.window_end:%H:%M} UTC (spent ${event.spent_usd:.4f} of ${event.limit_usd:.2f})")
+
+
+@guardrail_app.command("set-limit")
+def guardrail_set_limit(
+    hour: Annotated[Optional[float], typer.Option(help="New max_cost_per_hour_usd.")] = None,
+    workflow: Annotated[Optional[float], typer.Option(help="New max_cost_per_workflow_usd.")] = None,
+    alert: Annotated[Optional[float], typer.Option(help="New alert_threshold_usd.")] = None,
+    reason: Annotated[str, typer.Option(help="Recorded on the guardrail event.")] = "set by an operator",
+    config: ConfigOption = None,
+) -> None:
+    """Change a limit for every worker, now and after restarts (until set again)."""
+    from streams.guardrails.operator import set_limit
+
+    settings = _settings(config)
+    chosen = {"hour": hour, "workflow": workflow, "alert": alert}
+    if all(v is None for v in chosen.values()):
+        err.print("[red]give at least one of --hour, --workflow, --alert[/]")
+        raise typer.Exit(2)
+    for name, usd in chosen.items():
+        if usd is not None:
+            if usd < 0:
+                err.print(f"[red]--{name}: must be >= 0[/]")
+                raise typer.Exit(2)
+            asyncio.run(set_limit(settings, name, usd, reason))  # type: ignore[arg-type]
+            print(f"{name} limit set to ${usd:.2f}")
 
 
 def _broker(port: int | None, config: Path | None):  # noqa: ANN202

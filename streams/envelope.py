@@ -7,6 +7,7 @@ without a broker and the same in every transport.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from schemas.codec import DecodeError, encode, payload_field
@@ -20,6 +21,7 @@ class Source:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp: float = 0.0  # the record's timestamp, epoch seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,8 @@ class Outgoing:
     topic: str
     key: bytes | None
     value: bytes
+    # Told the (partition, offset) the message was written at, once the broker acknowledged it.
+    on_delivered: Callable[[int, int], None] | None = None
 
 
 def dead_letter(

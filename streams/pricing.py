@@ -17,7 +17,7 @@ from topologies.config import ConfigError, ModelPrice, Settings
 
 MTOK = Decimal(1_000_000)
 LINEAR_LIMIT = 100_000
-USD_PLACES = Decimal("1e-10")
+USD_PLACES = Decimal("1e-9")  # nano-dollars: the unit spend totals are summed in
 
 
 @dataclass(frozen=True)

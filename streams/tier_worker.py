@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
+from functools import partial
 
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import AgentResult, Tier, TieredRequest, Timings
 from streams.costing import cost_event
 from streams.envelope import Outgoing, Source, dead_letter, dead_letter_for
+from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
+from streams.guardrails.money import nanos_to_usd, usd_to_nanos
 from streams.logs import log_context
 from streams.pricing import PriceBook
 from streams.providers import ProviderError, ProviderRegistry
@@ -31,6 +34,7 @@ class TierHandler:
         topology: Topology,
         providers: ProviderRegistry,
         prices: PriceBook,
+        budget: BudgetGate | None = None,
     ) -> None:
         self.tier = tier
         self.stage = tier_role(tier)
@@ -40,6 +44,7 @@ class TierHandler:
         self.prices = prices
         self.choice = settings.tiers[tier]
         self.log_prompts = settings.worker.log_prompts
+        self.budget = budget
 
     async def handle(self, source: Source) -> list[Outgoing]:
         dlq = self.topology.dead_letters.name
@@ -60,6 +65,15 @@ class TierHandler:
                     payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
                 )
             ]
+        reservation: Reservation | None = None
+        if self.budget is not None:
+            worst = self.prices.worst_case(
+                provider, model, estimate_input_tokens(request), request.max_output_tokens
+            )
+            try:
+                reservation = await self.budget.admit(request.workflow_id, usd_to_nanos(worst))
+            except BudgetExceeded:
+                return [self._budget_exceeded(request)]
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
         try:
@@ -67,6 +81,8 @@ class TierHandler:
                 provider, model, request.chat(), request.max_output_tokens
             )
         except ProviderError as exc:
+            if reservation is not None:
+                self.budget.release(reservation)  # type: ignore[union-attr]
             log.warning("model call failed after %d attempt(s): %s", exc.attempts, exc)
             return [
                 dead_letter(
@@ -107,7 +123,46 @@ class TierHandler:
         if self.log_prompts:
             log.debug("answered", extra={"prompt": request.prompt_text(), "output": completion.text})
         key = request.workflow_id.encode()
+        on_delivered = None
+        if reservation is not None:
+            assert self.budget is not None
+            self.budget.settle(reservation, usd_to_nanos(cost.cost_usd))
+            on_delivered = partial(self.budget.delivered, reservation)
         return [
             Outgoing(self.topology.results.name, key, encode(result)),
-            Outgoing(self.topology.costs.name, key, encode(cost)),
+            Outgoing(self.topology.costs.name, key, encode(cost), on_delivered),
         ]
+
+    def _budget_exceeded(self, request: TieredRequest) -> Outgoing:
+        """The workflow is out of budget: answered without a model call."""
+        now = datetime.now(UTC)
+        spent, _ = self.budget.workflow_committed(request.workflow_id) if self.budget else (0, 0)
+        limit = self.budget.view.workflow_limit if self.budget else 0
+        result = AgentResult(
+            request_id=request.request_id,
+            workflow_id=request.workflow_id,
+            agent_type=request.agent_type,
+            status="budget_exceeded",
+            tier=self.tier,
+            routed_by=request.routed_by,
+            provider=self.choice.provider,
+            model=self.choice.model,
+            attempts=0,
+            timings=Timings(
+                created_at=request.created_at, classified_at=request.classified_at,
+                started_at=now, finished_at=now, model_latency_ms=0,
+            ),
+            error=(
+                f"workflow budget exhausted: spent ${nanos_to_usd(spent):.6f} of "
+                f"${nanos_to_usd(limit):.2f}; this request's worst case does not fit"
+            ),
+            metadata=request.metadata,
+        )
+        return Outgoing(self.topology.results.name, request.workflow_id.encode(), encode(result))
+
+
+def estimate_input_tokens(request: TieredRequest) -> int:
+    """A deliberately high estimate (3 characters a token, plus per-message overhead):
+    the reservation must not undershoot the real bill."""
+    chat = request.chat()
+    return sum(len(m.content) for m in chat) // 3 + 8 * len(chat) + 8

@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 import yaml
 
-from schemas.models import AgentRequest, DeadLetter, GuardrailEvent, Tier, TieredRequest
+from schemas.models import (
+    AgentRequest,
+    CostEvent,
+    DeadLetter,
+    GuardrailEvent,
+    SpendSnapshot,
+    Tier,
+    TieredRequest,
+)
 from topologies.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -61,7 +69,8 @@ def test_packaged_default_loads_with_documented_values() -> None:
         guard.max_cost_per_workflow_usd,
         guard.max_cost_per_hour_usd,
         guard.alert_threshold_usd,
-    ) == (1.0, 50.0, 40.0)
+        guard.workflow_idle_expiry_seconds,
+    ) == (1.0, 50.0, 40.0, 86_400)
     assert {
         name: (r.requests_per_minute, r.tokens_per_minute, r.burst)
         for name, r in settings.rate_limits.items()
@@ -385,6 +394,7 @@ def test_topic_names_follow_the_prefix() -> None:
         "team-a.results",
         "team-a.costs",
         "team-a.guardrails",
+        "team-a.spend",
         "team-a.dlq",
     ]
     default = topology()
@@ -405,24 +415,28 @@ def test_partitions_and_replication_come_from_config() -> None:
     assert topo.results.partitions == 5
     assert topo.costs.partitions == 7
     assert topo.guardrails.partitions == 2
+    assert topo.spend.partitions == 2  # the spend topic shares the guardrails partition count
     assert topo.dead_letters.partitions == 9
     assert {spec.replication_factor for spec in topo.all()} == {3}
     assert {spec.config["max.message.bytes"] for spec in topo.all()} == {"2048"}
 
 
-def test_only_the_guardrails_topic_is_compacted() -> None:
+def test_only_the_guardrails_and_spend_topics_are_compacted() -> None:
     topo = topology()
-    assert topo.guardrails.compacted is True
-    assert topo.guardrails.config["cleanup.policy"] == "compact"
-    assert "retention.ms" not in topo.guardrails.config
-    assert [s.name for s in topo.all() if s.compacted] == ["agent.guardrails"]
+    for spec in (topo.guardrails, topo.spend):
+        assert spec.compacted is True, spec.name
+        assert spec.config["cleanup.policy"] == "compact", spec.name
+        assert "retention.ms" not in spec.config, spec.name
+    assert [s.name for s in topo.all() if s.compacted] == ["agent.guardrails", "agent.spend"]
 
 
 def test_topic_keys_and_value_models() -> None:
     topo = topology()
     assert (topo.requests.key, topo.requests.value) == ("workflow_id", AgentRequest)
     assert {(topo.tiers[t].key, topo.tiers[t].value) for t in Tier} == {("workflow_id", TieredRequest)}
+    assert (topo.costs.key, topo.costs.value) == ("workflow_id", CostEvent)
     assert (topo.guardrails.key, topo.guardrails.value) == ("scope", GuardrailEvent)
+    assert (topo.spend.key, topo.spend.value) == ("scope", SpendSnapshot)
     assert (topo.dead_letters.key, topo.dead_letters.value) == ("source_key", DeadLetter)
 
 
@@ -442,19 +456,25 @@ def test_every_flow_topic_exists() -> None:
         "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.dlq"
     )
     premium = next(f for f in flows if f.role == "tier-premium")
-    assert premium.reads == ("agent.requests.premium",)
+    assert premium.reads == ("agent.requests.premium", "agent.spend", "agent.guardrails")
     assert premium.writes == ("agent.results", "agent.costs", "agent.dlq")
+    cost = flows[-1]
+    assert cost.role == "cost"
+    assert cost.reads == ("agent.costs", "agent.spend", "agent.guardrails")
+    assert cost.writes == ("agent.spend", "agent.guardrails")
 
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("all", ["classifier", "tier-nano", "tier-standard", "tier-premium"]),
+        ("all", ["classifier", "tier-nano", "tier-standard", "tier-premium", "cost"]),
         ("classifier,tier:premium", ["classifier", "tier-premium"]),
         ("tiers", ["tier-nano", "tier-standard", "tier-premium"]),
         ("tier:standard,tiers", ["tier-standard", "tier-nano", "tier-premium"]),
         ("classifier,classifier, tier:nano ,tier-nano", ["classifier", "tier-nano"]),
-        ("all,classifier,tiers", ["classifier", "tier-nano", "tier-standard", "tier-premium"]),
+        ("all,classifier,tiers", ["classifier", "tier-nano", "tier-standard", "tier-premium", "cost"]),
+        ("cost", ["cost"]),
+        ("cost,tiers", ["cost", "tier-nano", "tier-standard", "tier-premium"]),
         ("CLASSIFIER,Tier:Premium", ["classifier", "tier-premium"]),
         ("tier:nano,,", ["tier-nano"]),
     ],
@@ -471,6 +491,7 @@ def test_parse_roles_rejects_unknown_roles(spec: str) -> None:
     message = str(info.value)
     assert message.startswith(f"unknown role {bad!r}")
     assert "tier:premium" in message  # it lists the valid choices
+    assert "cost" in message
 
 
 @pytest.mark.parametrize("spec", ["", " , ,"])
@@ -487,6 +508,7 @@ def test_consumer_group_differs_per_role() -> None:
         "tierstream-tier-nano",
         "tierstream-tier-standard",
         "tierstream-tier-premium",
+        "tierstream-cost",
     ]
     assert len(set(groups)) == len(ALL_ROLES)
     assert topo.consumer_group("other", tier_role(Tier.NANO)) == "other-tier-nano"

@@ -18,7 +18,7 @@ import yaml
 
 from streams.observability import HealthServer
 from topologies.config import DEFAULT_CONFIG_PATH, WorkerSettings, load_settings
-from topologies.topics import ALL_ROLES, Topology, parse_roles
+from topologies.topics import ALL_ROLES, COST_ROLE, Topology, parse_roles
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 BASE = K8S / "base"
@@ -127,8 +127,13 @@ def test_deployments_run_one_accepted_role_with_probes_on_the_health_server() ->
         assert container["resources"]["requests"] and container["resources"]["limits"]
         env = {e["name"]: e for e in container["env"]}
         assert int(env["MAX_CONCURRENT_TASKS"]["value"]) > 0
-        for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
-            assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
+        provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
+        if name == f"tierstream-{COST_ROLE}":
+            # The cost role never calls a provider: it gets no provider keys at all.
+            assert not set(provider_keys) & set(env), name
+        else:
+            for key in provider_keys:
+                assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
         # The config file the ConfigMap is mounted as is the one the worker reads.
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert env["TIERSTREAM_CONFIG"]["value"] == f"{mounts['config']}/config.yaml"

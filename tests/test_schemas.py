@@ -22,6 +22,7 @@ from schemas.models import (
     CostEvent,
     DeadLetter,
     GuardrailEvent,
+    SpendSnapshot,
     Tier,
     TieredRequest,
     Timings,
@@ -108,6 +109,15 @@ def realistic(name: str) -> WireModel:
             reason="workflow wf-42 spent $1.02 of its $1.00 budget",
             emitted_at=T0,
         ),
+        "spend_snapshot": SpendSnapshot(
+            kind="hour",
+            scope="tier:premium",
+            window_start=T0.replace(minute=0, second=0, microsecond=0),
+            partition=3,
+            spent_nanos=41_250_000_000,
+            last_offset=98_765,
+            updated_at=T0,
+        ),
         "dead_letter": DeadLetter(
             code="invalid_json",
             reason="not valid UTF-8 JSON",
@@ -172,7 +182,7 @@ def test_round_trip_every_wire_model(name: str) -> None:
 def test_realistic_instances_cover_every_wire_model() -> None:
     assert sorted(WIRE_MODELS) == [
         "agent_request", "agent_result", "cost_event", "dead_letter", "guardrail_event",
-        "tiered_request",
+        "spend_snapshot", "tiered_request",
     ]
 
 

@@ -49,12 +49,65 @@ class TopicPartitions(Section):
     dead_letters: PositiveInt = 1
 
 
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
 class KafkaSettings(Section):
+    """Where the cluster is and how clients authenticate to it.
+
+    The SASL password itself is never part of the configuration: it is read at start
+    from the environment variable named by ``sasl_password_env``, else from the file
+    ``sasl_password_file`` (a mounted secret); see ``streams.kafka_security``.
+    """
+
     bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = Field(default="agent", pattern=r"^[A-Za-z0-9._-]+$")
     replication_factor: PositiveInt = 1
     partitions: TopicPartitions = TopicPartitions()
     max_message_bytes: PositiveInt = 1_048_576
+    security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: KafkaSaslMechanism | None = None
+    sasl_username: str | None = Field(default=None, min_length=1)
+    sasl_password_env: str = Field(default="KAFKA_SASL_PASSWORD", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> KafkaSettings:
+        protocol = self.security_protocol
+        if self.uses_sasl:
+            for name in ("sasl_mechanism", "sasl_username"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is required when security_protocol is {protocol}")
+        else:
+            # A username or mechanism next to a non-SASL protocol means someone believes
+            # the connection authenticates when it does not: refuse rather than ignore.
+            for name in ("sasl_mechanism", "sasl_username"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} is set but security_protocol is {protocol}; "
+                        "use SASL_PLAINTEXT or SASL_SSL"
+                    )
+        if not self.uses_ssl:
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} is set but security_protocol is {protocol}; use SSL or SASL_SSL"
+                    )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile is set without ssl_certfile")
+        return self
 
     @property
     def broker_url(self) -> str:
@@ -110,6 +163,8 @@ class CostGuardrails(Section):
     max_cost_per_workflow_usd: NonNegativeUsd = 1.0
     max_cost_per_hour_usd: NonNegativeUsd = 50.0
     alert_threshold_usd: NonNegativeUsd = 40.0
+    # A workflow idle this long is forgotten: its next request starts a new budget.
+    workflow_idle_expiry_seconds: float = Field(default=86_400, gt=0)
 
     @model_validator(mode="after")
     def _alert_below_limit(self) -> CostGuardrails:

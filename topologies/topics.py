@@ -15,6 +15,7 @@ from schemas.models import (
     CostEvent,
     DeadLetter,
     GuardrailEvent,
+    SpendSnapshot,
     Tier,
     TieredRequest,
     WireModel,
@@ -56,7 +57,8 @@ def tier_role(tier: Tier) -> Role:
 
 
 CLASSIFIER_ROLE: Role = "classifier"
-ALL_ROLES: tuple[Role, ...] = (CLASSIFIER_ROLE, *(tier_role(t) for t in Tier))
+COST_ROLE: Role = "cost"
+ALL_ROLES: tuple[Role, ...] = (CLASSIFIER_ROLE, *(tier_role(t) for t in Tier), COST_ROLE)
 
 
 def parse_roles(spec: str) -> list[Role]:
@@ -75,7 +77,7 @@ def parse_roles(spec: str) -> list[Role]:
             candidates = [role]
         else:
             raise ValueError(
-                f"unknown role {raw!r}: choose from all, classifier, tiers, "
+                f"unknown role {raw!r}: choose from all, classifier, cost, tiers, "
                 + ", ".join(f"tier:{t.value}" for t in Tier)
             )
         roles.extend(r for r in candidates if r not in roles)
@@ -120,6 +122,11 @@ class Topology:
             "current guardrail state per scope (compacted: the latest event is the state)",
             {**common, "cleanup.policy": "compact"},
         )
+        self.spend = TopicSpec(
+            f"{prefix}.spend", parts.guardrails, rf, "scope", SpendSnapshot,
+            "running spend totals per hour and per workflow (compacted: latest per key)",
+            {**common, "cleanup.policy": "compact"},
+        )
         self.dead_letters = TopicSpec(
             f"{prefix}.dlq", parts.dead_letters, rf, "source_key", DeadLetter,
             "messages that could not be processed, with the reason and original bytes",
@@ -129,7 +136,7 @@ class Topology:
     def all(self) -> list[TopicSpec]:
         return [
             self.requests, *self.tiers.values(), self.results, self.costs,
-            self.guardrails, self.dead_letters,
+            self.guardrails, self.spend, self.dead_letters,
         ]
 
     def flows(self) -> list[Flow]:
@@ -145,10 +152,17 @@ class Topology:
             flows.append(
                 Flow(
                     tier_role(tier),
-                    reads=(spec.name,),
+                    reads=(spec.name, self.spend.name, self.guardrails.name),
                     writes=(self.results.name, self.costs.name, self.dead_letters.name),
                 )
             )
+        flows.append(
+            Flow(
+                COST_ROLE,
+                reads=(self.costs.name, self.spend.name, self.guardrails.name),
+                writes=(self.spend.name, self.guardrails.name),
+            )
+        )
         return flows
 
     def consumer_group(self, app_id: str, role: Role) -> str:

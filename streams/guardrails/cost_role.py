@@ -1,0 +1,158 @@
+"""The cost role: windowed spend tables fed by the costs topic, and guardrail events.
+
+Tables (Faust, changelog-backed, so they survive restarts and move with partitions):
+hourly spend, a tumbling one-hour window keyed ``<scope>|p<partition>`` for the global and
+per-tier scopes, and per-workflow spend keyed by workflow_id. Every update is published
+to the compacted spend topic, from which every worker derives its pauses (see
+:mod:`streams.guardrails.view`); threshold crossings are published as GuardrailEvents for
+people and alerting. Nothing here depends on window-close callbacks, which Faust fires
+late or not at all for windows restored from the changelog.
+"""
+
+from __future__ import annotations
+
+import heapq
+from datetime import UTC, datetime, timedelta
+
+import faust
+
+from schemas.codec import DecodeError, decode, encode
+from schemas.models import CostEvent, GuardrailEvent, SpendSnapshot
+from streams.envelope import Outgoing, Source, dead_letter_for
+from streams.guardrails.ledger import Total, expired, hour_key
+from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
+from streams.guardrails.view import GuardrailView
+from topologies.config import Settings
+from topologies.topics import COST_ROLE, Topology
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+class CostAccountant:
+    """Applies one cost event to the tables and says what to publish."""
+
+    def __init__(
+        self, settings: Settings, topology: Topology, hourly: faust.Table, workflows: faust.Table,
+        view: GuardrailView,
+    ) -> None:
+        self.topology = topology
+        self.hourly = hourly
+        self.workflows = workflows
+        self.view = view
+        self.idle_seconds = settings.cost_guardrails.workflow_idle_expiry_seconds
+        # per costs partition: (last_seen, workflow_id), to forget idle workflows
+        self._idle: dict[int, list[tuple[float, str]]] = {}
+        self._announced: set[str] = set()
+
+    def apply(self, source: Source, timestamp: float) -> list[Outgoing]:
+        try:
+            event = decode(source.value, CostEvent)
+        except DecodeError as exc:
+            return [dead_letter_for(self.topology.dead_letters.name, source, exc, COST_ROLE)]
+        nanos = usd_to_nanos(event.cost_usd)
+        p, offset = source.partition, source.offset
+        window = hour_window(timestamp)
+        out: list[Outgoing] = []
+        for scope in ("global", f"tier:{event.tier.value}"):
+            key = hour_key(scope, p)
+            current = Total.from_list(self.hourly[key].current())
+            updated = current.add(nanos, offset, timestamp)
+            if updated is not None:
+                self.hourly[key] = updated.to_list()
+                current = updated
+            out.append(self._snapshot("hour", scope, p, current, window))
+
+        wf = event.workflow_id
+        total = Total.from_list(self.workflows[wf])
+        if expired(total, timestamp, self.idle_seconds):
+            total = Total(last_offset=total.last_offset)  # a new budget period
+        updated = total.add(nanos, offset, timestamp)
+        if updated is not None:
+            self.workflows[wf] = updated.to_list()
+            total = updated
+            heapq.heappush(self._idle.setdefault(p, []), (timestamp, wf))
+        # Written after the hour snapshots, on the same spend partition: a reader that has
+        # seen this workflow total has seen the hour totals of the same event.
+        out.append(self._snapshot("workflow", wf, p, total, None))
+        out.extend(self._guardrail_events(event, total, window, p, timestamp))
+        self._forget_idle(p, timestamp)
+        return out
+
+    def _snapshot(self, kind: str, scope: str, p: int, total: Total, window: int | None) -> Outgoing:
+        key = f"hour|{window}|{scope}|p{p}" if kind == "hour" else f"workflow|{scope}"
+        snap = SpendSnapshot(
+            kind=kind, scope=scope, partition=p, spent_nanos=total.nanos,
+            last_offset=max(total.last_offset, 0),
+            window_start=_utc(window) if window is not None else None,
+        )
+        return Outgoing(self.topology.spend.name, key.encode(), encode(snap))
+
+    def _guardrail_events(
+        self, event: CostEvent, wf_total: Total, window: int, p: int, now: float
+    ) -> list[Outgoing]:
+        view = self.view
+        out = []
+        if wf_total.nanos >= view.workflow_limit and f"wf|{event.workflow_id}" not in self._announced:
+            self._announced.add(f"wf|{event.workflow_id}")
+            out.append(self._event(
+                f"workflow:{event.workflow_id}", "limit_reached", "block_workflow",
+                wf_total.nanos, view.workflow_limit, None,
+                f"workflow {event.workflow_id} spent ${nanos_to_usd(wf_total.nanos):.6f} of "
+                f"its ${nanos_to_usd(view.workflow_limit):.2f} budget; further requests end as budget_exceeded",
+                workflow_id=event.workflow_id,
+            ))
+        # This process knows its own partitions first-hand and the others through the view.
+        own = Total.from_list(self.hourly[hour_key("global", p)].current()).nanos
+        seen = view.hour_part(window, p)
+        hour_total = view.hour_spend(window) - (seen.nanos if seen else 0) + own
+        for threshold, kind, action, label in (
+            (view.alert_threshold, "alert", "none", "alert threshold"),
+            (view.hour_limit, "limit_reached", "pause", "hourly limit"),
+        ):
+            tag = f"hour|{window}|{kind}"
+            if hour_total >= threshold and tag not in self._announced:
+                self._announced.add(tag)
+                out.append(self._event(
+                    "hour", kind, action, hour_total, threshold, window,
+                    f"spend this hour ${nanos_to_usd(hour_total):.4f} reached the {label} "
+                    f"${nanos_to_usd(threshold):.2f}",
+                ))
+        return out
+
+    def _event(
+        self, scope: str, kind: str, action: str, spent: int, limit: int, window: int | None,
+        reason: str, workflow_id: str | None = None,
+    ) -> Outgoing:
+        event = GuardrailEvent(
+            scope=scope, kind=kind, action=action, spent_usd=nanos_to_usd(spent),  # type: ignore[arg-type]
+            limit_usd=nanos_to_usd(limit), reason=reason, workflow_id=workflow_id,
+            window_start=_utc(window) if window is not None else None,
+            window_end=_utc(window + HOUR_SECONDS) if window is not None else None,
+        )
+        return Outgoing(self.topology.guardrails.name, scope.encode(), encode(event))
+
+    def _forget_idle(self, p: int, now: float) -> None:
+        heap = self._idle.get(p)
+        while heap and now - heap[0][0] > self.idle_seconds:
+            _, wf = heapq.heappop(heap)
+            total = Total.from_list(self.workflows.get(wf))
+            if expired(total, now, self.idle_seconds):
+                del self.workflows[wf]
+
+
+def cost_tables(app: faust.App, topology: Topology) -> tuple[faust.Table, faust.Table]:
+    partitions = topology.costs.partitions
+    hourly = app.Table(
+        "spend-hourly", default=list, partitions=partitions,
+        help="Spend per hour, per scope and costs partition: [nanos, last_offset, last_seen].",
+    ).tumbling(timedelta(seconds=HOUR_SECONDS), expires=timedelta(hours=3))
+    workflows = app.Table(
+        "spend-workflows", default=list, partitions=partitions,
+        help="Spend per workflow: [nanos, last_offset, last_seen].",
+    )
+    return hourly, workflows
+
+
+

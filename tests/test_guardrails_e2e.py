@@ -1,0 +1,153 @@
+"""Cost guardrails on a real broker: budgets stop a runaway workflow, the hourly limit
+pauses every worker and an operator resumes them, and totals stay exact."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import orjson
+import pytest
+
+from streams.admin import wait_for_roles
+from streams.guardrails.money import usd_to_nanos
+from streams.guardrails.operator import read_state
+from tests.support import collect, produce_raw, read_topic
+
+pytestmark = pytest.mark.e2e
+
+
+def request(request_id: str, workflow_id: str, tier: str = "premium", max_tokens: int = 400) -> bytes:
+    return orjson.dumps({
+        "request_id": request_id, "workflow_id": workflow_id, "agent_type": "writer",
+        "task": f"Keep going, step {request_id}.", "max_output_tokens": max_tokens, "tier_hint": tier,
+    })
+
+
+async def test_runaway_workflow_is_stopped_at_its_limit(pipeline_factory) -> None:
+    limit = 0.05
+    pipeline = pipeline_factory(TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD=str(limit))
+    await pipeline.start_workers("classifier", "tier:premium", "cost")
+    runaway = [(b"runaway", request(f"loop-{n}", "runaway")) for n in range(150)]
+    bystander = [(b"bystander", request(f"other-{n}", "bystander")) for n in range(10)]
+    await produce_raw(
+        pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name, runaway + bystander
+    )
+    collected = await collect(pipeline, expected=160, timeout=180)
+    assert collected.dead_letters == []
+    assert max(collected.result_ids().values()) == 1 and len(collected.results) == 160
+
+    mine = [r for r in collected.results if r["workflow_id"] == "runaway"]
+    statuses = Counter(r["status"] for r in mine)
+    spent = sum(usd_to_nanos(r["cost_usd"]) for r in mine)
+    overspend = spent - usd_to_nanos(limit)
+    print(f"runaway: {dict(statuses)}, spent ${spent / 1e9:.6f} of ${limit}, overspend ${max(overspend, 0) / 1e9:.6f}")
+    assert statuses["ok"] > 0 and statuses["budget_exceeded"] > 0
+    assert set(statuses) == {"ok", "budget_exceeded"}
+    # One process serves this workflow, so its own reservations bound the spend: no overspend.
+    assert overspend <= 0
+    assert all(r["attempts"] == 0 and r["cost_usd"] == 0 for r in mine if r["status"] == "budget_exceeded")
+    assert Counter(r["status"] for r in collected.results if r["workflow_id"] == "bystander") == {"ok": 10}
+
+    # The cost role's total for the workflow equals the sum of its cost events, exactly.
+    costs = await read_topic(pipeline, pipeline.topology.costs.name, expected=statuses["ok"] + 10, timeout=30)
+    expected_total = sum(usd_to_nanos(c["cost_usd"]) for c in costs if c["workflow_id"] == "runaway")
+    assert expected_total == spent
+    deadline = time.monotonic() + 30
+    while True:
+        view = await read_state(pipeline.settings)
+        total = view.workflow_spend("runaway")
+        if total is not None and total.nanos == expected_total or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert total is not None and total.nanos == expected_total
+
+
+async def committed_lag(pipeline, role: str, topic: str) -> int:
+    """Messages of ``topic`` not yet committed by the role's consumer group."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    bootstrap = pipeline.settings.kafka.bootstrap_servers
+    group = pipeline.topology.consumer_group(pipeline.settings.app_id, role)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = [TopicPartition(topic, p) for p in range(pipeline.topology.tiers["standard"].partitions)]
+        ends = await consumer.end_offsets(partitions)
+        return sum(end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(interval)
+
+
+async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipeline_factory) -> None:
+    from streams.guardrails.money import HOUR_SECONDS
+    from streams.guardrails.operator import set_limit
+
+    # Not across an hour boundary: the hourly window would reset the spend mid-test.
+    await wait_for(lambda: asyncio.sleep(0, result=time.time() % HOUR_SECONDS < HOUR_SECONDS - 150),
+                   200, "a time well inside an hour window", interval=1)
+    limit, workers, in_flight = 0.03, 3, 64
+    pipeline = pipeline_factory(
+        TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_HOUR_USD=str(limit),
+        TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD=str(limit / 2),
+        TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD="1000",
+        TIERSTREAM__WORKER__MAX_CONCURRENT_TASKS=str(in_flight),
+    )
+    await pipeline.start_workers("classifier", "cost", *["tier:standard"] * workers)
+    # All three in the group before any work: a rebalance mid-run redelivers uncommitted
+    # work (at-least-once), which is not what this test is about.
+    await wait_for_roles(pipeline.settings, ["tier-standard"], timeout=120, members=workers)
+    await wait_for_roles(pipeline.settings, ["classifier", "cost"], timeout=120)
+    total = 300
+    await produce_raw(
+        pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name,
+        [(f"wf-{n % 7}".encode(), request(f"h-{n}", f"wf-{n % 7}", tier="standard", max_tokens=200))
+         for n in range(total)],
+    )
+
+    async def paused():
+        view = await read_state(pipeline.settings)
+        return view if view.hour_paused() else None
+
+    view = await wait_for(paused, 180, "the hourly limit to pause the workers")
+    # Settled: no new results for 3 s while paused; the rest of the backlog waits in Kafka.
+    seen = -1
+    while True:
+        collected = await collect(pipeline, expected=total, timeout=3, settle=0)
+        if len(collected.results) == seen:
+            break
+        seen = len(collected.results)
+    assert 0 < seen < total
+    backlog = await committed_lag(pipeline, "tier-standard", pipeline.topology.tiers["standard"].name)
+    assert backlog >= total - seen, (backlog, seen)
+    status = view.status()
+    spent = sum(usd_to_nanos(r["cost_usd"]) for r in collected.results)
+    worst = max(usd_to_nanos(0.0001 + 200 * 15e-6), 1)  # claude-sonnet-4-5 output price bounds it
+    bound = (workers - 1) * min(in_flight * worst, usd_to_nanos(limit))
+    overspend = max(0, spent - usd_to_nanos(limit))
+    print(f"paused after {seen} results: spent ${spent / 1e9:.6f} of ${limit}, "
+          f"overspend ${overspend / 1e9:.6f} (bound ${bound / 1e9:.6f}); status {status}")
+    assert status["paused"] and status["alerting"]
+    assert overspend <= bound
+
+    await set_limit(pipeline.settings, "hour", 1000.0, "test: raise the limit")
+    collected = await collect(pipeline, expected=total, timeout=180)
+    assert sorted(collected.result_ids()) == sorted(f"h-{n}" for n in range(total))
+    assert max(collected.result_ids().values()) == 1
+    assert {r["status"] for r in collected.results} == {"ok"}
