@@ -151,3 +151,67 @@ async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipe
     assert sorted(collected.result_ids()) == sorted(f"h-{n}" for n in range(total))
     assert max(collected.result_ids().values()) == 1
     assert {r["status"] for r in collected.results} == {"ok"}
+
+
+async def test_totals_stay_exact_when_the_cost_worker_is_killed(pipeline_factory) -> None:
+    """SIGKILL the cost role mid-run and restart it: it re-reads uncommitted cost events,
+    and its totals still equal the sum of the cost events, to the nano-dollar."""
+    import signal
+
+    from aiokafka import AIOKafkaConsumer
+
+    from streams import processes
+    from streams.guardrails.money import hour_window
+
+    pipeline = pipeline_factory()
+    await pipeline.start_workers("classifier", "tier:nano")
+    await pipeline.start_workers("cost")
+    cost_worker = pipeline.workers[-1]
+    bootstrap = pipeline.settings.kafka.bootstrap_servers
+    topic = pipeline.topology.requests.name
+
+    def batch(start: int, count: int):
+        return [(f"wf-{n % 10}".encode(), request(f"k-{n}", f"wf-{n % 10}", tier="nano", max_tokens=64))
+                for n in range(start, start + count)]
+
+    await produce_raw(bootstrap, topic, batch(0, 300))
+
+    async def some_spend():
+        view = await read_state(pipeline.settings)
+        return sum(t.nanos for t in view.workflows.values()) > 0
+
+    await wait_for(some_spend, 120, "the cost role to count something")
+    assert processes.stop(cost_worker, sig=signal.SIGKILL) == -signal.SIGKILL
+    pipeline.workers.remove(cost_worker)
+    await produce_raw(bootstrap, topic, batch(300, 300))
+    await pipeline.start_workers("cost")
+    collected = await collect(pipeline, expected=600, timeout=180)
+    assert len(collected.results) == 600 and collected.dead_letters == []
+
+    # The truth: every cost event on the topic, by workflow and by hour window.
+    consumer = AIOKafkaConsumer(pipeline.topology.costs.name, bootstrap_servers=bootstrap,
+                                group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    by_workflow: Counter[str] = Counter()
+    by_hour: Counter[int] = Counter()
+    events = 0
+    try:
+        while events < 600:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    cost = orjson.loads(record.value)
+                    by_workflow[cost["workflow_id"]] += usd_to_nanos(cost["cost_usd"])
+                    by_hour[hour_window(record.timestamp / 1000)] += usd_to_nanos(cost["cost_usd"])
+                    events += 1
+    finally:
+        await consumer.stop()
+
+    async def exact():
+        view = await read_state(pipeline.settings)
+        totals = {wf: (view.workflow_spend(wf).nanos if view.workflow_spend(wf) else 0) for wf in by_workflow}
+        hours = {w: view.hour_spend(w) for w in by_hour}
+        return view if totals == dict(by_workflow) and hours == dict(by_hour) else None
+
+    view = await wait_for(exact, 60, "the cost role's totals to equal the cost events")
+    print(f"{events} cost events, ${sum(by_workflow.values()) / 1e9:.6f}; totals exact after SIGKILL: "
+          f"{ {wf: view.workflow_spend(wf).nanos for wf in sorted(by_workflow)} }")
