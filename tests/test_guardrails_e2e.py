@@ -215,3 +215,60 @@ async def test_totals_stay_exact_when_the_cost_worker_is_killed(pipeline_factory
     view = await wait_for(exact, 60, "the cost role's totals to equal the cost events")
     print(f"{events} cost events, ${sum(by_workflow.values()) / 1e9:.6f}; totals exact after SIGKILL: "
           f"{ {wf: view.workflow_spend(wf).nanos for wf in sorted(by_workflow)} }")
+
+
+async def test_pause_survives_a_restart_and_a_new_replica(pipeline_factory) -> None:
+    """A paused worker that is SIGKILLed and restarted, and a replica that joins while
+    paused, read the state from Kafka and stay paused; an operator's resume drains all."""
+    import signal
+
+    from streams import processes
+    from streams.guardrails.money import HOUR_SECONDS
+    from streams.guardrails.operator import resume_hour
+
+    await wait_for(lambda: asyncio.sleep(0, result=time.time() % HOUR_SECONDS < HOUR_SECONDS - 150),
+                   200, "a time well inside an hour window", interval=1)
+    pipeline = pipeline_factory(
+        TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_HOUR_USD="0.01",
+        TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD="0.005",
+        TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD="1000",
+    )
+    await pipeline.start_workers("classifier", "cost")
+    await pipeline.start_workers("tier:standard")
+    tier_worker = pipeline.workers[-1]
+    total = 200
+    await produce_raw(
+        pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name,
+        [(f"wf-{n % 5}".encode(), request(f"p-{n}", f"wf-{n % 5}", tier="standard", max_tokens=200))
+         for n in range(total)],
+    )
+
+    async def paused():
+        view = await read_state(pipeline.settings)
+        return view.hour_paused()
+
+    await wait_for(paused, 180, "the hourly limit to pause the worker")
+    log = pipeline.log_dir / "worker-tier-standard.log"
+
+    def pauses_logged() -> int:
+        return log.read_text().count("hourly budget spent: pausing consumption")
+
+    processes.stop(tier_worker, sig=signal.SIGKILL)
+    pipeline.workers.remove(tier_worker)
+    pauses_before = pauses_logged()
+    await pipeline.start_workers("tier:standard", "tier:standard")  # the restart, and a new replica
+    await wait_for_roles(pipeline.settings, ["tier-standard"], timeout=120, members=2)
+    # Both new processes read the spend from Kafka and pause before calling any model.
+    await wait_for(lambda: asyncio.sleep(0, result=pauses_logged() >= pauses_before + 2), 60,
+                   "both new workers to pause")
+    before = await collect(pipeline, expected=total, timeout=2, settle=0)
+    observed = await collect(pipeline, expected=total, timeout=4, settle=0)  # four more seconds
+    assert len(observed.results) == len(before.results) < total, "a paused cluster answered requests"
+
+    await resume_hour(pipeline.settings, "test: resume by hand")
+    collected = await collect(pipeline, expected=total, timeout=180)
+    ids = collected.result_ids()
+    assert set(ids) == {f"p-{n}" for n in range(total)}, "a request was lost"
+    duplicates = sum(c - 1 for c in ids.values())
+    print(f"paused at {len(before.results)} results; after resume {len(ids)} answered, "
+          f"{duplicates} answered twice (at-least-once after SIGKILL)")
