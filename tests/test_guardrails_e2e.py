@@ -85,6 +85,27 @@ async def committed_lag(pipeline, role: str, topic: str) -> int:
         await admin.close()
 
 
+async def pause_reaction(pipeline, limit: float) -> list[float]:
+    """Seconds from the cost event that took the hour over ``limit`` (its record time)
+    to each tier worker's log line saying it paused. A figure, not an assertion."""
+    from datetime import datetime
+
+    costs = await read_topic(pipeline, pipeline.topology.costs.name, expected=10**9, timeout=3)
+    crossing = None
+    running = 0
+    for cost in sorted(costs, key=lambda c: c["timestamp"]):
+        running += usd_to_nanos(cost["cost_usd"])
+        if running >= usd_to_nanos(limit):
+            crossing = datetime.fromisoformat(cost["timestamp"]).timestamp()
+            break
+    paused_at = [
+        datetime.fromisoformat(entry["ts"]).timestamp()
+        for entry in map(orjson.loads, (pipeline.log_dir / "worker-tier-standard.log").read_text().splitlines())
+        if "pausing consumption" in entry.get("msg", "")
+    ]
+    return sorted(round(t - crossing, 3) for t in paused_at) if crossing else []
+
+
 async def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
     deadline = time.monotonic() + timeout
     while True:
@@ -146,6 +167,7 @@ async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipe
           f"overspend ${overspend / 1e9:.6f} (bound ${bound / 1e9:.6f}); status {status}")
     assert status["paused"] and status["alerting"]
     assert overspend <= bound
+    print(f"reaction, crossing cost event -> each worker paused: {await pause_reaction(pipeline, limit)}")
 
     await set_limit(pipeline.settings, "hour", 1000.0, "test: raise the limit")
     collected = await collect(pipeline, expected=total, timeout=180)
