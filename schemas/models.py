@@ -123,7 +123,10 @@ class AgentResult(WireModel):
     status: ResultStatus
     output: str | None = None
     finish_reason: str | None = None
-    tier: Tier
+    tier: Tier = Field(description="The tier whose model answered.")
+    downgraded_from: Tier | None = Field(
+        default=None, description="Set when budget-aware downgrade served a cheaper tier."
+    )
     routed_by: RoutedBy
     provider: str
     model: str

@@ -56,7 +56,9 @@ class TierHandler:
             return await self._answer(source, request)
 
     async def _answer(self, source: Source, request: TieredRequest) -> list[Outgoing]:
-        provider, model = self.choice.provider, self.choice.model
+        served_tier, downgraded_from = self._serving_tier()
+        choice = self.settings.tiers[served_tier]
+        provider, model = choice.provider, choice.model
         if request.agent_type not in self.settings.agent_types:
             return [
                 dead_letter(
@@ -94,7 +96,7 @@ class TierHandler:
         latency_ms = (time.perf_counter() - t0) * 1000
         completion = attempted.completion
         cost = cost_event(
-            self.prices, request, self.tier, provider, model, completion, attempted.attempts
+            self.prices, request, served_tier, provider, model, completion, attempted.attempts
         )
         result = AgentResult(
             request_id=request.request_id,
@@ -103,7 +105,8 @@ class TierHandler:
             status="ok",
             output=completion.text,
             finish_reason=completion.finish_reason,
-            tier=self.tier,
+            tier=served_tier,
+            downgraded_from=downgraded_from,
             routed_by=request.routed_by,
             provider=provider,
             model=model,
@@ -132,6 +135,18 @@ class TierHandler:
             Outgoing(self.topology.results.name, key, encode(result)),
             Outgoing(self.topology.costs.name, key, encode(cost), on_delivered),
         ]
+
+    def _serving_tier(self) -> tuple[Tier, Tier | None]:
+        """Budget-aware downgrade (off by default): above the hour's alert threshold,
+        PREMIUM work is served by the STANDARD model."""
+        if (
+            self.tier is Tier.PREMIUM
+            and self.settings.cost_guardrails.downgrade_premium_above_alert
+            and self.budget is not None
+            and self.budget.view.alerting()
+        ):
+            return Tier.STANDARD, Tier.PREMIUM
+        return self.tier, None
 
     def _budget_exceeded(self, request: TieredRequest) -> Outgoing:
         """The workflow is out of budget: answered without a model call."""

@@ -61,7 +61,7 @@ def test_packaged_default_loads_with_documented_values() -> None:
     assert settings.app_id == "tierstream"
     assert {t: (m.provider, m.model) for t, m in settings.tiers.items()} == {
         Tier.NANO: ("openai", "gpt-4o-mini"),
-        Tier.STANDARD: ("anthropic", "claude-sonnet-4-5"),
+        Tier.STANDARD: ("anthropic", "claude-sonnet-4-6"),
         Tier.PREMIUM: ("openai", "o3"),
     }
     guard = settings.cost_guardrails

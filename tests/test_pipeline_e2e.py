@@ -29,7 +29,7 @@ CASES = (
 )
 EXPECTED_MODELS = {
     "nano": ("openai", "gpt-4o-mini"),
-    "standard": ("anthropic", "claude-sonnet-4-5"),
+    "standard": ("anthropic", "claude-sonnet-4-6"),
     "premium": ("openai", "o3"),
 }
 

@@ -165,6 +165,8 @@ class CostGuardrails(Section):
     alert_threshold_usd: NonNegativeUsd = 40.0
     # A workflow idle this long is forgotten: its next request starts a new budget.
     workflow_idle_expiry_seconds: float = Field(default=86_400, gt=0)
+    # Above the alert threshold, serve PREMIUM requests with the STANDARD model.
+    downgrade_premium_above_alert: bool = False
 
     @model_validator(mode="after")
     def _alert_below_limit(self) -> CostGuardrails:
