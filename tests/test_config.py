@@ -415,7 +415,7 @@ def test_partitions_and_replication_come_from_config() -> None:
     assert topo.results.partitions == 5
     assert topo.costs.partitions == 7
     assert topo.guardrails.partitions == 2
-    assert topo.spend.partitions == 2  # the spend topic shares the guardrails partition count
+    assert topo.spend.partitions == 1  # always one: readers rely on its total order
     assert topo.dead_letters.partitions == 9
     assert {spec.replication_factor for spec in topo.all()} == {3}
     assert {spec.config["max.message.bytes"] for spec in topo.all()} == {"2048"}

@@ -122,8 +122,10 @@ class Topology:
             "current guardrail state per scope (compacted: the latest event is the state)",
             {**common, "cleanup.policy": "compact"},
         )
+        # One partition, always: a worker relies on reading an event's hour totals before
+        # its workflow total (see streams.guardrails.budget), i.e. on one total order.
         self.spend = TopicSpec(
-            f"{prefix}.spend", parts.guardrails, rf, "scope", SpendSnapshot,
+            f"{prefix}.spend", 1, rf, "scope", SpendSnapshot,
             "running spend totals per hour and per workflow (compacted: latest per key)",
             {**common, "cleanup.policy": "compact"},
         )

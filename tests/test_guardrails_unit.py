@@ -1,0 +1,676 @@
+"""Unit tests of the cost guardrails without a broker: money, ledger totals, the view, the gate.
+
+The view is fed encoded messages through ``apply`` exactly as its consumer would, and its
+listeners are called by hand afterwards (as ``GuardrailView._run`` does after a batch).
+The gate's clock is pinned to a fixed instant so no test depends on the wall-clock hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import SimpleNamespace
+
+import pytest
+
+from schemas.codec import encode
+from schemas.models import GuardrailEvent, SpendSnapshot
+from streams.guardrails import budget as budget_mod
+from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
+from streams.guardrails.ledger import Total, expired, hour_key
+from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
+from streams.guardrails.view import GuardrailView, PartTotal, WorkflowTotal
+from topologies.config import load_settings
+from topologies.topics import Topology
+
+NOW = 1_700_000_000.0 + 1234.5  # a fixed instant, well inside its hour
+WINDOW = hour_window(NOW)
+OTHER_WINDOW = WINDOW - HOUR_SECONDS
+USD = 1_000_000_000  # nanos
+
+
+# --------------------------------------------------------------------------- helpers
+def make_view(
+    hour_usd: str = "1.0", workflow_usd: str = "1.0", alert_usd: str = "0.5"
+) -> GuardrailView:
+    settings = load_settings(
+        environ={
+            "TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_HOUR_USD": hour_usd,
+            "TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD": workflow_usd,
+            "TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD": alert_usd,
+        }
+    )
+    return GuardrailView(settings)
+
+
+def spend_topic(view: GuardrailView) -> str:
+    return Topology(view.settings).spend.name
+
+
+def guard_topic(view: GuardrailView) -> str:
+    return Topology(view.settings).guardrails.name
+
+
+def hour_snap(nanos: int, partition: int, offset: int, window: int = WINDOW, scope: str = "global") -> bytes:
+    return encode(SpendSnapshot(
+        kind="hour", scope=scope, partition=partition, spent_nanos=nanos, last_offset=offset,
+        window_start=datetime.fromtimestamp(window, UTC),
+    ))
+
+
+def wf_snap(workflow_id: str, nanos: int, partition: int, offset: int) -> bytes:
+    return encode(SpendSnapshot(
+        kind="workflow", scope=workflow_id, partition=partition, spent_nanos=nanos, last_offset=offset,
+    ))
+
+
+def limit_set(name: str, usd: float) -> bytes:
+    return encode(GuardrailEvent(
+        scope=f"limit:{name}", kind="limit_set", action="set_limit", spent_usd=0.0,
+        limit_usd=usd, reason="test",
+    ))
+
+
+def resume(window: int) -> bytes:
+    return encode(GuardrailEvent(
+        scope="resume:hour", kind="cleared", action="resume", spent_usd=0.0, limit_usd=0.0,
+        window_start=datetime.fromtimestamp(window, UTC),
+        window_end=datetime.fromtimestamp(window + HOUR_SECONDS, UTC), reason="test",
+    ))
+
+
+def feed(view: GuardrailView, topic: str, *values: bytes) -> None:
+    """Apply messages, then call the listeners, as the view's consumer loop does."""
+    for value in values:
+        view.apply(topic, value)
+    for listener in view.listeners:
+        listener()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0)
+
+
+async def blocked_in_admit(gate: BudgetGate, task: asyncio.Task[Reservation], waiters: int = 1) -> None:
+    """Wait until ``task`` is parked inside admit's re-check loop (or has finished)."""
+    await wait_until(lambda: task.done() or gate.waiting >= waiters)
+    assert not task.done(), "admit returned (or raised) instead of waiting"
+
+
+def count_attempts(gate: BudgetGate) -> list[int]:
+    """Count the gate's admission checks, to know a waiter has re-checked (and still waits)."""
+    attempts = [0]
+    original = gate._try_reserve
+
+    def counted(*args: object) -> Reservation | None:
+        attempts[0] += 1
+        return original(*args)  # type: ignore[arg-type]
+
+    gate._try_reserve = counted  # type: ignore[method-assign]
+    return attempts
+
+
+async def rechecked_and_still_waiting(
+    gate: BudgetGate, task: asyncio.Task[Reservation], attempts: list[int], before: int
+) -> None:
+    await wait_until(lambda: task.done() or (attempts[0] > before and gate.waiting >= 1))
+    assert not task.done(), "the waiter was admitted (or raised) on re-check"
+
+
+@pytest.fixture
+def pinned_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # Only the gate's module sees the fixed clock; asyncio keeps its monotonic clock.
+    monkeypatch.setattr(budget_mod, "time", SimpleNamespace(time=lambda: NOW))
+    yield
+
+
+@pytest.fixture
+def no_recheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the periodic re-check too slow to matter: a waiter proceeds only when notified."""
+    monkeypatch.setattr(budget_mod, "RECHECK_SECONDS", 3600.0)
+
+
+def ready_gate(view: GuardrailView) -> BudgetGate:
+    view.caught_up.set()
+    return BudgetGate(view)
+
+
+# ----------------------------------------------------------------------------- money
+@pytest.mark.parametrize(
+    ("usd", "nanos"),
+    [
+        (0.000123456, 123_456),
+        (0.000000001, 1),
+        (1.23e-07, 123),
+        (0.1, 100_000_000),
+        (0.3, 300_000_000),
+        (12.345678901, 12_345_678_901),
+        (2.01, 2_010_000_000),  # 2.01 * 1e9 is 2009999999.9999998 in floats
+        (8.2, 8_200_000_000),
+        (50.0, 50_000_000_000),
+        (0.0, 0),
+    ],
+)
+def test_usd_to_nanos_is_exact_for_prices_quantized_to_a_nano(usd: float, nanos: int) -> None:
+    assert usd_to_nanos(usd) == nanos
+    assert usd_to_nanos(Decimal(str(usd))) == nanos
+    assert nanos_to_usd(nanos) == pytest.approx(usd, abs=0, rel=1e-15)
+    assert usd_to_nanos(nanos_to_usd(nanos)) == nanos
+
+
+def test_nanos_sum_is_exact_where_float_sum_drifts() -> None:
+    # 0.1 + 0.2 != 0.3 in floats; in nanos the sum is exact.
+    assert usd_to_nanos(0.1) + usd_to_nanos(0.2) == usd_to_nanos(0.3)
+    assert sum(usd_to_nanos(0.000123456) for _ in range(1000)) == 123_456_000
+
+
+def test_hour_window_boundaries() -> None:
+    assert HOUR_SECONDS == 3600
+    assert hour_window(0) == 0
+    assert hour_window(3599.999) == 0
+    assert hour_window(3600) == 3600
+    assert hour_window(3600.0001) == 3600
+    assert hour_window(7199.5) == 3600
+    assert hour_window(7200) == 7200
+    assert hour_window(1_700_000_000.0) == 1_699_999_200
+    assert hour_window(1_700_001_234.5) == 1_699_999_200
+    assert WINDOW == 1_699_999_200 and NOW - WINDOW == 2034.5
+    assert isinstance(hour_window(3600.5), int)
+
+
+# ---------------------------------------------------------------------------- ledger
+def test_total_add_accumulates() -> None:
+    t = Total()
+    assert (t.nanos, t.last_offset, t.last_seen) == (0, -1, 0.0)
+    t1 = t.add(100, 0, 10.0)
+    assert t1 == Total(100, 0, 10.0)
+    t2 = t1.add(250, 5, 20.0)
+    assert t2 == Total(350, 5, 20.0)
+    # an out-of-order timestamp does not move last_seen back
+    t3 = t2.add(1, 6, 15.0)
+    assert t3 == Total(351, 6, 20.0)
+    assert t == Total()  # frozen: add returns a new total
+
+
+def test_total_add_skips_offsets_already_included() -> None:
+    t = Total().add(100, 7, 1.0)
+    assert t is not None
+    assert t.add(100, 7, 2.0) is None  # the same event replayed
+    assert t.add(100, 3, 2.0) is None  # an older one
+    assert t.add(0, 8, 2.0) == Total(100, 8, 2.0)
+    # offset 0 is new to a fresh total
+    assert Total().add(5, 0, 1.0) == Total(5, 0, 1.0)
+
+
+def test_total_replay_of_a_sequence_keeps_the_sum_exact() -> None:
+    events = [(usd_to_nanos(0.000123456), offset, 100.0 + offset) for offset in range(10)]
+    t = Total()
+    for nanos, offset, seen in events + events[:6]:  # crash after 6, re-read from the start
+        updated = t.add(nanos, offset, seen)
+        if updated is not None:
+            t = updated
+    assert t == Total(1_234_560, 9, 109.0)
+
+
+def test_total_list_round_trip() -> None:
+    t = Total(123_456_789, 42, 1_700_000_123.25)
+    assert t.to_list() == [123_456_789, 42, 1_700_000_123.25]
+    assert Total.from_list(t.to_list()) == t
+    assert Total.from_list(Total().to_list()) == Total()
+    assert Total.from_list([]) == Total()
+    assert Total.from_list(None) == Total()
+    # the older two-field form, and values that came back from JSON as floats
+    assert Total.from_list([5, 3]) == Total(5, 3, 0.0)
+    restored = Total.from_list([5.0, 3.0, 7])
+    assert restored == Total(5, 3, 7.0)
+    assert type(restored.nanos) is int and type(restored.last_offset) is int
+
+
+def test_expired() -> None:
+    assert not expired(Total(), now=1e12, idle_seconds=1)  # never seen
+    t = Total(10, 1, 1000.0)
+    assert not expired(t, now=1000.0, idle_seconds=60)
+    assert not expired(t, now=1060.0, idle_seconds=60)  # exactly the idle time: not yet
+    assert expired(t, now=1060.5, idle_seconds=60)
+
+
+def test_hour_key() -> None:
+    assert hour_key("global", 3) == "global|p3"
+    assert hour_key("tier:nano", 0) == "tier:nano|p0"
+
+
+# ------------------------------------------------------------------------------ view
+def test_view_limits_come_from_settings() -> None:
+    view = make_view(hour_usd="2.5", workflow_usd="0.75", alert_usd="2.000000001")
+    assert view.hour_limit == 2_500_000_000
+    assert view.workflow_limit == 750_000_000
+    assert view.alert_threshold == 2_000_000_001
+    assert not view.caught_up.is_set()
+    assert view.hours == {} and view.workflows == {} and view.resumed_windows == set()
+
+
+def test_view_sums_hour_partitions_per_window_and_scope() -> None:
+    view = make_view()
+    topic = spend_topic(view)
+    for value in (
+        hour_snap(100, partition=0, offset=5),
+        hour_snap(200, partition=1, offset=9),
+        hour_snap(40, partition=5, offset=1),
+        hour_snap(7, partition=0, offset=2, scope="tier:nano"),
+        hour_snap(11, partition=3, offset=4, scope="tier:nano"),
+        hour_snap(1000, partition=0, offset=1, window=OTHER_WINDOW),
+    ):
+        view.apply(topic, value)
+    assert view.hour_spend(WINDOW) == 340
+    assert view.hour_spend(WINDOW, "global") == 340
+    assert view.hour_spend(WINDOW, "tier:nano") == 18
+    assert view.hour_spend(WINDOW, "tier:premium") == 0
+    assert view.hour_spend(OTHER_WINDOW) == 1000
+    assert view.hour_spend(WINDOW + HOUR_SECONDS) == 0
+    assert view.hour_part(WINDOW, 1) == PartTotal(200, 9)
+    assert view.hour_part(WINDOW, 3, "tier:nano") == PartTotal(11, 4)
+    assert view.hour_part(WINDOW, 2) is None
+
+
+def test_view_later_snapshot_replaces_earlier_for_same_key() -> None:
+    view = make_view()
+    topic = spend_topic(view)
+    view.apply(topic, hour_snap(100, partition=2, offset=5))
+    view.apply(topic, hour_snap(170, partition=2, offset=8))
+    view.apply(topic, hour_snap(30, partition=3, offset=1))
+    assert view.hour_spend(WINDOW) == 200  # 170 + 30, not 100 + 170 + 30
+    assert view.hour_part(WINDOW, 2) == PartTotal(170, 8)
+    view.apply(topic, wf_snap("wf-a", 10, partition=4, offset=3))
+    view.apply(topic, wf_snap("wf-a", 25, partition=4, offset=6))
+    assert view.workflow_spend("wf-a") == WorkflowTotal(25, 4, 6)
+
+
+def test_view_workflow_totals() -> None:
+    view = make_view()
+    topic = spend_topic(view)
+    view.apply(topic, wf_snap("wf-a", 123_456, partition=1, offset=10))
+    view.apply(topic, wf_snap("wf-b", 7, partition=4, offset=0))
+    assert view.workflow_spend("wf-a") == WorkflowTotal(123_456, 1, 10)
+    assert view.workflow_spend("wf-b") == WorkflowTotal(7, 4, 0)
+    assert view.workflow_spend("wf-c") is None
+    # workflow totals are not hour totals
+    assert view.hour_spend(WINDOW) == 0
+
+
+def test_view_hour_paused_exactly_at_the_limit() -> None:
+    view = make_view(hour_usd="1.0")
+    topic = spend_topic(view)
+    assert not view.hour_paused(NOW)
+    view.apply(topic, hour_snap(600_000_000, partition=0, offset=1))
+    view.apply(topic, hour_snap(399_999_999, partition=1, offset=1))
+    assert view.hour_spend(WINDOW) == USD - 1
+    assert not view.hour_paused(NOW)
+    view.apply(topic, hour_snap(400_000_000, partition=1, offset=2))
+    assert view.hour_spend(WINDOW) == USD
+    assert view.hour_paused(NOW)
+    assert view.hour_paused(WINDOW)  # any instant of the same window
+    assert view.hour_paused(WINDOW + HOUR_SECONDS - 0.001)
+    assert not view.hour_paused(WINDOW + HOUR_SECONDS)  # the next hour starts fresh
+    # tier scopes do not pause the hour
+    other = make_view(hour_usd="1.0")
+    other.apply(topic, hour_snap(5 * USD, partition=0, offset=1, scope="tier:premium"))
+    assert not other.hour_paused(NOW)
+
+
+def test_view_limit_set_events_change_limits() -> None:
+    view = make_view(hour_usd="1.0", workflow_usd="1.0", alert_usd="0.5")
+    topic = guard_topic(view)
+    view.apply(spend_topic(view), hour_snap(USD, partition=0, offset=1))
+    assert view.hour_paused(NOW)
+    view.apply(topic, limit_set("hour", 2.5))
+    assert view.hour_limit == 2_500_000_000
+    assert not view.hour_paused(NOW)
+    view.apply(topic, limit_set("workflow", 0.000123456))
+    assert view.workflow_limit == 123_456
+    view.apply(topic, limit_set("alert", 0.25))
+    assert view.alert_threshold == 250_000_000
+    assert view.hour_limit == 2_500_000_000  # unchanged by the other two
+    # lowering the hour limit below the spend pauses again
+    view.apply(topic, limit_set("hour", 0.999999999))
+    assert view.hour_limit == 999_999_999
+    assert view.hour_paused(NOW)
+
+
+def test_view_ignores_guardrail_events_that_are_not_limit_changes() -> None:
+    view = make_view(hour_usd="1.0")
+    event = encode(GuardrailEvent(
+        scope="hour", kind="limit_reached", action="pause", spent_usd=1.0, limit_usd=7.0,
+        window_start=datetime.fromtimestamp(WINDOW, UTC), reason="test",
+    ))
+    view.apply(guard_topic(view), event)
+    assert (view.hour_limit, view.resumed_windows) == (USD, set())
+
+
+def test_view_resume_for_current_window_unpauses() -> None:
+    view = make_view(hour_usd="1.0")
+    view.apply(spend_topic(view), hour_snap(2 * USD, partition=0, offset=3))
+    assert view.hour_paused(NOW)
+    view.apply(guard_topic(view), resume(OTHER_WINDOW))
+    assert view.resumed_windows == {OTHER_WINDOW}
+    assert view.hour_paused(NOW)  # a resume of another hour does not apply
+    view.apply(guard_topic(view), resume(WINDOW))
+    assert view.resumed_windows == {OTHER_WINDOW, WINDOW}
+    assert not view.hour_paused(NOW)
+    # the next window is not resumed
+    view.apply(spend_topic(view), hour_snap(2 * USD, partition=0, offset=9, window=WINDOW + HOUR_SECONDS))
+    assert view.hour_paused(WINDOW + HOUR_SECONDS + 1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"kind": "hour"}',
+        b'{"schema_version": 2, "kind": "workflow", "scope": "x", "partition": 0, '
+        b'"spent_nanos": 1, "last_offset": 0}',
+        b'{"kind": "workflow", "scope": "x", "partition": -1, "spent_nanos": 1, "last_offset": 0}',
+        b'{"kind": "workflow", "scope": "x", "partition": 0, "spent_nanos": 1, "last_offset": 0, "extra": 1}',
+    ],
+)
+def test_view_ignores_undecodable_spend(value: bytes) -> None:
+    view = make_view()
+    view.apply(spend_topic(view), wf_snap("wf-a", 5, 0, 0))
+    view.apply(spend_topic(view), value)
+    assert view.workflows == {"wf-a": WorkflowTotal(5, 0, 0)}
+    assert view.hours == {}
+
+
+def test_view_ignores_undecodable_guardrails_and_tombstones() -> None:
+    view = make_view(hour_usd="1.0")
+    before = (view.hour_limit, view.workflow_limit, view.alert_threshold)
+    for value in (
+        b"garbage",
+        b'{"scope": "limit:hour", "kind": "limit_set", "action": "set_limit", "limit_usd": 9}',
+        b'{"scope": "limit:hour", "kind": "limit_set", "action": "set_limit", "spent_usd": 0, '
+        b'"limit_usd": -1, "reason": "negative"}',
+        wf_snap("wf-a", 1, 0, 0),  # a spend snapshot is not a guardrail event
+        None,
+    ):
+        view.apply(guard_topic(view), value)
+    view.apply(spend_topic(view), None)
+    assert (view.hour_limit, view.workflow_limit, view.alert_threshold) == before
+    assert view.resumed_windows == set() and view.workflows == {} and view.hours == {}
+
+
+def test_view_status() -> None:
+    view = make_view(hour_usd="1.0", workflow_usd="0.5", alert_usd="0.25")
+    spend = spend_topic(view)
+    view.apply(spend, hour_snap(200_000_000, partition=0, offset=1))
+    view.apply(spend, hour_snap(5 * USD, partition=0, offset=1, window=OTHER_WINDOW))
+    view.apply(spend, wf_snap("wf-b", 500_000_000, 1, 1))
+    view.apply(spend, wf_snap("wf-a", 700_000_000, 2, 1))
+    view.apply(spend, wf_snap("wf-c", 499_999_999, 3, 1))
+    assert view.status(NOW) == {
+        "window_start": WINDOW,
+        "hour_spent_usd": 0.2,
+        "hour_limit_usd": 1.0,
+        "alert_threshold_usd": 0.25,
+        "alerting": False,
+        "paused": False,
+        "resumed_by_operator": False,
+        "workflow_limit_usd": 0.5,
+        "blocked_workflows": ["wf-a", "wf-b"],
+    }
+    view.apply(spend, hour_snap(50_000_000, partition=1, offset=1))
+    status = view.status(NOW)
+    assert (status["hour_spent_usd"], status["alerting"], status["paused"]) == (0.25, True, False)
+    view.apply(spend, hour_snap(750_000_000, partition=1, offset=2))
+    status = view.status(NOW)
+    assert (status["hour_spent_usd"], status["alerting"], status["paused"]) == (0.95, True, False)
+    view.apply(spend, hour_snap(800_000_000, partition=1, offset=3))
+    assert view.status(NOW)["paused"] is True
+    view.apply(guard_topic(view), resume(WINDOW))
+    status = view.status(NOW)
+    assert (status["paused"], status["resumed_by_operator"], status["hour_spent_usd"]) == (False, True, 1.0)
+
+
+# ------------------------------------------------------------------------------ gate
+async def test_gate_workflow_admits_while_worst_case_fits(pinned_clock: None) -> None:
+    gate = ready_gate(make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1"))
+    r1 = await gate.admit("wf-a", 400_000_000)
+    r2 = await gate.admit("wf-a", 600_000_000)  # exactly fills the budget
+    assert (r1.workflow_id, r1.window, r1.worst_nanos) == ("wf-a", WINDOW, 400_000_000)
+    assert gate.workflow_committed("wf-a") == (0, USD)
+    assert gate.in_flight_nanos() == USD
+    assert gate.hour_committed(WINDOW) == USD
+    # another workflow has its own budget
+    r3 = await gate.admit("wf-b", USD)
+    assert gate.workflow_committed("wf-b") == (0, USD)
+    for r in (r1, r2, r3):
+        gate.release(r)
+
+
+async def test_gate_raises_when_spent_plus_worst_exceeds_budget(pinned_clock: None) -> None:
+    view = make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1")
+    gate = ready_gate(view)
+    with pytest.raises(BudgetExceeded):
+        await gate.admit("wf-a", USD + 1)  # can never fit
+    view.apply(spend_topic(view), wf_snap("wf-a", 700_000_000, partition=0, offset=4))
+    with pytest.raises(BudgetExceeded):
+        await gate.admit("wf-a", 300_000_001)
+    r = await gate.admit("wf-a", 300_000_000)
+    assert gate.workflow_committed("wf-a") == (700_000_000, 300_000_000)
+    assert gate.waiting == 0
+    gate.release(r)
+
+
+async def test_gate_waits_not_raises_when_spent_plus_worst_exactly_fills_budget(
+    pinned_clock: None, no_recheck: None
+) -> None:
+    view = make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1")
+    gate = ready_gate(view)
+    view.apply(spend_topic(view), wf_snap("wf-a", 700_000_000, partition=0, offset=4))
+    r1 = await gate.admit("wf-a", 100_000_000)
+    # 700M + 100M + 300M > 1e9, but 700M + 300M fits once the call in flight settles
+    waiter = asyncio.create_task(gate.admit("wf-a", 300_000_000))
+    await blocked_in_admit(gate, waiter)
+    gate.release(r1)
+    r2 = await asyncio.wait_for(waiter, 5)
+    assert gate.workflow_committed("wf-a") == (700_000_000, 300_000_000)
+    gate.release(r2)
+
+
+async def test_gate_waits_on_in_flight_then_proceeds_after_cheaper_settle(
+    pinned_clock: None, no_recheck: None
+) -> None:
+    gate = ready_gate(make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1"))
+    r1 = await gate.admit("wf-a", 400_000_000)
+    r2 = await gate.admit("wf-a", 400_000_000)
+    # 0 spent + 800M reserved + 400M > 1e9, but 0 spent + 400M fits: wait, do not raise
+    third = asyncio.create_task(gate.admit("wf-a", 400_000_000))
+    await blocked_in_admit(gate, third)
+    assert gate.in_flight_nanos() == 800_000_000
+    gate.settle(r1, 100_000_000)
+    r3 = await asyncio.wait_for(third, 5)
+    assert r3.worst_nanos == 400_000_000
+    assert gate.workflow_committed("wf-a") == (100_000_000, 800_000_000)
+    assert gate.waiting == 0
+    gate.release(r2)
+    gate.release(r3)
+
+
+async def test_gate_waiter_raises_once_settled_spend_leaves_no_room(
+    pinned_clock: None, no_recheck: None
+) -> None:
+    gate = ready_gate(make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1"))
+    r1 = await gate.admit("wf-a", 800_000_000)
+    waiter = asyncio.create_task(gate.admit("wf-a", 300_000_000))
+    await blocked_in_admit(gate, waiter)
+    gate.settle(r1, 750_000_000)  # 750M + 300M > 1e9: it can never fit now
+    with pytest.raises(BudgetExceeded):
+        await asyncio.wait_for(waiter, 5)
+    assert gate.workflow_committed("wf-a") == (750_000_000, 0)
+    assert gate.waiting == 0
+
+
+async def test_gate_release_returns_the_reservation(pinned_clock: None, no_recheck: None) -> None:
+    gate = ready_gate(make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1"))
+    r1 = await gate.admit("wf-a", 700_000_000)
+    waiter = asyncio.create_task(gate.admit("wf-a", 700_000_000))
+    await blocked_in_admit(gate, waiter)
+    gate.release(r1)
+    assert gate.workflow_committed("wf-a") == (0, 0)
+    assert gate.in_flight_nanos() == 0
+    r2 = await asyncio.wait_for(waiter, 5)
+    assert gate.workflow_committed("wf-a") == (0, 700_000_000)
+    assert gate.hour_committed(WINDOW) == 700_000_000
+    gate.release(r2)
+    assert gate.in_flight_nanos() == 0
+    assert gate.hour_committed(WINDOW) == 0
+    assert gate.workflow_committed("wf-a") == (0, 0)
+
+
+async def test_gate_hour_admits_below_limit_and_holds_at_it(
+    pinned_clock: None, no_recheck: None
+) -> None:
+    view = make_view(hour_usd="1.0", workflow_usd="100", alert_usd="0.5")
+    gate = ready_gate(view)
+    view.apply(spend_topic(view), hour_snap(600_000_000, partition=0, offset=3))
+    r1 = await gate.admit("wf-a", 300_000_000)  # committed 600M < 1e9
+    r2 = await gate.admit("wf-b", 300_000_000)  # committed 900M < 1e9: admitted, may overshoot
+    assert gate.hour_committed(WINDOW) == 1_200_000_000
+    attempts = count_attempts(gate)
+    held = asyncio.create_task(gate.admit("wf-c", 1))
+    await blocked_in_admit(gate, held)
+    # settling below the worst case brings committed to exactly the limit: still held
+    before = attempts[0]
+    gate.settle(r1, 100_000_000)
+    gate.settle(r2, 300_000_000)
+    assert gate.hour_committed(WINDOW) == USD
+    await rechecked_and_still_waiting(gate, held, attempts, before)
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    assert gate.waiting == 0
+
+
+async def test_gate_hour_holds_when_view_spend_is_at_limit(pinned_clock: None) -> None:
+    view = make_view(hour_usd="1.0", workflow_usd="100", alert_usd="0.5")
+    gate = ready_gate(view)
+    view.apply(spend_topic(view), hour_snap(USD - 1, partition=0, offset=3))
+    r = await gate.admit("wf-a", 5 * USD)  # one nano below the limit still admits
+    gate.release(r)
+    view.apply(spend_topic(view), hour_snap(USD, partition=0, offset=4))
+    held = asyncio.create_task(gate.admit("wf-a", 1))
+    await blocked_in_admit(gate, held)
+    assert gate.in_flight_nanos() == 0
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+
+
+async def test_gate_hour_wait_ends_when_limit_is_raised(pinned_clock: None, no_recheck: None) -> None:
+    view = make_view(hour_usd="1.0", workflow_usd="100", alert_usd="0.5")
+    gate = ready_gate(view)
+    feed(view, spend_topic(view), hour_snap(USD, partition=0, offset=3))
+    held = asyncio.create_task(gate.admit("wf-a", 200_000_000))
+    await blocked_in_admit(gate, held)
+    view.apply(guard_topic(view), limit_set("hour", 2.0))  # applied, listeners not yet called
+    assert view.hour_limit == 2 * USD
+    feed(view, guard_topic(view))  # the listeners, as after a consumed batch
+    r = await asyncio.wait_for(held, 5)
+    assert (r.workflow_id, r.worst_nanos, r.window) == ("wf-a", 200_000_000, WINDOW)
+    assert gate.hour_committed(WINDOW) == 1_200_000_000
+    gate.release(r)
+
+
+async def test_gate_hour_wait_ends_when_operator_resumes_this_hour(
+    pinned_clock: None, no_recheck: None
+) -> None:
+    view = make_view(hour_usd="1.0", workflow_usd="100", alert_usd="0.5")
+    gate = ready_gate(view)
+    feed(view, spend_topic(view), hour_snap(3 * USD, partition=0, offset=3))
+    attempts = count_attempts(gate)
+    held = asyncio.create_task(gate.admit("wf-a", 200_000_000))
+    await blocked_in_admit(gate, held)
+    before = attempts[0]
+    feed(view, guard_topic(view), resume(OTHER_WINDOW))
+    await rechecked_and_still_waiting(gate, held, attempts, before)
+    feed(view, guard_topic(view), resume(WINDOW))
+    r = await asyncio.wait_for(held, 5)
+    assert r.window == WINDOW
+    gate.release(r)
+
+
+async def test_gate_unreflected_spend_counts_until_the_view_includes_it(pinned_clock: None) -> None:
+    view = make_view(hour_usd="10", workflow_usd="1.0", alert_usd="5")
+    gate = ready_gate(view)
+    spend = spend_topic(view)
+    # the view already knows 100M of wf-a from earlier events on costs partition 2
+    feed(view, spend, hour_snap(100_000_000, partition=2, offset=9), wf_snap("wf-a", 100_000_000, 2, 9))
+    r = await gate.admit("wf-a", 800_000_000)
+    gate.settle(r, 600_000_000)
+    assert r.settled and r.actual_nanos == 600_000_000
+    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
+    assert gate.hour_committed(WINDOW) == 700_000_000
+    gate.delivered(r, partition=2, offset=12)
+    assert (r.cost_partition, r.cost_offset) == (2, 12)
+    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
+
+    # a snapshot that stops short of the delivered offset: still unreflected
+    feed(view, spend, wf_snap("wf-a", 100_000_000, 2, 11))
+    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
+    # a snapshot from another costs partition at a higher offset does not prove inclusion
+    feed(view, spend, wf_snap("wf-a", 100_000_000, 3, 50))
+    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
+    with pytest.raises(BudgetExceeded):
+        await gate.admit("wf-a", 300_000_001)
+
+    # the cost role has counted it: the view's total carries it, the gate stops adding it
+    feed(
+        view, spend,
+        hour_snap(700_000_000, partition=2, offset=12),
+        wf_snap("wf-a", 700_000_000, 2, 12),
+    )
+    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
+    assert gate.hour_committed(WINDOW) == 700_000_000
+    r2 = await gate.admit("wf-a", 300_000_000)  # exactly fits: no double count
+    gate.release(r2)
+
+
+async def test_gate_delivered_after_the_view_already_includes_it(pinned_clock: None) -> None:
+    view = make_view(hour_usd="10", workflow_usd="1.0", alert_usd="5")
+    gate = ready_gate(view)
+    r = await gate.admit("wf-a", 500_000_000)
+    gate.settle(r, 400_000_000)
+    # the cost role was quicker than the producer's acknowledgement
+    feed(view, spend_topic(view), hour_snap(400_000_000, 1, 20), wf_snap("wf-a", 400_000_000, 1, 20))
+    assert gate.workflow_committed("wf-a") == (800_000_000, 0)  # not known to be the same yet
+    gate.delivered(r, partition=1, offset=20)
+    assert gate.workflow_committed("wf-a") == (400_000_000, 0)
+    assert gate.hour_committed(WINDOW) == 400_000_000
+
+
+async def test_gate_admit_waits_for_view_caught_up(pinned_clock: None) -> None:
+    view = make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1")
+    gate = BudgetGate(view)
+    assert view.listeners == [gate._on_view_update]
+    task = asyncio.create_task(gate.admit("wf-a", 100))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done()
+    assert gate.waiting == 0 and gate.in_flight_nanos() == 0
+    # the state read before catching up is what the admission sees afterwards
+    view.apply(spend_topic(view), wf_snap("wf-a", USD, 0, 5))
+    view.caught_up.set()
+    with pytest.raises(BudgetExceeded):
+        await asyncio.wait_for(task, 5)
+    task2 = asyncio.create_task(gate.admit("wf-b", 100))
+    r = await asyncio.wait_for(task2, 5)
+    assert r.worst_nanos == 100
+    gate.release(r)
