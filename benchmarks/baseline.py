@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schemas.models import ChatMessage, Tier
 from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
+from streams.kafka_security import aiokafka_kwargs
 from streams.pricing import PriceBook
 from streams.providers import Completion, ProviderRegistry
 from streams.providers.registry import Attempted
@@ -123,16 +124,17 @@ async def run_role(settings: Settings, role: str, mode: str, stop: asyncio.Event
         handler = TierHandler(tier, settings, topology, providers, prices).handle  # type: ignore[arg-type]
         source, concurrency = topology.tiers[tier].name, settings.worker.max_concurrent_tasks
 
+    kafka_kwargs = aiokafka_kwargs(settings.kafka)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5,
-        max_request_size=settings.kafka.max_message_bytes,
+        acks="all", linger_ms=5, max_request_size=settings.kafka.max_message_bytes,
+        **kafka_kwargs,
     )
     consumer = AIOKafkaConsumer(
         source,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
         group_id=topology.consumer_group(settings.app_id, role),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        **kafka_kwargs,
     )
     offsets = OffsetTracker()
     slots = asyncio.Semaphore(concurrency)
@@ -187,7 +189,7 @@ async def run_role(settings: Settings, role: str, mode: str, stop: asyncio.Event
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline", description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=ALL_ROLES, required=True)
+    parser.add_argument("--role", choices=[r for r in ALL_ROLES if r != "cost"], required=True)
     parser.add_argument("--mode", choices=("fake", "sdk"), default="fake")
     args = parser.parse_args(argv)
     settings = load_settings()

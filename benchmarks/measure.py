@@ -13,6 +13,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.codec import encode
+from streams.kafka_security import aiokafka_kwargs
 from streams.summary import percentile
 from streams.workload import sample_requests
 from topologies.config import Settings
@@ -81,9 +82,9 @@ async def drive(
 
     consumer = AIOKafkaConsumer(
         results_topic, dlq_topic,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
         group_id=None, enable_auto_commit=False, auto_offset_reset="latest",
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        **aiokafka_kwargs(settings.kafka),
     )
     await consumer.start()
     try:
@@ -95,8 +96,9 @@ async def drive(
 
         async def produce() -> None:
             producer = AIOKafkaProducer(
-                bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5,
-                enable_idempotence=True, max_request_size=settings.kafka.max_message_bytes,
+                acks="all", linger_ms=5, enable_idempotence=True,
+                max_request_size=settings.kafka.max_message_bytes,
+                **aiokafka_kwargs(settings.kafka),
             )
             await producer.start()
             try:

@@ -8,6 +8,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
 from topologies.topics import Topology
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create every topic that does not exist yet; return the names created."""
     topology = Topology(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = AIOKafkaAdminClient(**aiokafka_kwargs(settings.kafka))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -38,7 +39,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
 
 async def stable_groups(settings: Settings, groups: list[str]) -> dict[str, int]:
     """Members per consumer group, counting only groups in the Stable state."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = AIOKafkaAdminClient(**aiokafka_kwargs(settings.kafka))
     await admin.start()
     try:
         members: dict[str, int] = {}

@@ -24,6 +24,7 @@ from streams.guardrails.budget import BudgetGate
 from streams.guardrails.cost_role import CostAccountant, cost_tables
 from streams.guardrails.service import GuardrailService
 from streams.guardrails.view import GuardrailView
+from streams.kafka_security import faust_settings
 from streams.logs import logging_config
 from streams.observability import HealthServer, OutgoingObserver, default_metrics
 from streams.pricing import PriceBook
@@ -81,7 +82,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     datadir = datadir or settings.worker.datadir or Path(tempfile.mkdtemp(prefix=f"{group}-"))
     app = faust.App(
         group,
-        broker=settings.kafka.broker_url,
+        **faust_settings(settings.kafka),
         key_serializer="raw",
         value_serializer="raw",
         topic_replication_factor=settings.kafka.replication_factor,

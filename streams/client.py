@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import AgentRequest, AgentResult, DeadLetter, WireModel
+from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
 from topologies.topics import Topology
 
@@ -35,8 +36,7 @@ async def produce_requests(
     """Write requests to the requests topic keyed by workflow_id; return how many."""
     topic = Topology(settings).requests.name
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5,
-        enable_idempotence=True,
+        acks="all", linger_ms=5, enable_idempotence=True, **aiokafka_kwargs(settings.kafka),
     )
     await producer.start()
     sent = 0
@@ -76,10 +76,10 @@ async def follow(
     """
     consumer = AIOKafkaConsumer(
         *topics,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
+        **aiokafka_kwargs(settings.kafka),
     )
     await consumer.start()
     try:

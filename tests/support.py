@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 import uuid
@@ -16,6 +17,7 @@ from aiokafka import AIOKafkaConsumer
 
 from streams import processes
 from streams.admin import ensure_topics
+from streams.kafka_security import aiokafka_kwargs
 from topologies import Settings, Topology, load_settings
 
 
@@ -40,6 +42,11 @@ class Pipeline:
     @property
     def topology(self) -> Topology:
         return Topology(self.settings)
+
+    def kafka_kwargs(self) -> dict[str, object]:
+        """aiokafka client kwargs (bootstrap servers, SASL/SSL) for this pipeline, with the
+        password looked up as the workers see it: this process's environment plus ``env``."""
+        return aiokafka_kwargs(self.settings.kafka, {**os.environ, **self.env})
 
     async def start_workers(self, *role_specs: str) -> None:
         """Create the topics (so producers cannot auto-create them with one partition),
@@ -87,10 +94,10 @@ async def collect(
     consumer = AIOKafkaConsumer(
         topology.results.name,
         topology.dead_letters.name,
-        bootstrap_servers=pipeline.settings.kafka.bootstrap_servers,
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        **pipeline.kafka_kwargs(),
     )
     collected = Collected()
     await consumer.start()
@@ -132,10 +139,10 @@ async def read_topic(pipeline: Pipeline, topic: str, expected: int, timeout: flo
     """Every JSON message of ``topic`` from the start, once ``expected`` arrived or at the deadline."""
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=pipeline.settings.kafka.bootstrap_servers,
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        **pipeline.kafka_kwargs(),
     )
     items: list[dict] = []
     await consumer.start()

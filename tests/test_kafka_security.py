@@ -10,6 +10,8 @@ import logging
 import os
 import ssl
 import stat
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,9 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 from pydantic import ValidationError
 
+from schemas.codec import encode
+from schemas.models import Tier, TieredRequest
+from streams import processes
 from streams.broker import LocalBroker
 from streams.kafka_security import (
     KafkaSecurityError,
@@ -31,6 +36,7 @@ from streams.kafka_security import (
     faust_settings,
     read_sasl_password,
 )
+from tests.support import Pipeline, collect
 from topologies.config import ConfigError, KafkaSettings, load_settings
 
 SECRET = "s3cr3t-Pa55w0rd-do-not-leak"
@@ -392,3 +398,119 @@ def test_kafka_sh_rejects_bad_sasl_users_without_echoing_passwords(
     assert message in proc.stdout
     assert SECRET not in proc.stdout
     assert not (tmp_path / "kafka" / "server.properties").exists()
+
+
+# --------------------------------------------------------------------------- worker over SASL
+
+
+def sasl_worker_env(broker: LocalBroker, simulator_port: int, password: str) -> dict[str, str]:
+    """A ``tierstream worker`` configured, as in a deployment, through environment
+    variables only: the SASL listener, PLAIN as alice, the password in KAFKA_SASL_PASSWORD."""
+    assert broker.sasl_bootstrap_servers is not None
+    run = uuid.uuid4().hex[:10]
+    return {
+        "TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": broker.sasl_bootstrap_servers,
+        "TIERSTREAM__KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "TIERSTREAM__KAFKA__SASL_MECHANISM": "PLAIN",
+        "TIERSTREAM__KAFKA__SASL_USERNAME": "alice",
+        "KAFKA_SASL_PASSWORD": password,
+        "TIERSTREAM__KAFKA__TOPIC_PREFIX": f"sasl{run}",
+        "TIERSTREAM__APP_ID": f"ts-sasl-{run}",
+        "TIERSTREAM__SIMULATOR__PORT": str(simulator_port),
+        "TIERSTREAM__WORKER__HEALTH_PORT": "0",
+        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
+        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+    }
+
+
+def nano_request(request_id: str) -> TieredRequest:
+    return TieredRequest(
+        request_id=request_id,
+        workflow_id="wf-sasl",
+        agent_type="router",
+        task="Classify this ticket as billing or shipping.",
+        max_output_tokens=16,
+        tier=Tier.NANO,
+        routed_by="hint",
+    )
+
+
+@pytest.mark.e2e
+async def test_worker_processes_over_sasl_and_refuses_a_wrong_password(
+    sasl_broker: LocalBroker, simulator_port: int, tmp_path: Path
+) -> None:
+    # Right password: the worker creates its topics, joins its group and answers a
+    # tiered request produced over SASL; the result is read back over SASL.
+    env = sasl_worker_env(sasl_broker, simulator_port, USERS["alice"])
+    pipeline = Pipeline(env=env, settings=load_settings(environ=env), log_dir=tmp_path / "right")
+    pipeline.log_dir.mkdir()
+    kwargs = pipeline.kafka_kwargs()
+    assert kwargs["security_protocol"] == "SASL_PLAINTEXT"
+    assert kwargs["bootstrap_servers"] == [sasl_broker.sasl_bootstrap_servers]
+    pipeline.workers.append(
+        processes.spawn(["worker", "--roles", "tier:nano"], env, pipeline.log_dir / "worker.log")
+    )
+    try:
+        topology = pipeline.topology
+        request = nano_request(f"sasl-{uuid.uuid4().hex[:8]}")
+        # The worker creates the topics itself (over SASL); wait for them rather than
+        # let the producer auto-create the tier topic with other settings.
+        admin = AIOKafkaAdminClient(**kwargs)
+        await admin.start()
+        try:
+            deadline = time.monotonic() + 90
+            while topology.tiers[Tier.NANO].name not in set(await admin.list_topics()):
+                pipeline.assert_workers_alive()
+                assert time.monotonic() < deadline, f"no topics after 90s; logs in {pipeline.log_dir}"
+                await asyncio.sleep(0.5)
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(acks="all", **kwargs)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                topology.tiers[Tier.NANO].name, encode(request), key=request.workflow_id.encode()
+            )
+        finally:
+            await producer.stop()
+
+        collected = await collect(pipeline, expected=1, timeout=120)
+        assert collected.dead_letters == [], f"logs in {pipeline.log_dir}"
+        assert [r["request_id"] for r in collected.results] == [request.request_id], (
+            f"no result; logs in {pipeline.log_dir}"
+        )
+        result = collected.results[0]
+        assert (result["status"], result["tier"], result["provider"]) == ("ok", "nano", "openai")
+        assert result["output"]
+    finally:
+        exit_codes = pipeline.stop_workers()
+    assert exit_codes == [0], f"the worker did not stop cleanly; logs in {pipeline.log_dir}"
+    leaked = USERS["alice"] in pipeline.logs()  # a bool, so a failure cannot print the password
+    assert not leaked, f"the SASL password is in the worker log; logs in {pipeline.log_dir}"
+
+    # Wrong password: the same worker (its own topic prefix and group) fails in its first
+    # step, creating the topics: aiokafka logs the broker's SASL refusal, the admin client
+    # raises KafkaConnectionError ("Unable to bootstrap") and the process exits 1 with that
+    # traceback, before any topic exists or Faust starts.
+    wrong = "wrong-password-for-alice"
+    bad_env = sasl_worker_env(sasl_broker, simulator_port, wrong)
+    log = tmp_path / "wrong-worker.log"
+    worker = processes.spawn(["worker", "--roles", "tier:nano"], bad_env, log)
+    try:
+        returncode = await asyncio.to_thread(worker.wait, 120)
+    except subprocess.TimeoutExpired:
+        processes.stop(worker)
+        pytest.fail(f"a worker with a wrong password was still running after 120s; log {log}")
+    output = log.read_text(errors="replace")
+    assert returncode == 1, f"log {log}"
+    assert "SaslAuthenticationFailed: Authentication failed" in output, f"log {log}"
+    assert "KafkaConnectionError: Unable to bootstrap" in output, f"log {log}"
+    leaked = wrong in output or USERS["alice"] in output
+    assert not leaked, f"a SASL password is in the worker log {log}"
+    prefix = bad_env["TIERSTREAM__KAFKA__TOPIC_PREFIX"]
+    admin = AIOKafkaAdminClient(**kwargs)
+    await admin.start()
+    try:
+        assert not [t for t in await admin.list_topics() if t.startswith(prefix)]
+    finally:
+        await admin.close()

@@ -17,6 +17,7 @@ from schemas.codec import encode
 from schemas.models import GuardrailEvent
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView
+from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
 from topologies.topics import Topology
 
@@ -34,7 +35,7 @@ async def read_state(settings: Settings, timeout: float = 30) -> GuardrailView:
 
 
 async def _publish(settings: Settings, event: GuardrailEvent) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings.kafka))
     await producer.start()
     try:
         await producer.send_and_wait(

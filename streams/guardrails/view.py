@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas.codec import DecodeError, decode
 from schemas.models import GuardrailEvent, SpendSnapshot
 from streams.guardrails.money import hour_window, nanos_to_usd, usd_to_nanos
+from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
 from topologies.topics import Topology
 
@@ -98,6 +99,10 @@ class GuardrailView:
     def workflow_spend(self, workflow_id: str) -> WorkflowTotal | None:
         return self.workflows.get(workflow_id)
 
+    def alerting(self, now: float | None = None) -> bool:
+        """The hour's spend has reached the alert threshold."""
+        return self.hour_spend(hour_window(time.time() if now is None else now)) >= self.alert_threshold
+
     def hour_paused(self, now: float | None = None) -> bool:
         window = hour_window(time.time() if now is None else now)
         return window not in self.resumed_windows and self.hour_spend(window) >= self.hour_limit
@@ -123,10 +128,10 @@ class GuardrailView:
     async def start(self) -> None:
         spend, guardrails = self.topology.spend.name, self.topology.guardrails.name
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka.bootstrap_servers,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            **aiokafka_kwargs(self.settings.kafka),
         )
         await consumer.start()
         self._consumer = consumer
