@@ -14,6 +14,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from benchmarks.harness import BASELINE_ROLES
+from topologies.topics import ALL_ROLES
+
 from streams.broker import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +64,8 @@ def test_bench_harness_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
         assert figures["latency_ms"]["receive_minus_produce"]["n"] == counts["results"] + counts["dead_letters"]
 
         workers = figures["resources"]["workers"]
-        expected_procs = 5 if kind == "tierstream" else 4  # supervisor + 4 roles / 4 roles
+        # tierstream: the supervisor + one process per role; baselines: the request path only
+        expected_procs = 1 + len(ALL_ROLES) if kind == "tierstream" else len(BASELINE_ROLES)
         assert workers["processes"] == expected_procs, (kind, workers)
         for key in ("cpu_s", "cpu_ms_per_result", "peak_rss_mb_sum", "peak_rss_mb_max"):
             assert isinstance(workers[key], (int, float)), (kind, key, workers)
