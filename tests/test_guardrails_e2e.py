@@ -106,6 +106,12 @@ async def pause_reaction(pipeline, limit: float) -> list[float]:
     return sorted(round(t - crossing, 3) for t in paused_at) if crossing else []
 
 
+async def paused_view(pipeline):
+    """The guardrail state as Kafka has it, if the hour is paused; else None."""
+    view = await read_state(pipeline.settings)
+    return view if view.hour_paused() else None
+
+
 async def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
     deadline = time.monotonic() + timeout
     while True:
@@ -142,11 +148,7 @@ async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipe
          for n in range(total)],
     )
 
-    async def paused():
-        view = await read_state(pipeline.settings)
-        return view if view.hour_paused() else None
-
-    view = await wait_for(paused, 180, "the hourly limit to pause the workers")
+    view = await wait_for(lambda: paused_view(pipeline), 180, "the hourly limit to pause the workers")
     # Settled: no new results for 3 s while paused; the rest of the backlog waits in Kafka.
     seen = -1
     while True:
@@ -266,11 +268,7 @@ async def test_pause_survives_a_restart_and_a_new_replica(pipeline_factory) -> N
          for n in range(total)],
     )
 
-    async def paused():
-        view = await read_state(pipeline.settings)
-        return view.hour_paused()
-
-    await wait_for(paused, 180, "the hourly limit to pause the worker")
+    await wait_for(lambda: paused_view(pipeline), 180, "the hourly limit to pause the worker")
     log = pipeline.log_dir / "worker-tier-standard.log"
 
     def pauses_logged() -> int:
