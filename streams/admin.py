@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -15,21 +16,25 @@ from topologies.topics import Topology
 log = logging.getLogger(__name__)
 
 
-async def ensure_topics(settings: Settings) -> list[str]:
-    """Create every topic that does not exist yet; return the names created."""
+async def ensure_topics(settings: Settings, extra: Sequence[NewTopic] = ()) -> list[str]:
+    """Create every topic of the topology (and ``extra``) that does not exist yet; return
+    the names created."""
     topology = Topology(settings)
     admin = AIOKafkaAdminClient(**aiokafka_kwargs(settings.kafka))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [spec for spec in topology.all() if spec.name not in existing]
+        wanted = [
+            NewTopic(spec.name, spec.partitions, spec.replication_factor, topic_configs=spec.config)
+            for spec in topology.all()
+        ] + list(extra)
         created: list[str] = []
-        for spec in wanted:
+        for topic in wanted:
+            if topic.name in existing:
+                continue
             try:
-                await admin.create_topics(
-                    [NewTopic(spec.name, spec.partitions, spec.replication_factor, topic_configs=spec.config)]
-                )
-                created.append(spec.name)
+                await admin.create_topics([topic])
+                created.append(topic.name)
             except TopicAlreadyExistsError:
                 pass  # another process won the race
         return created

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import faust
 import mode
+from aiokafka.admin import NewTopic
 
 from schemas.models import Tier
 from streams.admin import ensure_topics
@@ -88,6 +89,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         topic_replication_factor=settings.kafka.replication_factor,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.worker.session_timeout_seconds,
         producer_acks=-1,
         producer_max_request_size=settings.kafka.max_message_bytes,
         producer_linger=0.005,
@@ -96,6 +98,11 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         # must not wait for them. An event held across a rebalance is still answered (and
         # maybe again by the partition's new owner): at least once, never lost.
         stream_wait_empty=role == CLASSIFIER_ROLE or role == COST_ROLE,
+        # An agent that raises must not look healthy while doing nothing (a cost role
+        # restarted into the same error every few seconds disables the guardrails): the
+        # worker exits and its process manager restarts it. Handlers catch what they
+        # expect, so this is for bugs.
+        agent_supervisor=mode.CrashingSupervisor,
         datadir=str(datadir),
         logging_config=logging_config(settings.worker.log_level, role),
     )
@@ -115,6 +122,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         accountant = CostAccountant(settings, topology, hourly, workflows, view)
 
         async def handler(source: Source) -> list[Outgoing]:
+            # The published totals must be read before the first event is counted.
+            await accountant.view.caught_up.wait()
             return accountant.apply(source, source.timestamp)
 
         source = topology.costs
@@ -160,12 +169,31 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     return app
 
 
+def changelog_topics(app: faust.App, settings: Settings) -> list[NewTopic]:
+    """The app's table changelog topics, configured as Faust would declare them."""
+    topics = []
+    for table in app.tables.values():
+        config = {"cleanup.policy": "compact"}
+        expires = table.window.expires if table.window is not None else None
+        if expires:  # windowed tables also delete expired windows
+            config = {"cleanup.policy": "compact,delete", "retention.ms": str(int(expires * 1000))}
+        topics.append(
+            NewTopic(
+                table.changelog_topic.get_topic_name(), table.partitions or settings.kafka.partitions.costs,
+                settings.kafka.replication_factor, topic_configs=config,
+            )
+        )
+    return topics
+
+
 def run_role(settings: Settings, role: Role) -> None:
     """Run one role's Faust worker in this process until SIGTERM/SIGINT."""
     # Create the topology's topics first, with their configured partitions: a consumer
     # that subscribes before its topic exists waits for a metadata refresh to see it.
-    asyncio.run(ensure_topics(settings))
     app = build_role_app(settings, role)
+    # Faust's table changelogs too: one Faust declares at start-up may be missing from the
+    # consumer's metadata when partitions are assigned, which fails every event (0 partitions).
+    asyncio.run(ensure_topics(settings, changelog_topics(app, settings)))
     worker = faust.Worker(
         app,
         loglevel=settings.worker.log_level,

@@ -184,6 +184,9 @@ class ModelPrice(Section):
 class WorkerSettings(Section):
     max_concurrent_tasks: PositiveInt = 64
     max_request_bytes: PositiveInt = 262_144
+    # How long the group waits for a worker that stopped heartbeating (a SIGKILL, a lost
+    # node) before its partitions move to a live one.
+    session_timeout_seconds: float = Field(default=15, ge=6, le=300)
     datadir: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False

@@ -55,17 +55,20 @@ class BudgetGate:
         self._workflows: dict[str, _Book] = {}
         # spent by this process, not yet included in the view's totals
         self._unreflected: list[Reservation] = []
-        self._changed = asyncio.Condition()
+        # Replaced on every change: waiters hold the one that was current when they looked.
+        # (No Condition: on Python 3.11, wait_for() timing out a Condition.wait() can leave
+        # its lock released, and the next wait fails.)
+        self._changed = asyncio.Event()
         view.listeners.append(self._on_view_update)
         self.waiting = 0
 
     def _on_view_update(self) -> None:
         self._prune_reflected()
-        asyncio.get_running_loop().create_task(self._notify())
+        self._notify()
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _reflected(self, r: Reservation) -> bool:
         if r.cost_partition is None or r.cost_offset is None:
@@ -110,19 +113,19 @@ class BudgetGate:
     async def admit(self, workflow_id: str, worst_nanos: int) -> Reservation:
         """Wait until the call fits; raise :class:`BudgetExceeded` if it never can."""
         await self.view.caught_up.wait()
-        async with self._changed:
-            self.waiting += 1
-            try:
-                while True:
-                    reservation = self._try_reserve(workflow_id, worst_nanos, time.time())
-                    if reservation is not None:
-                        return reservation
-                    try:  # re-check at least every second: the hour may roll over
-                        await asyncio.wait_for(self._changed.wait(), RECHECK_SECONDS)
-                    except TimeoutError:
-                        pass
-            finally:
-                self.waiting -= 1
+        self.waiting += 1
+        try:
+            while True:
+                # Checking and reserving do not await: no other task runs in between.
+                reservation = self._try_reserve(workflow_id, worst_nanos, time.time())
+                if reservation is not None:
+                    return reservation
+                try:  # re-check at least every second: the hour may roll over
+                    await asyncio.wait_for(self._changed.wait(), RECHECK_SECONDS)
+                except TimeoutError:
+                    pass
+        finally:
+            self.waiting -= 1
 
     def _unreserve(self, r: Reservation) -> None:
         self._reserved_hour[r.window] = self._reserved_hour.get(r.window, 0) - r.worst_nanos
@@ -137,7 +140,7 @@ class BudgetGate:
     def release(self, r: Reservation) -> None:
         """The call failed and cost nothing."""
         self._unreserve(r)
-        asyncio.get_running_loop().create_task(self._notify())
+        self._notify()
 
     def settle(self, r: Reservation, actual_nanos: int) -> None:
         """The call cost ``actual_nanos``; it counts until the cost role has included it."""
@@ -145,12 +148,13 @@ class BudgetGate:
         r.actual_nanos = actual_nanos
         r.settled = True
         self._unreflected.append(r)
-        asyncio.get_running_loop().create_task(self._notify())
+        self._notify()
 
     def delivered(self, r: Reservation, partition: int, offset: int) -> None:
         """The call's cost event is in the costs topic at ``partition``/``offset``."""
         r.cost_partition, r.cost_offset = partition, offset
         self._prune_reflected()
+        self._notify()
 
     def in_flight_nanos(self) -> int:
         return sum(self._reserved_hour.values())

@@ -21,13 +21,23 @@ from schemas.models import CostEvent, GuardrailEvent, SpendSnapshot
 from streams.envelope import Outgoing, Source, dead_letter_for
 from streams.guardrails.ledger import Total, expired, hour_key
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
-from streams.guardrails.view import GuardrailView
+from streams.guardrails.view import GuardrailView, PartTotal, WorkflowTotal
 from topologies.config import Settings
 from topologies.topics import COST_ROLE, Topology
 
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+def _newest(table: Total, published: PartTotal | WorkflowTotal | None) -> Total:
+    """The table's total, or the one last published to the spend topic if that includes
+    more. The spend topic is written before each offset commit; a table's changelog is
+    written through Faust's send buffer and was seen to lose its tail on SIGKILL, so the
+    published totals are what makes a restarted cost role exact."""
+    if published is not None and published.last_offset > table.last_offset:
+        return Total(published.nanos, published.last_offset, table.last_seen)
+    return table
 
 
 class CostAccountant:
@@ -57,7 +67,9 @@ class CostAccountant:
         out: list[Outgoing] = []
         for scope in ("global", f"tier:{event.tier.value}"):
             key = hour_key(scope, p)
-            current = Total.from_list(self.hourly[key].current())
+            current = _newest(
+                Total.from_list(self.hourly[key].current()), self.view.hour_part(window, p, scope)
+            )
             updated = current.add(nanos, offset, timestamp)
             if updated is not None:
                 self.hourly[key] = updated.to_list()
@@ -65,7 +77,7 @@ class CostAccountant:
             out.append(self._snapshot("hour", scope, p, current, window))
 
         wf = event.workflow_id
-        total = Total.from_list(self.workflows[wf])
+        total = _newest(Total.from_list(self.workflows[wf]), self.view.workflow_spend(wf))
         if expired(total, timestamp, self.idle_seconds):
             total = Total(last_offset=total.last_offset)  # a new budget period
         updated = total.add(nanos, offset, timestamp)

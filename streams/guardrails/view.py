@@ -160,24 +160,31 @@ class GuardrailView:
     async def _run(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
         pending = {tp for tp, end in ends.items() if end > 0}
         if not pending:
-            self.caught_up.set()
+            self._caught_up(0)
+        read = 0
         while True:
             try:
                 batch = await consumer.getmany(timeout_ms=100)
+                for tp, records in batch.items():
+                    for record in records:
+                        self.apply(tp.topic, record.value)
+                    read += len(records)
+                if pending:
+                    pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+                    if not pending:
+                        self._caught_up(read)
+                if batch:
+                    for listener in self.listeners:
+                        listener()
+            except asyncio.CancelledError:
+                raise
             except Exception:  # noqa: BLE001 - keep the view alive; aiokafka reconnects
                 log.exception("reading guardrail state failed; retrying")
                 await asyncio.sleep(1.0)
-                continue
-            for tp, records in batch.items():
-                for record in records:
-                    self.apply(tp.topic, record.value)
-            if pending:
-                pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-                if not pending:
-                    self.caught_up.set()
-            if batch:
-                for listener in self.listeners:
-                    listener()
+
+    def _caught_up(self, read: int) -> None:
+        log.info("guardrail state read from Kafka (%d messages): %s", read, self.status())
+        self.caught_up.set()
 
     async def stop(self) -> None:
         if self._task is not None:
