@@ -184,6 +184,23 @@ def bench(
     raise typer.Exit(bench_main(argv))
 
 
+@app.command("bench-guardrails")
+def bench_guardrails(
+    workers: Annotated[str, typer.Option(help="Comma-separated tier:standard worker counts.")] = "1,3",
+    repeats: Annotated[int, typer.Option(help="Runs per worker count.")] = 3,
+    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/guardrails-<ts>.json).")] = None,
+    limit_usd: Annotated[float, typer.Option(help="The hourly limit (max_cost_per_hour_usd).")] = 0.03,
+    requests: Annotated[int, typer.Option(help="Requests produced per run.")] = 300,
+) -> None:
+    """Guardrail benchmark: hourly-limit pause reaction time per worker, and overspend."""
+    from benchmarks.guardrails import main as bench_guardrails_main
+
+    argv = ["--workers", workers, "--repeats", str(repeats), "--limit-usd", str(limit_usd),
+            "--requests", str(requests)]
+    argv += ["--output", str(output)] if output else []
+    raise typer.Exit(bench_guardrails_main(argv))
+
+
 @topics_app.command("create")
 def topics_create(config: ConfigOption = None) -> None:
     """Create every topic of the topology that does not exist yet."""
