@@ -4,6 +4,8 @@ pauses every worker and an operator resumes them, and totals stay exact."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 from collections import Counter
 
@@ -292,6 +294,14 @@ async def test_pause_survives_a_restart_and_a_new_replica(pipeline_factory) -> N
     before = await collect(pipeline, expected=total, timeout=2, settle=0)
     observed = await collect(pipeline, expected=total, timeout=4, settle=0)  # four more seconds
     assert len(observed.results) == len(before.results) < total, "a paused cluster answered requests"
+
+    # What an operator sees, through the CLI.
+    status = subprocess.run(
+        processes.cli_command("guardrail", "status"), env={**os.environ, **pipeline.env},
+        capture_output=True, timeout=60, check=True,
+    )
+    shown = orjson.loads(status.stdout)
+    assert shown["paused"] is True and shown["hour_spent_usd"] >= shown["hour_limit_usd"] == 0.01
 
     await resume_hour(pipeline.settings, "test: resume by hand")
     collected = await collect(pipeline, expected=total, timeout=180)
