@@ -70,14 +70,14 @@ from streams.tier_worker import estimate_input_tokens
 from topologies.config import Settings, load_settings
 from topologies.topics import Topology
 
-PAUSE_LINE = "hourly budget spent: pausing consumption"
+PAUSE_LINE = "hourly budget spent: pausing"
 MAX_OUTPUT_TOKENS = 200
 SIM_LATENCY_MS = 5.0
 SETTLE_S = 3.0
 STARTUP_GRACE_S = 2.0
 WORKFLOWS = 7
 DEFINITIONS = {
-    "reaction_s": "per tier worker: ts of its first 'hourly budget spent: pausing consumption' log line "
+    "reaction_s": "per tier worker: ts of its first 'hourly budget spent: pausing' log line "
                   "minus the Kafka record timestamp (CreateTime, ms) of the cost event that took the "
                   "hour's cumulative spend, cost events ordered by record time, to >= the limit",
     "overspend_fraction": "(sum of the hour's cost events once no result arrived for 3 s while paused "

@@ -103,7 +103,7 @@ async def pause_reaction(pipeline, limit: float) -> list[float]:
     paused_at = [
         datetime.fromisoformat(entry["ts"]).timestamp()
         for entry in map(orjson.loads, (pipeline.log_dir / "worker-tier-standard.log").read_text().splitlines())
-        if "pausing consumption" in entry.get("msg", "")
+        if "hourly budget spent: pausing" in entry.get("msg", "")
     ]
     return sorted(round(t - crossing, 3) for t in paused_at) if crossing else []
 
@@ -160,7 +160,9 @@ async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipe
         seen = len(collected.results)
     assert 0 < seen < total
     backlog = await committed_lag(pipeline, "tier-standard", pipeline.topology.tiers["standard"].name)
-    assert backlog >= total - seen, (backlog, seen)
+    answered = len((await collect(pipeline, expected=total, timeout=2, settle=0)).result_ids())
+    # The unanswered requests wait in Kafka, uncommitted; nothing committed lacks its result.
+    assert backlog >= total - answered and backlog > total // 2, (backlog, answered)
     status = view.status()
     spent = sum(usd_to_nanos(r["cost_usd"]) for r in collected.results)
     worst = max(usd_to_nanos(0.0001 + 200 * 15e-6), 1)  # claude-sonnet-4-6 output price bounds it
@@ -281,7 +283,7 @@ async def test_pause_survives_a_restart_and_a_new_replica(pipeline_factory) -> N
     log = pipeline.log_dir / "worker-tier-standard.log"
 
     def pauses_logged() -> int:
-        return log.read_text().count("hourly budget spent: pausing consumption")
+        return log.read_text().count("hourly budget spent: pausing")
 
     processes.stop(tier_worker, sig=signal.SIGKILL)
     pipeline.workers.remove(tier_worker)

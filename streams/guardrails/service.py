@@ -1,5 +1,10 @@
-"""Runs the guardrail view inside a Faust worker and pauses its source partitions while
-the hour's budget is spent."""
+"""Runs the guardrail view inside a Faust worker and reports when the hour is spent.
+
+The budget gate holds every model call while the hour is spent; this service does not
+also call Faust's ``pause_partitions``: Faust drops records already fetched for a
+partition paused mid-batch and then commits past them as a gap, which loses requests.
+Fetched but unanswered requests stay uncommitted, bounded by Faust's stream buffer.
+"""
 
 from __future__ import annotations
 
@@ -28,25 +33,14 @@ class GuardrailService(mode.Service):
     async def on_stop(self) -> None:
         await self.view.stop()
 
-    def _source_partitions(self) -> set[object]:
-        return {tp for tp in self.app.consumer.assignment() if tp.topic == self.source_topic}
-
     @mode.Service.timer(CHECK_SECONDS)
-    async def _apply_pause(self) -> None:
-        """Stop fetching the tier topic while the hour is spent (the budget gate already
-        holds every call); re-applied on every tick, so a rebalance cannot undo it."""
+    async def _report_pause(self) -> None:
         if self.source_topic is None:
             return
         paused = self.view.hour_paused()
         if paused != self.paused:
             log.warning(
-                "hourly budget %s: %s consumption of %s",
-                "spent" if paused else "available again", "pausing" if paused else "resuming",
-                self.source_topic,
+                "hourly budget %s model calls on %s",
+                "spent: pausing" if paused else "available again: resuming", self.source_topic,
             )
             self.paused = paused
-        partitions = self._source_partitions()
-        if paused:
-            self.app.consumer.pause_partitions(partitions)
-        elif partitions:
-            self.app.consumer.resume_partitions(partitions)
