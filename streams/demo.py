@@ -134,7 +134,7 @@ def demo(
         created = asyncio.run(ensure_topics(settings))
         if created:
             console.print(f"[bold]topics[/]: created {', '.join(created)}")
-        console.print("[bold]workers[/]: classifier + nano + standard + premium, one process each")
+        console.print(f"[bold]workers[/]: {', '.join(ALL_ROLES)}, one process each")
         args = ["worker", "--roles", "all"] + (["--config", str(config_path)] if config_path else [])
         worker = processes.spawn(args, env, logs / "worker.log")
         cleanup.callback(processes.stop, worker)
