@@ -136,7 +136,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         source = topology.tiers[tier]
         concurrency = settings.worker.max_concurrent_tasks
     if view is not None:
-        app.service(GuardrailService(app, view, source.name if role != COST_ROLE else None))
+        app.service(GuardrailService(view, source.name if role != COST_ROLE else None))
     metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
@@ -188,11 +188,10 @@ def changelog_topics(app: faust.App, settings: Settings) -> list[NewTopic]:
 
 def run_role(settings: Settings, role: Role) -> None:
     """Run one role's Faust worker in this process until SIGTERM/SIGINT."""
-    # Create the topology's topics first, with their configured partitions: a consumer
-    # that subscribes before its topic exists waits for a metadata refresh to see it.
     app = build_role_app(settings, role)
-    # Faust's table changelogs too: one Faust declares at start-up may be missing from the
-    # consumer's metadata when partitions are assigned, which fails every event (0 partitions).
+    # Create the topics (the topology's and the tables' changelogs) before the consumer
+    # starts: one created later may be missing from its metadata when partitions are
+    # assigned (a changelog then fails every event with "0 partitions").
     asyncio.run(ensure_topics(settings, changelog_topics(app, settings)))
     worker = faust.Worker(
         app,

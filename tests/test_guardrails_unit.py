@@ -674,3 +674,19 @@ async def test_gate_admit_waits_for_view_caught_up(pinned_clock: None) -> None:
     r = await asyncio.wait_for(task2, 5)
     assert r.worst_nanos == 100
     gate.release(r)
+
+
+def test_a_published_workflow_total_keeps_its_idle_clock() -> None:
+    """A workflow whose table entry was dropped as idle (or lost in a restart) comes back
+    from its published total with the time it was last active, so it still expires."""
+    from streams.guardrails.cost_role import _newest
+    from streams.guardrails.ledger import Total, expired
+    from streams.guardrails.view import PartTotal, WorkflowTotal
+
+    published = WorkflowTotal(500, 2, 9, updated_at=1_000.0)
+    restored = _newest(Total(), published)
+    assert restored == Total(500, 9, 1_000.0)
+    assert expired(restored, 1_000.0 + 3_601, 3_600) and not expired(restored, 1_000.0 + 3_599, 3_600)
+    # the table wins when it includes as much; hour totals carry no idle clock
+    assert _newest(Total(700, 9, 5.0), published) == Total(700, 9, 5.0)
+    assert _newest(Total(), PartTotal(40, 3)) == Total(40, 3, 0.0)

@@ -36,7 +36,10 @@ def _newest(table: Total, published: PartTotal | WorkflowTotal | None) -> Total:
     written through Faust's send buffer and was seen to lose its tail on SIGKILL, so the
     published totals are what makes a restarted cost role exact."""
     if published is not None and published.last_offset > table.last_offset:
-        return Total(published.nanos, published.last_offset, table.last_seen)
+        # A workflow's published total also says when it was last active, so one whose
+        # table entry was dropped as idle (or lost) still expires instead of coming back.
+        seen = published.updated_at if isinstance(published, WorkflowTotal) else 0.0
+        return Total(published.nanos, published.last_offset, max(table.last_seen, seen))
     return table
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import faust
 import mode
 
 from streams.guardrails.view import GuardrailView
@@ -20,8 +19,7 @@ CHECK_SECONDS = 0.2
 
 
 class GuardrailService(mode.Service):
-    def __init__(self, app: faust.App, view: GuardrailView, source_topic: str | None, **kwargs: object) -> None:
-        self.app = app
+    def __init__(self, view: GuardrailView, source_topic: str | None, **kwargs: object) -> None:
         self.view = view
         self.source_topic = source_topic
         self.paused = False

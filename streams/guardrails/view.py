@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -36,6 +36,8 @@ class WorkflowTotal:
     nanos: int
     partition: int
     last_offset: int
+    # When the cost role published it (epoch seconds): how long the workflow has been idle.
+    updated_at: float = field(default=0.0, compare=False)
 
 
 class GuardrailView:
@@ -73,7 +75,9 @@ class GuardrailView:
             self.hours[(window, snap.scope, snap.partition)] = PartTotal(snap.spent_nanos, snap.last_offset)
             self._forget_old_windows(window)
         elif snap.kind == "workflow":
-            self.workflows[snap.scope] = WorkflowTotal(snap.spent_nanos, snap.partition, snap.last_offset)
+            self.workflows[snap.scope] = WorkflowTotal(
+                snap.spent_nanos, snap.partition, snap.last_offset, snap.updated_at.timestamp()
+            )
 
     def _forget_old_windows(self, newest: int) -> None:
         if len(self.hours) > 512:
