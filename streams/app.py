@@ -21,6 +21,7 @@ from schemas.models import Tier
 from streams.admin import ensure_topics
 from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
+from streams.faust_transport import Transport
 from streams.guardrails.budget import BudgetGate
 from streams.guardrails.cost_role import CostAccountant, cost_tables
 from streams.guardrails.service import GuardrailService
@@ -30,6 +31,7 @@ from streams.logs import logging_config
 from streams.observability import HealthServer, OutgoingObserver, default_metrics
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
+from streams.shutdown import InFlight
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
@@ -106,6 +108,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         datadir=str(datadir),
         logging_config=logging_config(settings.worker.log_level, role),
     )
+    # Before anything reaches app.transport (app.topic does): see streams.faust_transport.
+    app.transport = Transport(app.conf.broker_consumer, app)
     prices = PriceBook(settings)
     providers: ProviderRegistry | None = None
     view: GuardrailView | None = None
@@ -145,25 +149,31 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     observe = OutgoingObserver(topology, metrics).observe_outgoing
 
     outputs = {spec.name: _faust_topic(app, spec) for spec in topology.all() if spec is not source}
+    in_flight = InFlight()
+
+    @app.on_before_shutdown.connect
+    async def drain_in_flight(sender: faust.App, **kwargs: object) -> None:
+        await in_flight.drain(settings.worker.shutdown_grace_seconds)
 
     async def process(stream: faust.StreamT) -> None:
         async for event in stream.events():
             message = event.message
-            with metrics.track_in_flight(role):
-                outgoing = await handler(
-                    Source(
-                        message.topic, message.partition, message.offset, message.key,
-                        message.value, message.timestamp,
+            with in_flight.track():  # until its output is handed to the producer
+                with metrics.track_in_flight(role):
+                    outgoing = await handler(
+                        Source(
+                            message.topic, message.partition, message.offset, message.key,
+                            message.value, message.timestamp,
+                        )
                     )
-                )
-            # Every handler's output passes here, so metrics need no code in the handlers.
-            observe(role, outgoing)
-            for out in outgoing:
-                # Faust flushes the producer before it commits the source offset, so an
-                # offset is committed only after everything it caused is in Kafka.
-                future = await outputs[out.topic].send(key=out.key, value=out.value)
-                if out.on_delivered is not None:
-                    future.add_done_callback(_delivery_callback(out.on_delivered))
+                # Every handler's output passes here, so metrics need no code in the handlers.
+                observe(role, outgoing)
+                for out in outgoing:
+                    # Faust flushes the producer before it commits the source offset, so an
+                    # offset is committed only after everything it caused is in Kafka.
+                    future = await outputs[out.topic].send(key=out.key, value=out.value)
+                    if out.on_delivered is not None:
+                        future.add_done_callback(_delivery_callback(out.on_delivered))
 
     app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
     return app

@@ -1,0 +1,50 @@
+"""Faust's aiokafka transport, with one fix: a partition without a committed offset is
+rewound to its beginning whenever Faust seeks to the committed offsets.
+
+Faust drops records it has already fetched when its flow stops mid-batch (a rebalance
+starting) and relies on "seek to committed" to read them again. aiokafka's
+``seek_to_committed`` only moves partitions whose committed offset is above zero, so on
+a partition that has none (a new consumer group, or one whose first commit has not
+happened yet) the dropped records are skipped for good, and the next commit moves past
+them. Found by the SIGKILL test of the cost role: a restarted cost worker began every
+partition about twenty events in, and the spend totals came out 17 % short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+
+async def seek_to_committed_or_beginning(
+    consumer: AIOKafkaConsumer, skip_topics: Collection[str] = ()
+) -> Mapping[TopicPartition, int | None]:
+    """Seek every assigned partition to its committed offset, and those that have none
+    (or zero, which aiokafka leaves alone) to their beginning, except ``skip_topics``
+    (table changelogs, whose positions Faust's recovery manages itself)."""
+    committed = await consumer.seek_to_committed()
+    rewind = [tp for tp, offset in committed.items() if not offset and tp.topic not in skip_topics]
+    if rewind:
+        await consumer.seek_to_beginning(*rewind)
+    return committed
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def seek_to_committed(self) -> Mapping[TopicPartition, int | None]:
+        return await self.call_thread(self._seek_to_committed_or_beginning)
+
+    async def _seek_to_committed_or_beginning(self) -> Mapping[TopicPartition, int | None]:
+        return await seek_to_committed_or_beginning(
+            self._ensure_consumer(), self.app.tables.changelog_topics
+        )
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
