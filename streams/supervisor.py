@@ -18,7 +18,8 @@ from pathlib import Path
 from topologies.config import ENV_PREFIX, load_settings
 from topologies.topics import Role
 
-GRACE_SECONDS = 30.0
+# Beyond each child's own shutdown grace: time to commit and leave the group.
+STOP_MARGIN_SECONDS = 10.0
 HEALTH_PORT_ENV = f"{ENV_PREFIX}WORKER__HEALTH_PORT"
 
 
@@ -41,10 +42,10 @@ def role_env(base: dict[str, str], health_port: int, index: int) -> dict[str, st
 
 
 def supervise(roles: list[Role], config_path: Path | None, health_port: int | None = None) -> int:
+    # The same sources the children read (file, then environment).
+    worker_settings = load_settings(config_path).worker
     if health_port is None:
-        # The same sources the children read (file, then environment), so the offsets
-        # start from the port the user configured.
-        health_port = load_settings(config_path).worker.health_port
+        health_port = worker_settings.health_port
     children = {
         role: subprocess.Popen(
             role_command(role, config_path), env=role_env(dict(os.environ), health_port, i)
@@ -76,7 +77,7 @@ def supervise(roles: list[Role], config_path: Path | None, health_port: int | No
                     forward(signal.SIGTERM, None)
             time.sleep(0.2)  # a supervision poll interval, not a wait for a condition
     finally:
-        deadline = time.monotonic() + GRACE_SECONDS
+        deadline = time.monotonic() + worker_settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS
         for child in children.values():
             try:
                 child.wait(max(0.1, deadline - time.monotonic()))

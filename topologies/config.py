@@ -191,6 +191,10 @@ class WorkerSettings(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
     health_port: int = Field(default=8080, ge=0, le=65535)  # /health /ready /metrics; 0: any free port
+    # On SIGTERM, how long calls already in flight may take to finish before the worker
+    # leaves its group; the rest are handed back uncommitted. Below Kubernetes'
+    # terminationGracePeriodSeconds (60 in deploy/k8s), with room for the commit and leave.
+    shutdown_grace_seconds: float = Field(default=25, ge=0, le=50)
 
 
 class Settings(Section):
