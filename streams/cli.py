@@ -221,6 +221,18 @@ def topics_list(config: ConfigOption = None) -> None:
         print(f"{flow.role:<14} reads {', '.join(flow.reads)} -> writes {', '.join(flow.writes)}")
 
 
+@app.command()
+def acls(
+    config: ConfigOption = None,
+    principal: Annotated[str, typer.Option(help="Principal per role; {app_id} and {role} are filled in.")] = "User:{app_id}-{role}",
+) -> None:
+    """Print the least-privilege Kafka ACLs of every role as kafka-acls.sh commands."""
+    from topologies.acls import acls_script
+
+    settings = _settings(config)
+    print(acls_script(Topology(settings), settings.app_id, principal), end="")
+
+
 @guardrail_app.command("status")
 def guardrail_status(config: ConfigOption = None) -> None:
     """Spend this hour against its limits, and the workflows out of budget (JSON)."""

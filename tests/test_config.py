@@ -461,7 +461,11 @@ def test_every_flow_topic_exists() -> None:
     cost = flows[-1]
     assert cost.role == "cost"
     assert cost.reads == ("agent.costs", "agent.spend", "agent.guardrails")
-    assert cost.writes == ("agent.spend", "agent.guardrails")
+    assert cost.writes == ("agent.spend", "agent.guardrails", "agent.dlq")
+    llm = Topology(load_settings(environ={"TIERSTREAM__CLASSIFIER__STRATEGY": "llm"})).flows()[0]
+    assert llm.writes == (
+        "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.costs", "agent.dlq"
+    )
 
 
 @pytest.mark.parametrize(

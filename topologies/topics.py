@@ -90,6 +90,7 @@ class Topology:
     """Every topic of one deployment (one ``kafka.topic_prefix``)."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         kafka = settings.kafka
         prefix = kafka.topic_prefix
         parts = kafka.partitions
@@ -143,11 +144,13 @@ class Topology:
 
     def flows(self) -> list[Flow]:
         tier_names = tuple(spec.name for spec in self.tiers.values())
+        # The llm strategy's routing call is a model call, costed like any other.
+        routing_costs = (self.costs.name,) if self.settings.classifier.strategy == "llm" else ()
         flows = [
             Flow(
                 CLASSIFIER_ROLE,
                 reads=(self.requests.name,),
-                writes=(*tier_names, self.dead_letters.name),
+                writes=(*tier_names, *routing_costs, self.dead_letters.name),
             )
         ]
         for tier, spec in self.tiers.items():
@@ -162,7 +165,7 @@ class Topology:
             Flow(
                 COST_ROLE,
                 reads=(self.costs.name, self.spend.name, self.guardrails.name),
-                writes=(self.spend.name, self.guardrails.name),
+                writes=(self.spend.name, self.guardrails.name, self.dead_letters.name),
             )
         )
         return flows
