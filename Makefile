@@ -29,7 +29,7 @@ kafka: $(KAFKA_STAMP)
 test: install
 	$(PY) -m pytest -q -ra -m "not chaos"
 
-# Fault tests that kill workers mid-run. Known flaky (see README, "Known limits").
+# Long fault runs (kill loops, broker restarts), by hand; `make test` runs short versions.
 test-chaos: install
 	$(PY) -m pytest -q -ra -m chaos -s
 

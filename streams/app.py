@@ -156,7 +156,10 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         await in_flight.drain(settings.worker.shutdown_grace_seconds)
 
     async def process(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        # Acked by hand once its output is handed to the producer: Faust's own ack runs
+        # in a finally block, so an agent cancelled mid-call (shutdown) would commit a
+        # request nobody answered.
+        async for event in stream.noack().events():
             message = event.message
             with in_flight.track():  # until its output is handed to the producer
                 with metrics.track_in_flight(role):
@@ -174,6 +177,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                     future = await outputs[out.topic].send(key=out.key, value=out.value)
                     if out.on_delivered is not None:
                         future.add_done_callback(_delivery_callback(out.on_delivered))
+            event.ack()
 
     app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
     return app

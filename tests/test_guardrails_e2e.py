@@ -182,7 +182,6 @@ async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipe
     assert {r["status"] for r in collected.results} == {"ok"}
 
 
-@pytest.mark.chaos
 async def test_totals_stay_exact_when_the_cost_worker_is_killed(pipeline_factory) -> None:
     """SIGKILL the cost role mid-run and restart it: it re-reads uncommitted cost events,
     and its totals still equal the sum of the cost events, to the nano-dollar."""
