@@ -9,6 +9,8 @@ Faust's partition assignor only ever sees members with identical subscriptions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ from aiokafka.admin import NewTopic
 from schemas.models import Tier
 from streams.admin import ensure_topics
 from streams.classifier import Classifier, ClassifierHandler
+from streams.dedupe import AnsweredIndex, DedupeService, request_id_of
 from streams.envelope import Outgoing, Source
 from streams.faust_transport import Transport
 from streams.guardrails.budget import BudgetGate
@@ -37,6 +40,7 @@ from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
 
 Handler = Callable[[Source], Awaitable[list[Outgoing]]]
+log = logging.getLogger(__name__)
 
 
 class ProviderService(mode.Service):
@@ -68,6 +72,12 @@ def _faust_topic(app: faust.App, spec: TopicSpec) -> faust.TopicT:
         key_serializer="raw",
         value_serializer="raw",
     )
+
+
+def _answering(index: AnsweredIndex | None, request_id: str | None) -> contextlib.AbstractContextManager[None]:
+    if index is None or request_id is None:
+        return contextlib.nullcontext()
+    return index.answering(request_id)
 
 
 def _delivery_callback(on_delivered: Callable[[int, int], None]) -> Callable[[asyncio.Future], None]:
@@ -113,6 +123,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     prices = PriceBook(settings)
     providers: ProviderRegistry | None = None
     view: GuardrailView | None = None
+    answered: AnsweredIndex | None = None
     if role == CLASSIFIER_ROLE:
         needs_models = settings.classifier.strategy == "llm"
         providers = ProviderRegistry(settings) if needs_models else None
@@ -139,6 +150,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         handler = TierHandler(tier, settings, topology, providers, prices, BudgetGate(view)).handle
         source = topology.tiers[tier]
         concurrency = settings.worker.max_concurrent_tasks
+        answered = AnsweredIndex(settings)
+        app.service(DedupeService(answered, app))
     if view is not None:
         app.service(GuardrailService(view, source.name if role != COST_ROLE else None))
     metrics = default_metrics()
@@ -161,14 +174,26 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         # request nobody answered.
         async for event in stream.noack().events():
             message = event.message
-            with in_flight.track():  # until its output is handed to the producer
+            source = Source(
+                message.topic, message.partition, message.offset, message.key,
+                message.value, message.timestamp,
+            )
+            request_id = request_id_of(message.value) if answered is not None else None
+            if answered is not None:
+                await answered.ready.wait()  # the results written before this assignment
+                if request_id is not None and answered.answered(request_id):
+                    answered.skipped += 1
+                    log.info("request %s is already answered: skipped", request_id)
+                    event.ack()
+                    continue
+            with in_flight.track(), _answering(answered, request_id):
                 with metrics.track_in_flight(role):
-                    outgoing = await handler(
-                        Source(
-                            message.topic, message.partition, message.offset, message.key,
-                            message.value, message.timestamp,
-                        )
-                    )
+                    outgoing = await handler(source)
+                owned = answered is None or message.tp in app.consumer.assignment()
+                if not owned:
+                    # The partition moved while the call was in flight: its new owner
+                    # answers the request. The call was made, so its cost still counts.
+                    outgoing = [out for out in outgoing if out.topic == topology.costs.name]
                 # Every handler's output passes here, so metrics need no code in the handlers.
                 observe(role, outgoing)
                 for out in outgoing:
@@ -177,6 +202,10 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                     future = await outputs[out.topic].send(key=out.key, value=out.value)
                     if out.on_delivered is not None:
                         future.add_done_callback(_delivery_callback(out.on_delivered))
+                if not owned:
+                    continue
+                if answered is not None and request_id is not None:
+                    answered.mark_answered(request_id)
             event.ack()
 
     app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)

@@ -1,7 +1,7 @@
 """Unit tests of the cost guardrails without a broker: money, ledger totals, the view, the gate.
 
 The view is fed encoded messages through ``apply`` exactly as its consumer would, and its
-listeners are called by hand afterwards (as ``GuardrailView._run`` does after a batch).
+listeners are called by hand afterwards (as ``TopicTail._run`` does after a batch).
 The gate's clock is pinned to a fixed instant so no test depends on the wall-clock hour.
 """
 

@@ -195,6 +195,9 @@ class WorkerSettings(Section):
     # leaves its group; the rest are handed back uncommitted. Below Kubernetes'
     # terminationGracePeriodSeconds (60 in deploy/k8s), with room for the commit and leave.
     shutdown_grace_seconds: float = Field(default=25, ge=0, le=50)
+    # How far back a tier worker reads the results topic to recognise a request it reads
+    # again (after a crash or rebalance) as already answered. Memory: ~100 B per result.
+    dedupe_window_seconds: float = Field(default=900, gt=0, le=7 * 24 * 3600)
 
 
 class Settings(Section):

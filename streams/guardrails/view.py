@@ -13,12 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from schemas.codec import DecodeError, decode
 from schemas.models import GuardrailEvent, SpendSnapshot
 from streams.guardrails.money import hour_window, nanos_to_usd, usd_to_nanos
-from streams.kafka_security import aiokafka_kwargs
+from streams.tail import TopicTail
 from topologies.config import Settings
 from topologies.topics import Topology
 
@@ -52,10 +50,10 @@ class GuardrailView:
         self.hours: dict[tuple[int, str, int], PartTotal] = {}
         self.workflows: dict[str, WorkflowTotal] = {}
         self.resumed_windows: set[int] = set()
-        self.caught_up = asyncio.Event()
-        self.listeners: list[Callable[[], None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._consumer: AIOKafkaConsumer | None = None
+        self._tail = TopicTail(settings, [self.topology.spend.name, self.topology.guardrails.name], self.apply)
+        self.caught_up = self._tail.caught_up
+        self.listeners: list[Callable[[], None]] = self._tail.listeners
+        self._logged: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ state
     def apply(self, topic: str, value: bytes | None) -> None:
@@ -130,72 +128,12 @@ class GuardrailView:
 
     # ------------------------------------------------------------- consuming
     async def start(self) -> None:
-        spend, guardrails = self.topology.spend.name, self.topology.guardrails.name
-        consumer = AIOKafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            **aiokafka_kwargs(self.settings.kafka),
-        )
-        await consumer.start()
-        self._consumer = consumer
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in (spend, guardrails)
-            for p in sorted(await self._partitions(consumer, topic))
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        self._task = asyncio.create_task(self._run(consumer, ends))
+        await self._tail.start()
+        self._logged = asyncio.create_task(self._log_caught_up())
 
-    @staticmethod
-    async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while True:
-            found = consumer.partitions_for_topic(topic)
-            if found:
-                return found
-            if loop.time() > deadline:
-                raise RuntimeError(f"topic {topic} does not exist; run `tierstream topics create`")
-            await consumer._client.force_metadata_update()  # topic just created elsewhere
-
-    async def _run(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
-        pending = {tp for tp, end in ends.items() if end > 0}
-        if not pending:
-            self._caught_up(0)
-        read = 0
-        while True:
-            try:
-                batch = await consumer.getmany(timeout_ms=100)
-                for tp, records in batch.items():
-                    for record in records:
-                        self.apply(tp.topic, record.value)
-                    read += len(records)
-                if pending:
-                    pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-                    if not pending:
-                        self._caught_up(read)
-                if batch:
-                    for listener in self.listeners:
-                        listener()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - keep the view alive; aiokafka reconnects
-                log.exception("reading guardrail state failed; retrying")
-                await asyncio.sleep(1.0)
-
-    def _caught_up(self, read: int) -> None:
-        log.info("guardrail state read from Kafka (%d messages): %s", read, self.status())
-        self.caught_up.set()
+    async def _log_caught_up(self) -> None:
+        await self.caught_up.wait()
+        log.info("guardrail state read from Kafka (%d messages): %s", self._tail.read, self.status())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                pass
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self._tail.stop()

@@ -1,0 +1,133 @@
+"""Each request answered once on the results topic, across crashes and rebalances.
+
+A tier worker commits a request's offset a moment after it writes the result, so a
+worker killed in between leaves a request that the partition's next owner reads again.
+``AnsweredIndex`` follows the results topic (the last ``worker.dedupe_window_seconds``)
+and, after every partition assignment, catches up with everything written so far before
+the worker takes another request; a request already answered is skipped. A worker that
+loses a partition while a call is in flight drops that call's result (its cost is still
+recorded), so the partition's new owner is the only one to answer it.
+
+What is left (see README, "Delivery"): the model call in flight when a worker dies is
+made again by the next owner (paid twice, answered once); a request redelivered after
+more than the window is answered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mode
+import orjson
+
+from streams.tail import TopicTail
+from topologies.config import Settings
+from topologies.topics import Topology
+
+log = logging.getLogger(__name__)
+
+
+def request_id_of(raw: bytes | None) -> str | None:
+    """The ``request_id`` of a JSON message, without validating the rest."""
+    if not raw:
+        return None
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    value = payload.get("request_id") if isinstance(payload, dict) else None
+    return value if isinstance(value, str) else None
+
+
+class AnsweredIndex:
+    def __init__(self, settings: Settings) -> None:
+        self.window = settings.worker.dedupe_window_seconds
+        self._answered: dict[str, float] = {}  # request_id -> when seen, oldest first
+        self._answering: set[str] = set()
+        self._tail = TopicTail(settings, [Topology(settings).results.name], self._apply, self.window)
+        self.ready = asyncio.Event()  # caught up since the last assignment
+        self._generation = 0
+        self.skipped = 0
+
+    def _apply(self, topic: str, value: bytes | None) -> None:
+        request_id = request_id_of(value)
+        if request_id is not None:
+            self.mark_answered(request_id)
+
+    def mark_answered(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._answered.pop(request_id, None)
+        self._answered[request_id] = now
+        # Forget what is older than the window (the dict is in insertion order).
+        for old, seen in list(self._answered.items())[:64]:
+            if now - seen <= self.window:
+                break
+            del self._answered[old]
+
+    def answered(self, request_id: str) -> bool:
+        return request_id in self._answered or request_id in self._answering
+
+    @contextmanager
+    def answering(self, request_id: str) -> Iterator[None]:
+        """A request in progress here: a second copy of it (read again after a
+        rebalance) is skipped while the first is answered."""
+        self._answering.add(request_id)
+        try:
+            yield
+        finally:
+            self._answering.discard(request_id)
+
+    def __len__(self) -> int:
+        return len(self._answered)
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await self._tail.start()
+
+    async def stop(self) -> None:
+        await self._tail.stop()
+
+    def on_revoked(self) -> None:
+        self._generation += 1
+        self.ready.clear()
+
+    async def on_assigned(self) -> None:
+        """Catch up with the results topic as it is now (which includes what the
+        partitions' previous owners wrote before they let go), then let work through."""
+        self._generation += 1
+        generation = self._generation
+        self.ready.clear()
+        await self._tail.catch_up()
+        if generation == self._generation:
+            log.info("results read up to now: %d request ids answered in the last %.0f s", len(self), self.window)
+            self.ready.set()
+
+
+class DedupeService(mode.Service):
+    """Runs an AnsweredIndex inside a Faust worker, following its rebalances."""
+
+    def __init__(self, index: AnsweredIndex, app: object, **kwargs: object) -> None:
+        self.index = index
+        self.app = app
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        app = self.app
+
+        @app.on_partitions_revoked.connect  # type: ignore[attr-defined]
+        async def revoked(sender: object, revoked: object, **kwargs: object) -> None:
+            self.index.on_revoked()
+
+        @app.on_partitions_assigned.connect  # type: ignore[attr-defined]
+        async def assigned(sender: object, assigned: object, **kwargs: object) -> None:
+            self.add_future(self.index.on_assigned())  # waits for the tail to start
+
+        self.add_future(self.index.on_assigned())  # whatever is assigned already
+        await self.index.start()
+
+    async def on_stop(self) -> None:
+        await self.index.stop()

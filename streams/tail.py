@@ -1,0 +1,126 @@
+"""Follow topics without a consumer group, and know when everything written so far is read.
+
+Every process that must rebuild state from Kafka before it acts (the guardrail view, the
+answered-requests index) reads its topics with one of these: all partitions, from the
+beginning or from a point in time, each record handed to ``apply``. ``catch_up()``
+returns once the reader has passed what the topics held when it was called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.kafka_security import aiokafka_kwargs
+from topologies.config import Settings
+
+log = logging.getLogger(__name__)
+Apply = Callable[[str, bytes | None], None]
+
+
+class TopicTail:
+    def __init__(
+        self, settings: Settings, topics: Sequence[str], apply: Apply, since_seconds: float | None = None
+    ) -> None:
+        """``since_seconds``: start that far back in time; None: from the beginning."""
+        self.settings = settings
+        self.topics = list(topics)
+        self.apply = apply
+        self.since_seconds = since_seconds
+        self.caught_up = asyncio.Event()  # set by the first catch-up
+        self.listeners: list[Callable[[], None]] = []
+        self.read = 0
+        self._targets: list[tuple[dict[TopicPartition, int], asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._started = asyncio.Event()
+
+    async def start(self) -> None:
+        consumer = AIOKafkaConsumer(
+            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+            **aiokafka_kwargs(self.settings.kafka),
+        )
+        await consumer.start()
+        self._consumer = consumer
+        partitions = [
+            TopicPartition(topic, p) for topic in self.topics for p in sorted(await _partitions(consumer, topic))
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        if self.since_seconds is not None:
+            since_ms = int((time.time() - self.since_seconds) * 1000)
+            found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+            for tp, at in found.items():
+                if at is None:  # nothing that recent: start at the end
+                    consumer.seek(tp, (await consumer.end_offsets([tp]))[tp])
+                else:
+                    consumer.seek(tp, at.offset)
+        self._task = asyncio.create_task(self._run(consumer))
+        first = await self._target(consumer)
+        first.add_done_callback(lambda _: self.caught_up.set())
+        self._started.set()
+
+    async def catch_up(self) -> None:
+        """Return once everything the topics hold now has been applied."""
+        await self._started.wait()
+        assert self._consumer is not None
+        await asyncio.shield(await self._target(self._consumer))
+
+    async def _target(self, consumer: AIOKafkaConsumer) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        self._targets.append(({tp: end for tp, end in ends.items() if end > 0}, future))
+        return future
+
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batch = await consumer.getmany(timeout_ms=100)
+                for tp, records in batch.items():
+                    for record in records:
+                        self.apply(tp.topic, record.value)
+                    self.read += len(records)
+                if self._targets:
+                    positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
+                    still = []
+                    for ends, future in self._targets:
+                        if all(positions[tp] >= end for tp, end in ends.items()):
+                            if not future.done():
+                                future.set_result(None)
+                        else:
+                            still.append((ends, future))
+                    self._targets = still
+                if batch:
+                    for listener in self.listeners:
+                        listener()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep reading; aiokafka reconnects
+                log.exception("reading %s failed; retrying", ", ".join(self.topics))
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                pass
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return found
+        if loop.time() > deadline:
+            raise RuntimeError(f"topic {topic} does not exist; run `tierstream topics create`")
+        await consumer._client.force_metadata_update()  # topic just created elsewhere
