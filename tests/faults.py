@@ -5,8 +5,9 @@ Used by ``tests/test_faults_e2e.py`` at a small size, and runnable by hand at an
     python -m tests.faults kill-loop --requests 20000 --workers 3 --kill-every 5
 
 A kill loop starts ``--workers`` processes (``tierstream worker``, every role), produces
-the requests over ``--produce-over`` seconds, and every ``--kill-every`` seconds SIGKILLs one worker's whole process group
-(round robin) and starts it again, until every request has an answer (a result or a dead
+the requests over ``--produce-over`` seconds, and every ``--kill-every`` seconds (once the
+last restarted worker is up again) SIGKILLs one worker's whole process group (round
+robin) and starts it again, until every request has an answer (a result or a dead
 letter) or the timeout passes; then it waits a session timeout for late duplicates and
 checks that the cost role's totals equal the sum of the cost events. It prints, and
 returns, produced / results / dead letters / duplicates / lost / elapsed / kills.
@@ -31,9 +32,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from streams import processes
+from streams.admin import ensure_topics
 from streams.guardrails.money import hour_window, usd_to_nanos
 from streams.guardrails.operator import read_state
 from tests.support import Pipeline, new_pipeline, produce_raw
+from topologies.topics import ALL_ROLES
 
 TIERS = ("nano", "standard", "premium")
 
@@ -148,6 +151,19 @@ async def costs_exact(pipeline: Pipeline, timeout: float) -> tuple[int, bool, di
         await asyncio.sleep(1.0)
 
 
+def _ready_roles(log_path: Path) -> int:
+    """How many of a worker's roles have said they are ready (Faust logs it per role)."""
+    return log_path.read_text(errors="replace").count("[^Worker]: Ready") if log_path.exists() else 0
+
+
+async def _wait_ready(log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _ready_roles(log_path) < len(ALL_ROLES):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"a worker's roles were not all ready after {timeout:.0f}s: {log_path}")
+        await asyncio.sleep(0.5)
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the worker and, under `--roles all`, its children
@@ -172,19 +188,25 @@ async def kill_loop(
     produce_over_s: float = 60.0, settle: float | None = None, log: Callable[[str], None] = print,
 ) -> Report:
     report = Report(produced=count)
-    await pipeline.start_workers(*["all"] * workers)
+    await ensure_topics(pipeline.settings)
+    logs = [pipeline.log_dir / f"worker-{i}.log" for i in range(workers)]
+    pipeline.workers.extend(processes.spawn(["worker", "--roles", "all"], pipeline.env, path) for path in logs)
+    for path in logs:
+        await _wait_ready(path, timeout=240)
     started = time.monotonic()
     producing = asyncio.create_task(produce_over(pipeline, requests(count), produce_over_s))
-    next_kill, victim = time.monotonic() + kill_every, 0
+    next_kill, victim, restarted = time.monotonic() + kill_every, 0, None
     async with Answers(pipeline) as answers:
         deadline = time.monotonic() + timeout
         while (len(answers.ids) < count or not producing.done()) and time.monotonic() < deadline:
             await answers.poll()
-            if time.monotonic() >= next_kill:
+            # The next kill waits for the last restarted worker to be up: killing workers
+            # faster than they start tests nothing but start-up.
+            if time.monotonic() >= next_kill and (restarted is None or _ready_roles(restarted) >= len(ALL_ROLES)):
                 index = victim % workers
                 _kill_group(pipeline.workers[index])
-                log_path = pipeline.log_dir / f"worker-all-{index}-restart-{report.kills}.log"
-                pipeline.workers[index] = processes.spawn(["worker", "--roles", "all"], pipeline.env, log_path)
+                restarted = pipeline.log_dir / f"worker-{index}-restart-{report.kills}.log"
+                pipeline.workers[index] = processes.spawn(["worker", "--roles", "all"], pipeline.env, restarted)
                 report.kills += 1
                 victim += 1
                 next_kill = time.monotonic() + kill_every
