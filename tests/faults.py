@@ -33,9 +33,10 @@ from aiokafka import AIOKafkaConsumer
 
 from streams import processes
 from streams.admin import ensure_topics
+from streams.broker import LocalBroker
 from streams.guardrails.money import hour_window, usd_to_nanos
 from streams.guardrails.operator import read_state
-from tests.support import Pipeline, new_pipeline, produce_raw
+from tests.support import Pipeline, new_pipeline, produce_raw, read_to_end
 from topologies.topics import ALL_ROLES
 
 TIERS = ("nano", "standard", "premium")
@@ -109,27 +110,14 @@ class Answers:
 
 async def cost_truth(pipeline: Pipeline) -> tuple[int, Counter[str], Counter[int]]:
     """Every cost event on the topic: (count, nanos by workflow, nanos by hour window)."""
-    consumer = AIOKafkaConsumer(
-        pipeline.topology.costs.name, group_id=None, auto_offset_reset="earliest",
-        enable_auto_commit=False, **pipeline.kafka_kwargs(),
-    )
     by_workflow: Counter[str] = Counter()
     by_hour: Counter[int] = Counter()
-    count = 0
-    await consumer.start()
-    try:
-        await consumer.getmany(timeout_ms=100)
-        ends = await consumer.end_offsets(list(consumer.assignment()))
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    cost = orjson.loads(record.value)
-                    by_workflow[cost["workflow_id"]] += usd_to_nanos(cost["cost_usd"])
-                    by_hour[hour_window(record.timestamp / 1000)] += usd_to_nanos(cost["cost_usd"])
-                    count += 1
-    finally:
-        await consumer.stop()
-    return count, by_workflow, by_hour
+    records = await read_to_end(pipeline, pipeline.topology.costs.name)
+    for record in records:
+        cost = orjson.loads(record.value)
+        by_workflow[cost["workflow_id"]] += usd_to_nanos(cost["cost_usd"])
+        by_hour[hour_window(record.timestamp / 1000)] += usd_to_nanos(cost["cost_usd"])
+    return len(records), by_workflow, by_hour
 
 
 async def costs_exact(pipeline: Pipeline, timeout: float) -> tuple[int, bool, dict[str, object]]:
@@ -216,6 +204,45 @@ async def kill_loop(
         # A duplicate comes, if at all, from a partition moving after a kill: wait one
         # session timeout (and a margin) for it.
         settle_until = time.monotonic() + (settle if settle is not None else pipeline.settings.worker.session_timeout_seconds + 10)
+        while time.monotonic() < settle_until:
+            await answers.poll()
+    report.results, report.dead_letters = answers.results, answers.dead_letters
+    report.duplicates = sum(n - 1 for n in answers.ids.values())
+    report.lost = len({f"f-{n}" for n in range(count)} - set(answers.ids))
+    report.cost_events, report.costs_exact, report.cost_mismatch = await costs_exact(pipeline, timeout=120)
+    return report
+
+
+async def broker_restart(
+    pipeline: Pipeline, broker: LocalBroker, count: int, down_s: float = 10.0, timeout: float = 600.0,
+    log: Callable[[str], None] = print,
+) -> Report:
+    """One worker (every role) answers a burst of requests; once some are answered the
+    broker is stopped for ``down_s`` seconds and started again on the same port and data."""
+    report = Report(produced=count)
+    await ensure_topics(pipeline.settings)
+    path = pipeline.log_dir / "worker-0.log"
+    pipeline.workers.append(processes.spawn(["worker", "--roles", "all"], pipeline.env, path))
+    await _wait_ready(path, timeout=240)
+    started = time.monotonic()
+    await produce_raw(pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name, requests(count))
+    async with Answers(pipeline) as answers:
+        while not answers.ids:
+            assert time.monotonic() - started < timeout, "nothing was answered before the broker stop"
+            await answers.poll()
+        answered_before = len(answers.ids)
+    await asyncio.to_thread(broker.stop)
+    log(f"  broker stopped with {answered_before}/{count} answered; down for {down_s:.0f}s")
+    await asyncio.sleep(down_s)  # the outage itself
+    await asyncio.to_thread(broker.start, 120)
+    log("  broker started again")
+    async with Answers(pipeline) as answers:
+        deadline = started + timeout
+        while len(answers.ids) < count and time.monotonic() < deadline:
+            await answers.poll()
+            pipeline.assert_workers_alive()
+        report.elapsed_s = time.monotonic() - started
+        settle_until = time.monotonic() + pipeline.settings.worker.session_timeout_seconds + 10
         while time.monotonic() < settle_until:
             await answers.poll()
     report.results, report.dead_letters = answers.results, answers.dead_letters

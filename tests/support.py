@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from streams import processes
 from streams.admin import ensure_topics
@@ -154,3 +155,34 @@ async def read_topic(pipeline: Pipeline, topic: str, expected: int, timeout: flo
     finally:
         await consumer.stop()
     return items
+
+
+async def read_to_end(pipeline: Pipeline, *topics: str) -> list[ConsumerRecord]:
+    """Every record of ``topics``, from the start to the end offsets of when it was called."""
+    consumer = AIOKafkaConsumer(
+        group_id=None, auto_offset_reset="earliest", enable_auto_commit=False, **pipeline.kafka_kwargs()
+    )
+    records: list[ConsumerRecord] = []
+    await consumer.start()
+    try:
+        partitions = []
+        for topic in topics:
+            found = set()
+            for _ in range(50):
+                found = consumer.partitions_for_topic(topic) or set()
+                if found:
+                    break
+                await consumer._client.force_metadata_update()
+            assert found, f"topic {topic} has no partitions"
+            partitions += [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        deadline = time.monotonic() + 120
+        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
+            assert time.monotonic() < deadline, "could not read the topics to their end"
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records += batch
+    finally:
+        await consumer.stop()
+    return records
