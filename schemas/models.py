@@ -212,6 +212,7 @@ DeadLetterCode = Literal[
     "unsupported_schema_version",
     "unknown_agent_type",
     "too_large",
+    "context_too_long",
     "provider_error",
 ]
 

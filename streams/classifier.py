@@ -12,6 +12,7 @@ from streams.envelope import Outgoing, Source, dead_letter, dead_letter_for
 from streams.logs import log_context
 from streams.pricing import PriceBook
 from streams.providers import Completion, ProviderError, ProviderRegistry
+from streams.tier_worker import estimate_input_tokens
 from topologies.config import ClassifierSettings, RulesSettings, Settings
 from topologies.topics import CLASSIFIER_ROLE, Topology
 
@@ -110,6 +111,20 @@ class ClassifierHandler:
         self.max_bytes = settings.worker.max_request_bytes
         self.tier_counts: dict[Tier, int] = dict.fromkeys(Tier, 0)
 
+    def _over_context_window(self, request: AgentRequest, tier: Tier) -> str | None:
+        """Why the request cannot fit its tier model's context window, if it cannot: a
+        provider would refuse it (and charge nothing), so it is not queued at all."""
+        choice = self.settings.tiers[tier]
+        window = self.prices.context_window(choice.provider, choice.model)
+        needed = estimate_input_tokens(request) + request.max_output_tokens
+        if window is None or needed <= window:
+            return None
+        return (
+            f"about {needed - request.max_output_tokens:,} input tokens plus max_output_tokens "
+            f"{request.max_output_tokens:,} exceed the {window:,}-token context window of "
+            f"{choice.model} ({tier.value} tier); shorten the task or lower max_output_tokens"
+        )
+
     async def handle(self, source: Source) -> list[Outgoing]:
         dlq = self.topology.dead_letters.name
         try:
@@ -126,6 +141,13 @@ class ClassifierHandler:
             return [letter]
         with log_context(request_id=request.request_id, workflow_id=request.workflow_id):
             decision = await self.classifier.classify(request)
+        too_long = self._over_context_window(request, decision.tier)
+        if too_long is not None:
+            letter = dead_letter(
+                dlq, source, code="context_too_long", stage=self.stage, reason=too_long,
+                payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
+            )
+            return [letter]
         self.tier_counts[decision.tier] += 1
         tiered = TieredRequest(
             **request.model_dump(), tier=decision.tier, routed_by=decision.routed_by

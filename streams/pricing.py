@@ -101,6 +101,17 @@ class PriceBook:
             )
         return total.quantize(USD_PLACES)
 
+    def context_window(self, provider: str, model: str) -> int | None:
+        """Tokens (input and output together) the model accepts, if known."""
+        override = self._overrides.get(model)
+        if override is not None and override.context_window_tokens is not None:
+            return override.context_window_tokens
+        try:
+            found = genai_prices.calc_price(genai_prices.Usage(), model, provider_id=provider)
+        except LookupError:
+            return None
+        return found.model.context_window
+
     def worst_case(self, provider: str, model: str, input_tokens: int, max_output_tokens: int) -> Decimal:
         """The most a call can cost: all input uncached, every allowed output token used."""
         return self.cost(provider, model, input_tokens, max_output_tokens)

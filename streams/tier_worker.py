@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 from schemas.codec import DecodeError, decode, encode
-from schemas.models import AgentResult, Tier, TieredRequest, Timings
+from schemas.models import AgentRequest, AgentResult, Tier, TieredRequest, Timings
 from streams.costing import cost_event
 from streams.envelope import Outgoing, Source, dead_letter, dead_letter_for
 from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
@@ -176,7 +176,7 @@ class TierHandler:
         return Outgoing(self.topology.results.name, request.workflow_id.encode(), encode(result))
 
 
-def estimate_input_tokens(request: TieredRequest) -> int:
+def estimate_input_tokens(request: AgentRequest) -> int:
     """A deliberately high estimate (3 characters a token, plus per-message overhead):
     the reservation must not undershoot the real bill."""
     chat = request.chat()

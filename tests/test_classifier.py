@@ -134,3 +134,32 @@ async def test_meta_routing_call_is_costed(simulator: ProviderSimulator) -> None
     assert 1 <= cost.output_tokens <= META_ROUTING_MAX_TOKENS and cost.input_tokens > 0
     expected = prices.cost(nano.provider, nano.model, cost.input_tokens, cost.output_tokens)
     assert cost.cost_usd == float(expected) > 0
+
+
+@pytest.mark.parametrize(("max_tokens", "fits"), [(120_000, True), (128_000, False)])
+async def test_requests_over_the_context_window_are_dead_lettered(
+    rules_settings: Settings, max_tokens: int, fits: bool
+) -> None:
+    """gpt-4o-mini (the NANO model) takes 128,000 tokens: input estimate plus max_output_tokens."""
+    prices = PriceBook(rules_settings)
+    assert prices.context_window("openai", "gpt-4o-mini") == 128_000
+    handler = ClassifierHandler(rules_settings, Topology(rules_settings), Classifier(rules_settings, None), prices)
+    raw = orjson.dumps({"request_id": "r-ctx", "workflow_id": "wf-1", "agent_type": "writer",
+                        "task": "Summarise.", "tier_hint": "nano", "max_output_tokens": max_tokens})
+    [out] = await handler.handle(Source("agent.requests", 0, 7, b"wf-1", raw))
+    if fits:
+        assert out.topic == "agent.requests.nano"
+    else:
+        letter = orjson.loads(out.value)
+        assert (out.topic, letter["code"], letter["request_id"]) == ("agent.dlq", "context_too_long", "r-ctx")
+        assert "128,000-token context window of gpt-4o-mini" in letter["reason"]
+
+
+def test_a_configured_context_window_overrides_the_library() -> None:
+    settings = load_settings(environ={
+        "TIERSTREAM__PRICES__GPT-4O-MINI__INPUT_PER_MTOK": "0.15",
+        "TIERSTREAM__PRICES__GPT-4O-MINI__OUTPUT_PER_MTOK": "0.6",
+        "TIERSTREAM__PRICES__GPT-4O-MINI__CONTEXT_WINDOW_TOKENS": "4096",
+    })
+    assert PriceBook(settings).context_window("openai", "gpt-4o-mini") == 4096
+    assert PriceBook(settings).context_window("openai", "no-such-model") is None

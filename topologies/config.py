@@ -179,6 +179,8 @@ class ModelPrice(Section):
     input_per_mtok: NonNegativeUsd
     output_per_mtok: NonNegativeUsd
     cached_input_per_mtok: NonNegativeUsd | None = None
+    # Input plus output tokens the model accepts; None: genai-prices' figure, if it has one.
+    context_window_tokens: PositiveInt | None = None
 
 
 class WorkerSettings(Section):
