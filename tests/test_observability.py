@@ -13,9 +13,8 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry, generate_latest
 
 from schemas.codec import encode
-from schemas.models import AgentResult, CostEvent, SpendSnapshot, Tier, Timings
+from schemas.models import AgentResult, CostEvent, Tier, Timings
 from streams.envelope import Outgoing, Source, dead_letter
-from streams.guardrails.money import hour_window, usd_to_nanos
 from streams.guardrails.view import GuardrailView
 from streams.observability import (
     HealthServer,
@@ -26,6 +25,7 @@ from streams.observability import (
 )
 from streams.providers.pool import PoolStats
 from streams.supervisor import HEALTH_PORT_ENV, role_env
+from tests.monitoring import FakeLagConsumer, spend
 from topologies.config import load_settings
 from topologies.topics import Topology
 
@@ -260,15 +260,6 @@ def _view(hour_usd: str = "1.0", alert_usd: str = "0.5") -> GuardrailView:
     return GuardrailView(settings)
 
 
-def _spend(view: GuardrailView, scope: str, usd: float, partition: int = 0) -> None:
-    kind = "workflow" if scope.startswith("wf") else "hour"
-    snap = SpendSnapshot(
-        kind=kind, scope=scope, partition=partition, spent_nanos=usd_to_nanos(usd), last_offset=1,
-        window_start=datetime.fromtimestamp(hour_window(time.time()), UTC) if kind == "hour" else None,
-    )
-    view.apply(view.topology.spend.name, encode(snap))
-
-
 def test_guardrail_gauges_follow_the_view(metrics: Metrics) -> None:
     reg = metrics.registry
     assert _value(reg, "tierstream_guardrail_paused") == 0  # nothing watched: no series
@@ -280,38 +271,26 @@ def test_guardrail_gauges_follow_the_view(metrics: Metrics) -> None:
     assert _value(reg, "tierstream_guardrail_workflow_limit_usd") == 0.25
     assert reg.get_sample_value("tierstream_guardrail_paused") == 0
     assert reg.get_sample_value("tierstream_guardrail_state_caught_up") == 0
-    _spend(view, "global", 0.4, partition=0)
-    _spend(view, "global", 0.2, partition=3)
-    _spend(view, "tier:premium", 0.6)
-    _spend(view, "wf-a", 0.3)
-    _spend(view, "wf-b", 0.1)
+    spend(view, "global", 0.4, partition=0)
+    spend(view, "global", 0.2, partition=3)
+    spend(view, "tier:premium", 0.6)
+    spend(view, "wf-a", 0.3)
+    spend(view, "wf-b", 0.1)
     assert _value(reg, "tierstream_guardrail_hour_spend_usd", scope="global") == pytest.approx(0.6)
     assert _value(reg, "tierstream_guardrail_hour_spend_usd", scope="premium") == pytest.approx(0.6)
     assert reg.get_sample_value("tierstream_guardrail_hour_spend_usd", {"scope": "nano"}) == 0
     assert _value(reg, "tierstream_guardrail_alerting") == 1
     assert _value(reg, "tierstream_guardrail_paused") == 0
     assert _value(reg, "tierstream_guardrail_blocked_workflows") == 1
-    _spend(view, "global", 0.5, partition=4)
+    spend(view, "global", 0.5, partition=4)
     assert _value(reg, "tierstream_guardrail_paused") == 1
     report = guardrail_report(view)
     assert report["paused"] is True and report["hour_spent_usd"] == pytest.approx(1.1)
 
 
-class LagFakeConsumer:
-    def __init__(self, highwaters: dict[TP, int | None], committed: dict[TP, int | None]) -> None:
-        self.highwaters = highwaters
-        self._committed_offset = committed
-
-    def assignment(self) -> set[TP]:
-        return set(self.highwaters)
-
-    def highwater(self, tp: TP) -> int | None:
-        return self.highwaters[tp]
-
-
 def test_consumer_lag_per_topic_from_highwater_and_committed_offsets(metrics: Metrics) -> None:
     a0, a1, b0 = TP("agent.requests.nano", 0), TP("agent.requests.nano", 1), TP("agent.costs", 0)
-    consumer = LagFakeConsumer({a0: 10, a1: 5, b0: None}, {a0: 4, a1: None})
+    consumer = FakeLagConsumer({a0: 10, a1: 5, b0: None}, {a0: 4, a1: None})
     metrics.consumers.watch(lambda: consumer)
     reg = metrics.registry
     # partition 0: 10 - 4; partition 1: nothing committed yet, 5 - 0; b0: not fetched yet
@@ -324,7 +303,7 @@ def test_consumer_lag_per_topic_from_highwater_and_committed_offsets(metrics: Me
 
 
 def test_a_failing_source_leaves_its_samples_out_but_the_scrape_succeeds(metrics: Metrics) -> None:
-    def broken() -> LagFakeConsumer:
+    def broken() -> FakeLagConsumer:
         raise RuntimeError("ConsumerNotStarted")
 
     metrics.consumers.watch(broken)
