@@ -2,7 +2,10 @@
 
 No cluster is needed. Overlays are built with ``kustomize`` or ``kubectl kustomize`` when
 one is installed (only those checks are skipped otherwise); everything else reads the
-YAML files directly.
+YAML files directly. Kubernetes resources are validated with kubernetes-validate, KEDA
+ScaledObjects against KEDA's CRD schema (the pydantic models of cloudcoil.models.keda).
+The Dockerfile and the compose file cannot be run here (no Docker engine): their
+structure is checked against the code and the manifests.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import faust
 import pytest
 import yaml
 
@@ -86,7 +90,7 @@ def test_built_resources_validate_against_the_kubernetes_schema(directory: Path)
     docs = _build(directory)
     for doc in docs:
         if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a CRD: no bundled schema, checked structurally below
+            continue  # a CRD: checked against KEDA's schema below
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
@@ -114,7 +118,9 @@ def test_deployments_run_one_accepted_role_with_probes_on_the_health_server() ->
     assert default_port == SETTINGS.worker.health_port == 8080
     for name, deployment in _of_kind(_base_resources(), "Deployment").items():
         spec = deployment["spec"]["template"]["spec"]
-        assert spec["terminationGracePeriodSeconds"] == 60
+        # SIGTERM: Faust stops the agents, flushes the producer and commits, waiting up to
+        # its services' shutdown_timeout; the pod must not be killed before that.
+        assert spec["terminationGracePeriodSeconds"] == faust.Worker.shutdown_timeout
         container = _worker_container(deployment)
         args = container["args"]
         assert args[0] == "worker" and args[1] == "--roles"
@@ -181,6 +187,40 @@ def _check_scaled_objects(docs: list[Doc] | tuple[Doc, ...]) -> None:
         assert 1 <= spec.get("minReplicaCount", 0) <= spec["maxReplicaCount"] <= partitions[meta["topic"]]
 
 
+def _validate_keda(docs: list[Doc] | tuple[Doc, ...]) -> int:
+    """Validate every ScaledObject against KEDA's CRD schema; unknown fields fail too."""
+    keda = pytest.importorskip("cloudcoil.models.keda.v1alpha1")
+    count = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            assert doc["kind"] == "ScaledObject", doc["kind"]
+            parsed = keda.ScaledObject.model_validate(doc)
+            # The models ignore unknown fields: a field KEDA does not know (a typo) is
+            # caught by the round trip dropping it.
+            assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
+            count += 1
+    return count
+
+
+def test_base_scaled_objects_validate_against_the_keda_crd_schema() -> None:
+    assert _validate_keda(_base_resources()) == len(ALL_ROLES)
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_overlay_scaled_objects_validate_against_the_keda_crd_schema(overlay: str) -> None:
+    assert _validate_keda(_build(K8S / "overlays" / overlay)) == len(ALL_ROLES)
+
+
+def test_keda_schema_check_rejects_a_wrong_manifest() -> None:
+    keda = pytest.importorskip("cloudcoil.models.keda.v1alpha1")
+    (doc,) = _docs(BASE / "scaledobject-tier-nano.yaml")
+    typo = {**doc, "spec": {**doc["spec"], "maxReplicas": 3}}
+    with pytest.raises(AssertionError):
+        _validate_keda([typo])
+    with pytest.raises(ValueError):
+        keda.ScaledObject.model_validate({**doc, "spec": {**doc["spec"], "maxReplicaCount": "six"}})
+
+
 def test_base_scaled_objects_match_the_topology() -> None:
     _check_scaled_objects(_base_resources())
 
@@ -204,3 +244,84 @@ def test_hpa_overlay_replaces_scaled_objects_with_lag_hpas() -> None:
         assert labels == {"consumergroup": f"{SETTINGS.app_id}-{role}", "topic": sources[role]}
         partitions = {spec.name: spec.partitions for spec in TOPOLOGY.all()}
         assert hpa["spec"]["maxReplicas"] <= partitions[sources[role]]
+
+
+ROOT = K8S.parents[1]
+COMPOSE = ROOT / "deploy" / "docker" / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+
+
+def _pyproject() -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _dockerfile(instruction: str) -> list[str]:
+    """The arguments of every ``instruction`` line of the final stage."""
+    final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    return [
+        line.split(None, 1)[1] for line in final.splitlines() if line.split(None, 1)[:1] == [instruction]
+    ]
+
+
+def test_dockerfile_agrees_with_the_code_and_the_manifests() -> None:
+    import json
+
+    project = _pyproject()["project"]
+    assert json.loads(_dockerfile("ENTRYPOINT")[0]) == ["tierstream"]
+    assert "tierstream" in project["scripts"]  # the console script the ENTRYPOINT runs
+    assert _dockerfile("EXPOSE") == [str(WorkerSettings().health_port)]
+    assert _dockerfile("USER") == ["10001:10001"]
+    for name, deployment in _of_kind(_base_resources(), "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == 10001, name
+        assert _worker_container(deployment)["image"] == f"tierstream:{project['version']}", name
+        # Prometheus finds /metrics through the pod annotations.
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        routes = {r.resource.canonical for r in HealthServer(app=None).web_app().router.routes()}  # type: ignore[arg-type]
+        assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in routes
+        assert annotations["prometheus.io/port"] == str(WorkerSettings().health_port)
+
+
+def test_compose_runs_every_role_with_the_kubernetes_contract() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    workers = {name: s for name, s in services.items() if s.get("command", [""])[0] == "worker"}
+    assert set(workers) == set(ALL_ROLES)
+    version = _pyproject()["project"]["version"]
+    for name, service in workers.items():
+        command = service["command"]
+        assert command[1] == "--roles" and parse_roles(command[2]) == [name], name
+        assert service["image"] == f"tierstream:{version}"
+        assert service["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+        assert (COMPOSE.parent / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert service["stop_grace_period"] == f"{int(faust.Worker.shutdown_timeout)}s", name
+        env = service["environment"]
+        settings = load_settings(DEFAULT_CONFIG_PATH, environ={k: str(v) for k, v in env.items()})
+        assert settings.kafka.bootstrap_servers == "kafka:9092" and settings.simulator.host == "provider-sim"
+    assert {"kafka", "provider-sim", "prometheus", "grafana"} <= set(services)
+    sim = services["provider-sim"]["command"]
+    assert sim[0] == "provider-sim" and sim[sim.index("--port") + 1] == str(SETTINGS.simulator.port)
+
+
+def test_compose_prometheus_scrapes_every_worker_and_grafana_is_provisioned() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    mounts = {}
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source, target, mode = volume.split(":")
+            assert mode == "ro" and (COMPOSE.parent / source).exists(), volume
+            mounts[target] = (COMPOSE.parent / source).resolve()
+    config_path = mounts["/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load(config_path.read_text())
+    # Rule files are relative to the config, and mounted beside it.
+    for rule_file in config["rule_files"]:
+        assert mounts[f"/etc/prometheus/{rule_file}"] == config_path.parent / rule_file
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    (targets,) = [c["targets"] for c in job["static_configs"]]
+    port = WorkerSettings().health_port
+    assert sorted(targets) == sorted(f"{role}:{port}" for role in ALL_ROLES)
+    assert (mounts["/var/lib/grafana/dashboards"] / "tierstream.json").is_file()
+    assert (mounts["/etc/grafana/provisioning"] / "dashboards" / "tierstream.yml").is_file()
