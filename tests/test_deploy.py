@@ -155,12 +155,27 @@ def test_configmap_config_is_the_default_config() -> None:
 
 @pytest.mark.parametrize("directory", ALL_BUILDS, ids=lambda p: p.name)
 def test_built_configmap_loads_with_the_overlay_environment(directory: Path, tmp_path: Path) -> None:
+    """Each pod's configuration, as the worker validates it at start: the ConfigMap's
+    YAML with the ConfigMap's environment and the container's own (Secrets as stand-ins)."""
     docs = _build(directory)
     maps = {name.rsplit("-", 1)[0]: d for name, d in _of_kind(docs, "ConfigMap").items()}
     config = tmp_path / "config.yaml"
     config.write_text(maps["tierstream-config"]["data"]["config.yaml"])
-    settings = load_settings(config, environ=maps["tierstream-env"]["data"])
-    assert settings.kafka.topic_prefix == SETTINGS.kafka.topic_prefix
+    for name, deployment in _of_kind(docs, "Deployment").items():
+        if not name.startswith("tierstream-"):
+            continue  # the dev overlay's simulator
+        env = dict(maps["tierstream-env"]["data"])
+        secrets = set()
+        for var in _worker_container(deployment)["env"]:
+            if "valueFrom" in var:
+                secrets.add(var["name"])
+                env[var["name"]] = f"<{var['valueFrom']['secretKeyRef']['key']}>"
+            else:
+                env[var["name"]] = var["value"]
+        settings = load_settings(config, environ=env)
+        assert settings.kafka.topic_prefix == SETTINGS.kafka.topic_prefix
+        if settings.kafka.uses_sasl:  # the password comes from a Secret, never the ConfigMap
+            assert settings.kafka.sasl_password_env in secrets, name
 
 
 def _check_scaled_objects(docs: list[Doc] | tuple[Doc, ...]) -> None:
@@ -190,15 +205,18 @@ def _check_scaled_objects(docs: list[Doc] | tuple[Doc, ...]) -> None:
 def _validate_keda(docs: list[Doc] | tuple[Doc, ...]) -> int:
     """Validate every ScaledObject against KEDA's CRD schema; unknown fields fail too."""
     keda = pytest.importorskip("cloudcoil.models.keda.v1alpha1")
+    kinds = {"ScaledObject": keda.ScaledObject, "TriggerAuthentication": keda.TriggerAuthentication}
     count = 0
     for doc in docs:
         if doc["apiVersion"].startswith("keda.sh/"):
-            assert doc["kind"] == "ScaledObject", doc["kind"]
-            parsed = keda.ScaledObject.model_validate(doc)
+            parsed = kinds[doc["kind"]].model_validate(doc)
             # The models ignore unknown fields: a field KEDA does not know (a typo) is
             # caught by the round trip dropping it.
             assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
-            count += 1
+            count += doc["kind"] == "ScaledObject"
+            if "authenticationRef" in doc.get("spec", {}).get("triggers", [{}])[0]:
+                ref = doc["spec"]["triggers"][0]["authenticationRef"]["name"]
+                assert ref in _of_kind(docs, "TriggerAuthentication"), ref
     return count
 
 
@@ -209,6 +227,24 @@ def test_base_scaled_objects_validate_against_the_keda_crd_schema() -> None:
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
 def test_overlay_scaled_objects_validate_against_the_keda_crd_schema(overlay: str) -> None:
     assert _validate_keda(_build(K8S / "overlays" / overlay)) == len(ALL_ROLES)
+
+
+def test_prod_keda_logs_in_to_kafka_with_the_workers_secret() -> None:
+    docs = _build(K8S / "overlays" / "prod")
+    (auth,) = _of_kind(docs, "TriggerAuthentication").values()
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    env = {
+        v["name"]: (v["valueFrom"]["secretKeyRef"]["name"], v["valueFrom"]["secretKeyRef"]["key"])
+        for d in _of_kind(docs, "Deployment").values() for v in _worker_container(d)["env"] if "valueFrom" in v
+    }
+    assert refs["username"] == env["TIERSTREAM__KAFKA__SASL_USERNAME"]
+    assert refs["password"] == env[SETTINGS.kafka.sasl_password_env]
+    (env_map,) = [d for n, d in _of_kind(docs, "ConfigMap").items() if n.startswith("tierstream-env")]
+    mechanism = env_map["data"]["TIERSTREAM__KAFKA__SASL_MECHANISM"]  # e.g. SCRAM-SHA-512
+    assert env_map["data"]["TIERSTREAM__KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
+    for obj in _of_kind(docs, "ScaledObject").values():
+        meta = obj["spec"]["triggers"][0]["metadata"]
+        assert meta["sasl"] == mechanism.lower().replace("-sha-", "_sha") and meta["tls"] == "enable"
 
 
 def test_keda_schema_check_rejects_a_wrong_manifest() -> None:
@@ -232,7 +268,7 @@ def test_overlay_scaled_objects_match_the_topology(overlay: str) -> None:
 
 def test_hpa_overlay_replaces_scaled_objects_with_lag_hpas() -> None:
     docs = _build(K8S / "overlays" / "prod-hpa")
-    assert not _of_kind(docs, "ScaledObject")
+    assert not [d["kind"] for d in docs if d["apiVersion"].startswith("keda.sh/")]
     deployments = _of_kind(docs, "Deployment")
     hpas = _of_kind(docs, "HorizontalPodAutoscaler")
     sources = {flow.role: flow.reads[0] for flow in TOPOLOGY.flows()}
