@@ -174,6 +174,7 @@ def test_built_configmap_loads_with_the_overlay_environment(directory: Path, tmp
                 env[var["name"]] = var["value"]
         settings = load_settings(config, environ=env)
         assert settings.kafka.topic_prefix == SETTINGS.kafka.topic_prefix
+        assert settings.worker.max_concurrent_tasks == int(env["MAX_CONCURRENT_TASKS"]), name
         if settings.kafka.uses_sasl:  # the password comes from a Secret, never the ConfigMap
             assert settings.kafka.sasl_password_env in secrets, name
 
@@ -361,3 +362,16 @@ def test_compose_prometheus_scrapes_every_worker_and_grafana_is_provisioned() ->
     assert sorted(targets) == sorted(f"{role}:{port}" for role in ALL_ROLES)
     assert (mounts["/var/lib/grafana/dashboards"] / "tierstream.json").is_file()
     assert (mounts["/etc/grafana/provisioning"] / "dashboards" / "tierstream.yml").is_file()
+
+
+def test_hpa_lag_targets_equal_the_keda_lag_thresholds() -> None:
+    """Both autoscalers aim at the same lag per replica for a role."""
+    keda = {
+        s["spec"]["scaleTargetRef"]["name"]: s["spec"]["triggers"][0]["metadata"]["lagThreshold"]
+        for s in _of_kind(_base_resources(), "ScaledObject").values()
+    }
+    hpas = _docs(K8S / "overlays" / "prod-hpa" / "hpa.yaml")
+    targets = {
+        h["spec"]["scaleTargetRef"]["name"]: h["spec"]["metrics"][0]["external"]["target"]["averageValue"] for h in hpas
+    }
+    assert targets == keda
