@@ -393,7 +393,7 @@ class AppLike(Protocol):
     def consumer(self) -> ConsumerLike: ...
 
 
-ReadinessCheck = Callable[[], "str | None"]  # None: fine; else why the worker is not ready
+ReadinessCheck = Callable[[], str | None]  # None: fine; else why the worker is not ready
 StatusReport = Callable[[], dict[str, Any]]
 
 

@@ -72,6 +72,11 @@ TOPOLOGY = Topology(SETTINGS)
 ALL_BUILDS = [BASE, *OVERLAYS]
 
 
+def _health_routes() -> set[str]:
+    """The paths the worker's health server answers."""
+    return {r.resource.canonical for r in HealthServer(app=None).web_app().router.routes()}  # type: ignore[arg-type]
+
+
 def test_every_manifest_parses() -> None:
     files = sorted(K8S.rglob("*.yaml"))
     assert len(files) > 10
@@ -113,7 +118,7 @@ def test_one_deployment_and_pdb_per_role() -> None:
 
 
 def test_deployments_run_one_accepted_role_with_probes_on_the_health_server() -> None:
-    routes = {r.resource.canonical for r in HealthServer(app=None).web_app().router.routes()}  # type: ignore[arg-type]
+    routes = _health_routes()
     default_port = WorkerSettings().health_port
     assert default_port == SETTINGS.worker.health_port == 8080
     for name, deployment in _of_kind(_base_resources(), "Deployment").items():
@@ -316,7 +321,7 @@ def test_dockerfile_agrees_with_the_code_and_the_manifests() -> None:
         assert _worker_container(deployment)["image"] == f"tierstream:{project['version']}", name
         # Prometheus finds /metrics through the pod annotations.
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-        routes = {r.resource.canonical for r in HealthServer(app=None).web_app().router.routes()}  # type: ignore[arg-type]
+        routes = _health_routes()
         assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in routes
         assert annotations["prometheus.io/port"] == str(WorkerSettings().health_port)
 
