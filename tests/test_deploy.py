@@ -180,6 +180,13 @@ def test_built_configmap_loads_with_the_overlay_environment(directory: Path, tmp
         settings = load_settings(config, environ=env)
         assert settings.kafka.topic_prefix == SETTINGS.kafka.topic_prefix
         assert settings.worker.max_concurrent_tasks == int(env["MAX_CONCURRENT_TASKS"]), name
+        # The worker's own grace for calls in flight (worker.shutdown_grace_seconds, from the
+        # graceful-shutdown work) must end with time left to commit and leave the group
+        # (10 s, as the supervisor allows) before Kubernetes kills the pod.
+        in_flight_grace = getattr(settings.worker, "shutdown_grace_seconds", None)
+        if in_flight_grace is not None:
+            pod_grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert in_flight_grace + 10 <= pod_grace, name
         if settings.kafka.uses_sasl:  # the password comes from a Secret, never the ConfigMap
             assert settings.kafka.sasl_password_env in secrets, name
 
