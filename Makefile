@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KAFKA_STAMP := .cache/.kafka-fetched
 
-.PHONY: install kafka test test-chaos test-fast demo bench schemas broker-start broker-stop clean
+.PHONY: install kafka promtool test test-chaos test-fast demo bench schemas broker-start broker-stop clean
 
 install: $(STAMP) $(KAFKA_STAMP)
 
@@ -24,9 +24,14 @@ $(KAFKA_STAMP): deploy/local/kafka.sh deploy/local/pom.xml
 
 kafka: $(KAFKA_STAMP)
 
+# promtool checks /metrics and the alert rules in the tests. Not fatal: without it (no
+# apt-get, no network) those tests are skipped and say why.
+promtool:
+	-@bash deploy/prometheus/install-promtool.sh
+
 # The whole suite, end-to-end tests included: they start their own broker (or use
 # $$KAFKA_BOOTSTRAP_SERVERS) and the provider simulator.
-test: install
+test: install promtool
 	$(PY) -m pytest -q -ra -m "not chaos"
 
 # Long fault runs (kill loops, broker restarts), by hand; `make test` runs short versions.
@@ -34,7 +39,7 @@ test-chaos: install
 	$(PY) -m pytest -q -ra -m chaos -s
 
 # Only the tests that need no broker.
-test-fast: $(STAMP)
+test-fast: $(STAMP) promtool
 	$(PY) -m pytest -q -m "not e2e"
 
 demo: install

@@ -31,7 +31,7 @@ from streams.guardrails.service import GuardrailService
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import faust_settings
 from streams.logs import logging_config
-from streams.observability import HealthServer, OutgoingObserver, default_metrics
+from streams.observability import OutgoingObserver, default_metrics, worker_services
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
@@ -157,8 +157,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
-        metrics.pools.watch(providers.stats)  # read at scrape time, free per call
-    app.service(HealthServer(app, port=settings.worker.health_port, registry=metrics.registry))
+    for service in worker_services(app, settings, metrics, providers, view):
+        app.service(service)  # /health /ready /metrics, and what they read
     observe = OutgoingObserver(topology, metrics).observe_outgoing
 
     outputs = {spec.name: _faust_topic(app, spec) for spec in topology.all() if spec is not source}

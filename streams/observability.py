@@ -6,8 +6,11 @@ metrics code, and the hot path stays cheap: the topic alone tells a routing deci
 result, a cost event or a dead letter; results and cost events (a few hundred bytes to a
 few KB) are parsed with orjson, a dead letter's code is read from its first bytes.
 
-Labels are bounded sets only (role, tier, provider, status, code): never workflow_id or
-request_id, whose cardinality would grow with traffic.
+State that already lives elsewhere (client pools, the guardrail view, the consumer's
+offsets) is read at scrape time by collectors, so it costs nothing per message.
+
+Labels are bounded sets only (role, tier, provider, status, code, topic, configured limit
+names): never workflow_id or request_id, whose cardinality would grow with traffic.
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ import mode
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from schemas.models import DeadLetterCode, Tier
 from streams.envelope import Outgoing
+from streams.guardrails.money import hour_window, nanos_to_usd
+from streams.guardrails.view import GuardrailView
 from streams.providers.pool import PoolStats
+from streams.providers.registry import ProviderRegistry
+from streams.readiness import ProviderProbe
+from topologies.config import Settings
 from topologies.topics import Role, Topology, tier_role
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,8 @@ _DEAD_LETTER_CODES = frozenset(get_args(DeadLetterCode))
 _CODE_RE = re.compile(rb'"code"\s*:\s*"([a-z_]+)"')
 # Model calls take from tens of milliseconds (nano, simulator) to minutes (reasoning models).
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+# A rate limiter holds a call from nothing (tokens available) to a minute (window full).
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
@@ -86,8 +96,23 @@ class Metrics:
             "Messages being handled right now (provider calls in flight for tier roles).",
             ["role"], registry=registry,
         )
+        # For the rate limiter (issue 4): `limit` is a key of `rate_limits` in the
+        # configuration (an agent type, or a provider model), so a bounded set.
+        self.rate_limit_wait = Histogram(
+            "tierstream_rate_limit_wait_seconds",
+            "Time a call waited for the rate limiter before it was sent.",
+            ["limit"], buckets=WAIT_BUCKETS, registry=registry,
+        )
+        self.rate_limit_utilisation = Gauge(
+            "tierstream_rate_limit_utilisation_ratio",
+            "Share of a rate limit used in its current window (0 to 1), by resource (requests, tokens).",
+            ["limit", "resource"], registry=registry,
+        )
         self.pools = PoolStatsCollector()
-        registry.register(self.pools)
+        self.guardrails = GuardrailCollector()
+        self.consumers = ConsumerLagCollector()
+        for collector in (self.pools, self.guardrails, self.consumers):
+            registry.register(collector)
 
     # Typed hooks: what observe_outgoing calls, and what a handler could call directly.
 
@@ -112,6 +137,14 @@ class Metrics:
         self.dead_letters.labels(role, code).inc()
         self.requests.labels(role, tier, "dead_letter").inc()
 
+    def record_rate_limit_wait(self, limit: str, seconds: float) -> None:
+        """A call waited ``seconds`` for the limiter named ``limit`` (0 if it did not wait)."""
+        self.rate_limit_wait.labels(limit).observe(seconds)
+
+    def set_rate_limit_utilisation(self, limit: str, resource: str, ratio: float) -> None:
+        """``resource`` is "requests" or "tokens"; ``ratio`` is used / allowed in the window."""
+        self.rate_limit_utilisation.labels(limit, resource).set(ratio)
+
     @contextmanager
     def track_in_flight(self, role: Role) -> Iterator[None]:
         gauge = self.in_flight.labels(role)
@@ -122,11 +155,36 @@ class Metrics:
             gauge.dec()
 
 
+class ScrapeTimeCollector(Collector):
+    """A collector whose families are filled from live state when Prometheus scrapes.
+
+    ``describe`` returns the empty families, so registering reads nothing (the sources may
+    not exist yet); a source that fails leaves its samples out instead of failing the scrape.
+    """
+
+    def families(self) -> list[Metric]:
+        raise NotImplementedError
+
+    def fill(self, families: list[Metric]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self.families()
+
+    def collect(self) -> Iterator[Metric]:
+        families = self.families()
+        try:
+            self.fill(families)
+        except Exception:  # noqa: BLE001 - metrics must never take a scrape (or a pod) down
+            log.debug("%s: reading live state failed", type(self).__name__, exc_info=True)
+        yield from families
+
+
 StatsSource = Callable[[], Iterable[PoolStats]]
 
 
-class PoolStatsCollector(Collector):
-    """Client pool gauges read at scrape time, so the pools pay nothing per call."""
+class PoolStatsCollector(ScrapeTimeCollector):
+    """Client pool gauges and counters read at scrape time, so the pools pay nothing per call."""
 
     def __init__(self) -> None:
         self._sources: list[StatsSource] = []
@@ -135,28 +193,132 @@ class PoolStatsCollector(Collector):
         """Report the pools ``source()`` returns (e.g. ``ProviderRegistry.stats``)."""
         self._sources.append(source)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        size = GaugeMetricFamily(
-            "tierstream_client_pool_size", "SDK clients open in the pool.", labels=["provider"]
-        )
-        in_use = GaugeMetricFamily(
-            "tierstream_client_pool_in_use", "Calls in flight on the pool's clients.", labels=["provider"]
-        )
-        max_size = GaugeMetricFamily(
-            "tierstream_client_pool_max_size", "Most clients the pool may open.", labels=["provider"]
-        )
+    def families(self) -> list[Metric]:
+        labels = ["provider"]
+        return [
+            GaugeMetricFamily("tierstream_client_pool_size", "SDK clients open in the pool.", labels=labels),
+            GaugeMetricFamily("tierstream_client_pool_in_use", "Calls in flight on the pool's clients.", labels=labels),
+            GaugeMetricFamily("tierstream_client_pool_max_size", "Most clients the pool may open.", labels=labels),
+            CounterMetricFamily("tierstream_client_pool_calls", "Calls made through the pool.", labels=labels),
+            CounterMetricFamily("tierstream_client_pool_clients_created", "SDK clients the pool opened.", labels=labels),
+            CounterMetricFamily("tierstream_client_pool_clients_retired", "SDK clients the pool closed.", labels=labels),
+        ]
+
+    def fill(self, families: list[Metric]) -> None:
+        size, in_use, max_size, calls, created, retired = families
         for source in self._sources:
             for stats in source():
-                size.add_metric([stats.name], stats.size)
-                in_use.add_metric([stats.name], stats.in_use)
-                max_size.add_metric([stats.name], stats.max_size)
-        yield from (size, in_use, max_size)
+                for family, value in (
+                    (size, stats.size), (in_use, stats.in_use), (max_size, stats.max_size),
+                    (calls, stats.total_calls), (created, stats.created), (retired, stats.retired),
+                ):
+                    family.add_metric([stats.name], value)  # type: ignore[attr-defined]
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        # Names only, so registering does not call the sources (which may not exist yet).
-        yield GaugeMetricFamily("tierstream_client_pool_size", "", labels=["provider"])
-        yield GaugeMetricFamily("tierstream_client_pool_in_use", "", labels=["provider"])
-        yield GaugeMetricFamily("tierstream_client_pool_max_size", "", labels=["provider"])
+
+class GuardrailCollector(ScrapeTimeCollector):
+    """The cost guardrails as this process sees them (from the spend and guardrails topics).
+
+    Every process with a view reports the same cluster-wide figures: aggregate them with
+    ``max``, not ``sum``.
+    """
+
+    def __init__(self) -> None:
+        self._view: GuardrailView | None = None
+
+    def watch(self, view: GuardrailView) -> None:
+        self._view = view
+
+    def families(self) -> list[Metric]:
+        if self._view is None:
+            return []
+        return [
+            GaugeMetricFamily(
+                "tierstream_guardrail_hour_spend_usd",
+                "Spend in the current hour window, cluster-wide (scope: global or a tier).",
+                labels=["scope"],
+            ),
+            GaugeMetricFamily("tierstream_guardrail_hour_limit_usd", "The hourly spend limit in force."),
+            GaugeMetricFamily("tierstream_guardrail_alert_threshold_usd", "The hourly alert threshold in force."),
+            GaugeMetricFamily("tierstream_guardrail_workflow_limit_usd", "The per-workflow budget in force."),
+            GaugeMetricFamily("tierstream_guardrail_alerting", "1 if this hour's spend reached the alert threshold."),
+            GaugeMetricFamily("tierstream_guardrail_paused", "1 if model calls are held because the hour is spent."),
+            GaugeMetricFamily(
+                "tierstream_guardrail_blocked_workflows", "Workflows at their budget (their requests end as budget_exceeded)."
+            ),
+            GaugeMetricFamily("tierstream_guardrail_state_caught_up", "1 once the view has read the guardrail topics."),
+        ]
+
+    def fill(self, families: list[Metric]) -> None:
+        view = self._view
+        if view is None:
+            return
+        spend, hour_limit, alert, workflow_limit, alerting, paused, blocked, caught_up = families
+        window = hour_window(time.time())
+        for scope in ("global", *(f"tier:{t.value}" for t in Tier)):
+            spend.add_metric([scope.removeprefix("tier:")], nanos_to_usd(view.hour_spend(window, scope)))  # type: ignore[attr-defined]
+        for family, value in (
+            (hour_limit, nanos_to_usd(view.hour_limit)),
+            (alert, nanos_to_usd(view.alert_threshold)),
+            (workflow_limit, nanos_to_usd(view.workflow_limit)),
+            (alerting, float(view.alerting())),
+            (paused, float(view.hour_paused())),
+            (blocked, sum(1 for t in list(view.workflows.values()) if t.nanos >= view.workflow_limit)),
+            (caught_up, float(view.caught_up.is_set())),
+        ):
+            family.add_metric([], value)  # type: ignore[attr-defined]
+
+
+class LagConsumer(Protocol):
+    """The part of a Faust consumer the lag collector reads."""
+
+    def assignment(self) -> Any: ...
+
+    def highwater(self, tp: Any) -> int | None: ...
+
+
+class ConsumerLagCollector(ScrapeTimeCollector):
+    """Consumer lag per topic over this process's assigned partitions, at scrape time.
+
+    Lag is the partition's high watermark minus the offset the group committed (what
+    KEDA's Kafka scaler reads): messages fetched but not yet answered count as lag. Summed
+    over the pods of a role it is the consumer group's lag.
+    """
+
+    def __init__(self) -> None:
+        self._consumers: list[Callable[[], LagConsumer]] = []
+
+    def watch(self, consumer: Callable[[], LagConsumer]) -> None:
+        """``consumer()`` returns the consumer (e.g. ``lambda: app.consumer``)."""
+        self._consumers.append(consumer)
+
+    def families(self) -> list[Metric]:
+        return [
+            GaugeMetricFamily(
+                "tierstream_consumer_lag_messages",
+                "Messages in this process's assigned partitions not yet committed by its group.",
+                labels=["topic"],
+            ),
+            GaugeMetricFamily(
+                "tierstream_consumer_assigned_partitions", "Partitions assigned to this process.", labels=["topic"]
+            ),
+        ]
+
+    def fill(self, families: list[Metric]) -> None:
+        lag_family, assigned_family = families
+        lag: dict[str, int] = {}
+        assigned: dict[str, int] = {}
+        for source in self._consumers:
+            consumer = source()
+            committed = getattr(consumer, "_committed_offset", {})  # Faust: next offset to read
+            for tp in consumer.assignment():
+                assigned[tp.topic] = assigned.get(tp.topic, 0) + 1
+                lag.setdefault(tp.topic, 0)
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    lag[tp.topic] += max(0, highwater - (committed.get(tp) or 0))
+        for topic in sorted(assigned):
+            lag_family.add_metric([topic], lag[topic])  # type: ignore[attr-defined]
+            assigned_family.add_metric([topic], assigned[topic])  # type: ignore[attr-defined]
 
 
 _default_metrics: Metrics | None = None
@@ -231,8 +393,18 @@ class AppLike(Protocol):
     def consumer(self) -> ConsumerLike: ...
 
 
+ReadinessCheck = Callable[[], str | None]  # None: fine; else why the worker is not ready
+StatusReport = Callable[[], dict[str, Any]]
+
+
 class HealthServer(mode.Service):
-    """``/health`` (liveness), ``/ready`` (partitions assigned) and ``/metrics``."""
+    """``/health`` (liveness), ``/ready`` and ``/metrics``.
+
+    Ready: the consumer has joined its group and holds partitions, and every ``checks``
+    entry (e.g. "providers answer") passes. ``reports`` add state to the ``/ready`` body
+    without deciding readiness: a worker paused by a guardrail is working as configured,
+    so it stays ready (a restart or a lost endpoint would not unpause it) and says so.
+    """
 
     def __init__(
         self,
@@ -240,12 +412,16 @@ class HealthServer(mode.Service):
         port: int = 8080,
         host: str = "0.0.0.0",  # probes and scrapers come from outside the pod
         registry: CollectorRegistry = REGISTRY,
+        checks: dict[str, ReadinessCheck] | None = None,
+        reports: dict[str, StatusReport] | None = None,
         **kwargs: Any,
     ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.registry = registry
+        self.checks = dict(checks or {})
+        self.reports = dict(reports or {})
         self.bound_port: int | None = None  # the real port once started (port 0: a free one)
         self._runner: web.AppRunner | None = None
         self._started_at = time.monotonic()
@@ -286,19 +462,80 @@ class HealthServer(mode.Service):
         )
 
     async def _ready(self, _request: web.Request) -> web.Response:
+        reasons: list[str] = []
+        assigned = 0
         try:
             assigned = len(self.app.consumer.assignment())
         except Exception as exc:  # e.g. ConsumerNotStarted while the app boots
+            reasons.append(f"consumer not started: {exc!r}")
+        else:
+            if not assigned:
+                reasons.append("no partitions assigned yet")
+        for name, check in self.checks.items():
+            try:
+                problem = check()
+            except Exception as exc:  # noqa: BLE001 - a broken check means "not ready"
+                problem = f"{name} check failed: {exc!r}"
+            if problem is not None:
+                reasons.append(problem)
+        body: dict[str, Any] = {"assigned_partitions": assigned}
+        for name, report in self.reports.items():
+            try:
+                body[name] = report()
+            except Exception as exc:  # noqa: BLE001 - a report never decides readiness
+                body[name] = {"error": repr(exc)}
+        if reasons:
+            # `reason` (the first) for people and probes' event messages; all in `reasons`.
             return web.json_response(
-                {"status": "not_ready", "reason": f"consumer not started: {exc!r}"}, status=503
+                {"status": "not_ready", "reason": reasons[0], "reasons": reasons, **body}, status=503
             )
-        if not assigned:
-            return web.json_response(
-                {"status": "not_ready", "reason": "no partitions assigned yet"}, status=503
-            )
-        return web.json_response({"status": "ready", "assigned_partitions": assigned})
+        return web.json_response({"status": "ready", **body})
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+def guardrail_report(view: GuardrailView) -> dict[str, Any]:
+    """The guardrail state for ``/ready``: bounded in size (no workflow ids)."""
+    now = time.time()
+    window = hour_window(now)
+    return {
+        "paused": view.hour_paused(now),
+        "alerting": view.alerting(now),
+        "resumed_by_operator": window in view.resumed_windows,
+        "hour_spent_usd": nanos_to_usd(view.hour_spend(window)),
+        "hour_limit_usd": nanos_to_usd(view.hour_limit),
+        "alert_threshold_usd": nanos_to_usd(view.alert_threshold),
+        "caught_up": view.caught_up.is_set(),
+    }
+
+
+def worker_services(
+    app: AppLike,
+    settings: Settings,
+    metrics: Metrics,
+    providers: ProviderRegistry | None = None,
+    view: GuardrailView | None = None,
+) -> list[mode.Service]:
+    """The health server of one role's worker and what it reads: the consumer's lag, the
+    client pools and a provider probe (roles that call models), the guardrail view."""
+    metrics.consumers.watch(lambda: app.consumer)
+    services: list[mode.Service] = []
+    checks: dict[str, ReadinessCheck] = {}
+    reports: dict[str, StatusReport] = {}
+    if providers is not None:
+        metrics.pools.watch(providers.stats)  # read at scrape time, free per call
+        probe = ProviderProbe(providers.endpoints)
+        services.append(probe)
+        checks["providers"] = probe.not_ready
+    if view is not None:
+        metrics.guardrails.watch(view)
+        reports["guardrails"] = lambda: guardrail_report(view)
+    services.append(
+        HealthServer(
+            app, port=settings.worker.health_port, registry=metrics.registry, checks=checks, reports=reports
+        )
+    )
+    return services

@@ -2,7 +2,10 @@
 
 No cluster is needed. Overlays are built with ``kustomize`` or ``kubectl kustomize`` when
 one is installed (only those checks are skipped otherwise); everything else reads the
-YAML files directly.
+YAML files directly. Kubernetes resources are validated with kubernetes-validate, KEDA
+ScaledObjects against KEDA's CRD schema (the pydantic models of cloudcoil.models.keda).
+The Dockerfile and the compose file cannot be run here (no Docker engine): their
+structure is checked against the code and the manifests.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import faust
 import pytest
 import yaml
 
@@ -68,6 +72,11 @@ TOPOLOGY = Topology(SETTINGS)
 ALL_BUILDS = [BASE, *OVERLAYS]
 
 
+def _health_routes() -> set[str]:
+    """The paths the worker's health server answers."""
+    return {r.resource.canonical for r in HealthServer(app=None).web_app().router.routes()}  # type: ignore[arg-type]
+
+
 def test_every_manifest_parses() -> None:
     files = sorted(K8S.rglob("*.yaml"))
     assert len(files) > 10
@@ -86,7 +95,7 @@ def test_built_resources_validate_against_the_kubernetes_schema(directory: Path)
     docs = _build(directory)
     for doc in docs:
         if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a CRD: no bundled schema, checked structurally below
+            continue  # a CRD: checked against KEDA's schema below
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
@@ -109,12 +118,14 @@ def test_one_deployment_and_pdb_per_role() -> None:
 
 
 def test_deployments_run_one_accepted_role_with_probes_on_the_health_server() -> None:
-    routes = {r.resource.canonical for r in HealthServer(app=None).web_app().router.routes()}  # type: ignore[arg-type]
+    routes = _health_routes()
     default_port = WorkerSettings().health_port
     assert default_port == SETTINGS.worker.health_port == 8080
     for name, deployment in _of_kind(_base_resources(), "Deployment").items():
         spec = deployment["spec"]["template"]["spec"]
-        assert spec["terminationGracePeriodSeconds"] == 60
+        # SIGTERM: Faust stops the agents, flushes the producer and commits, waiting up to
+        # its services' shutdown_timeout; the pod must not be killed before that.
+        assert spec["terminationGracePeriodSeconds"] == faust.Worker.shutdown_timeout
         container = _worker_container(deployment)
         args = container["args"]
         assert args[0] == "worker" and args[1] == "--roles"
@@ -149,12 +160,35 @@ def test_configmap_config_is_the_default_config() -> None:
 
 @pytest.mark.parametrize("directory", ALL_BUILDS, ids=lambda p: p.name)
 def test_built_configmap_loads_with_the_overlay_environment(directory: Path, tmp_path: Path) -> None:
+    """Each pod's configuration, as the worker validates it at start: the ConfigMap's
+    YAML with the ConfigMap's environment and the container's own (Secrets as stand-ins)."""
     docs = _build(directory)
     maps = {name.rsplit("-", 1)[0]: d for name, d in _of_kind(docs, "ConfigMap").items()}
     config = tmp_path / "config.yaml"
     config.write_text(maps["tierstream-config"]["data"]["config.yaml"])
-    settings = load_settings(config, environ=maps["tierstream-env"]["data"])
-    assert settings.kafka.topic_prefix == SETTINGS.kafka.topic_prefix
+    for name, deployment in _of_kind(docs, "Deployment").items():
+        if not name.startswith("tierstream-"):
+            continue  # the dev overlay's simulator
+        env = dict(maps["tierstream-env"]["data"])
+        secrets = set()
+        for var in _worker_container(deployment)["env"]:
+            if "valueFrom" in var:
+                secrets.add(var["name"])
+                env[var["name"]] = f"<{var['valueFrom']['secretKeyRef']['key']}>"
+            else:
+                env[var["name"]] = var["value"]
+        settings = load_settings(config, environ=env)
+        assert settings.kafka.topic_prefix == SETTINGS.kafka.topic_prefix
+        assert settings.worker.max_concurrent_tasks == int(env["MAX_CONCURRENT_TASKS"]), name
+        # The worker's own grace for calls in flight (worker.shutdown_grace_seconds, from the
+        # graceful-shutdown work) must end with time left to commit and leave the group
+        # (10 s, as the supervisor allows) before Kubernetes kills the pod.
+        in_flight_grace = getattr(settings.worker, "shutdown_grace_seconds", None)
+        if in_flight_grace is not None:
+            pod_grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert in_flight_grace + 10 <= pod_grace, name
+        if settings.kafka.uses_sasl:  # the password comes from a Secret, never the ConfigMap
+            assert settings.kafka.sasl_password_env in secrets, name
 
 
 def _check_scaled_objects(docs: list[Doc] | tuple[Doc, ...]) -> None:
@@ -181,6 +215,61 @@ def _check_scaled_objects(docs: list[Doc] | tuple[Doc, ...]) -> None:
         assert 1 <= spec.get("minReplicaCount", 0) <= spec["maxReplicaCount"] <= partitions[meta["topic"]]
 
 
+def _validate_keda(docs: list[Doc] | tuple[Doc, ...]) -> int:
+    """Validate every ScaledObject against KEDA's CRD schema; unknown fields fail too."""
+    keda = pytest.importorskip("cloudcoil.models.keda.v1alpha1")
+    kinds = {"ScaledObject": keda.ScaledObject, "TriggerAuthentication": keda.TriggerAuthentication}
+    count = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            parsed = kinds[doc["kind"]].model_validate(doc)
+            # The models ignore unknown fields: a field KEDA does not know (a typo) is
+            # caught by the round trip dropping it.
+            assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
+            count += doc["kind"] == "ScaledObject"
+            if "authenticationRef" in doc.get("spec", {}).get("triggers", [{}])[0]:
+                ref = doc["spec"]["triggers"][0]["authenticationRef"]["name"]
+                assert ref in _of_kind(docs, "TriggerAuthentication"), ref
+    return count
+
+
+def test_base_scaled_objects_validate_against_the_keda_crd_schema() -> None:
+    assert _validate_keda(_base_resources()) == len(ALL_ROLES)
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_overlay_scaled_objects_validate_against_the_keda_crd_schema(overlay: str) -> None:
+    assert _validate_keda(_build(K8S / "overlays" / overlay)) == len(ALL_ROLES)
+
+
+def test_prod_keda_logs_in_to_kafka_with_the_workers_secret() -> None:
+    docs = _build(K8S / "overlays" / "prod")
+    (auth,) = _of_kind(docs, "TriggerAuthentication").values()
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    env = {
+        v["name"]: (v["valueFrom"]["secretKeyRef"]["name"], v["valueFrom"]["secretKeyRef"]["key"])
+        for d in _of_kind(docs, "Deployment").values() for v in _worker_container(d)["env"] if "valueFrom" in v
+    }
+    assert refs["username"] == env["TIERSTREAM__KAFKA__SASL_USERNAME"]
+    assert refs["password"] == env[SETTINGS.kafka.sasl_password_env]
+    (env_map,) = [d for n, d in _of_kind(docs, "ConfigMap").items() if n.startswith("tierstream-env")]
+    mechanism = env_map["data"]["TIERSTREAM__KAFKA__SASL_MECHANISM"]  # e.g. SCRAM-SHA-512
+    assert env_map["data"]["TIERSTREAM__KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
+    for obj in _of_kind(docs, "ScaledObject").values():
+        meta = obj["spec"]["triggers"][0]["metadata"]
+        assert meta["sasl"] == mechanism.lower().replace("-sha-", "_sha") and meta["tls"] == "enable"
+
+
+def test_keda_schema_check_rejects_a_wrong_manifest() -> None:
+    keda = pytest.importorskip("cloudcoil.models.keda.v1alpha1")
+    (doc,) = _docs(BASE / "scaledobject-tier-nano.yaml")
+    typo = {**doc, "spec": {**doc["spec"], "maxReplicas": 3}}
+    with pytest.raises(AssertionError):
+        _validate_keda([typo])
+    with pytest.raises(ValueError):
+        keda.ScaledObject.model_validate({**doc, "spec": {**doc["spec"], "maxReplicaCount": "six"}})
+
+
 def test_base_scaled_objects_match_the_topology() -> None:
     _check_scaled_objects(_base_resources())
 
@@ -192,7 +281,7 @@ def test_overlay_scaled_objects_match_the_topology(overlay: str) -> None:
 
 def test_hpa_overlay_replaces_scaled_objects_with_lag_hpas() -> None:
     docs = _build(K8S / "overlays" / "prod-hpa")
-    assert not _of_kind(docs, "ScaledObject")
+    assert not [d["kind"] for d in docs if d["apiVersion"].startswith("keda.sh/")]
     deployments = _of_kind(docs, "Deployment")
     hpas = _of_kind(docs, "HorizontalPodAutoscaler")
     sources = {flow.role: flow.reads[0] for flow in TOPOLOGY.flows()}
@@ -204,3 +293,97 @@ def test_hpa_overlay_replaces_scaled_objects_with_lag_hpas() -> None:
         assert labels == {"consumergroup": f"{SETTINGS.app_id}-{role}", "topic": sources[role]}
         partitions = {spec.name: spec.partitions for spec in TOPOLOGY.all()}
         assert hpa["spec"]["maxReplicas"] <= partitions[sources[role]]
+
+
+ROOT = K8S.parents[1]
+COMPOSE = ROOT / "deploy" / "docker" / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+
+
+def _pyproject() -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _dockerfile(instruction: str) -> list[str]:
+    """The arguments of every ``instruction`` line of the final stage."""
+    final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    return [
+        line.split(None, 1)[1] for line in final.splitlines() if line.split(None, 1)[:1] == [instruction]
+    ]
+
+
+def test_dockerfile_agrees_with_the_code_and_the_manifests() -> None:
+    import json
+
+    project = _pyproject()["project"]
+    assert json.loads(_dockerfile("ENTRYPOINT")[0]) == ["tierstream"]
+    assert "tierstream" in project["scripts"]  # the console script the ENTRYPOINT runs
+    assert _dockerfile("EXPOSE") == [str(WorkerSettings().health_port)]
+    assert _dockerfile("USER") == ["10001:10001"]
+    for name, deployment in _of_kind(_base_resources(), "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == 10001, name
+        assert _worker_container(deployment)["image"] == f"tierstream:{project['version']}", name
+        # Prometheus finds /metrics through the pod annotations.
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        routes = _health_routes()
+        assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in routes
+        assert annotations["prometheus.io/port"] == str(WorkerSettings().health_port)
+
+
+def test_compose_runs_every_role_with_the_kubernetes_contract() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    workers = {name: s for name, s in services.items() if s.get("command", [""])[0] == "worker"}
+    assert set(workers) == set(ALL_ROLES)
+    version = _pyproject()["project"]["version"]
+    for name, service in workers.items():
+        command = service["command"]
+        assert command[1] == "--roles" and parse_roles(command[2]) == [name], name
+        assert service["image"] == f"tierstream:{version}"
+        assert service["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+        assert (COMPOSE.parent / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert service["stop_grace_period"] == f"{int(faust.Worker.shutdown_timeout)}s", name
+        env = service["environment"]
+        settings = load_settings(DEFAULT_CONFIG_PATH, environ={k: str(v) for k, v in env.items()})
+        assert settings.kafka.bootstrap_servers == "kafka:9092" and settings.simulator.host == "provider-sim"
+    assert {"kafka", "provider-sim", "prometheus", "grafana"} <= set(services)
+    sim = services["provider-sim"]["command"]
+    assert sim[0] == "provider-sim" and sim[sim.index("--port") + 1] == str(SETTINGS.simulator.port)
+
+
+def test_compose_prometheus_scrapes_every_worker_and_grafana_is_provisioned() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    mounts = {}
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source, target, mode = volume.split(":")
+            assert mode == "ro" and (COMPOSE.parent / source).exists(), volume
+            mounts[target] = (COMPOSE.parent / source).resolve()
+    config_path = mounts["/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load(config_path.read_text())
+    # Rule files are relative to the config, and mounted beside it.
+    for rule_file in config["rule_files"]:
+        assert mounts[f"/etc/prometheus/{rule_file}"] == config_path.parent / rule_file
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    (targets,) = [c["targets"] for c in job["static_configs"]]
+    port = WorkerSettings().health_port
+    assert sorted(targets) == sorted(f"{role}:{port}" for role in ALL_ROLES)
+    assert (mounts["/var/lib/grafana/dashboards"] / "tierstream.json").is_file()
+    assert (mounts["/etc/grafana/provisioning"] / "dashboards" / "tierstream.yml").is_file()
+
+
+def test_hpa_lag_targets_equal_the_keda_lag_thresholds() -> None:
+    """Both autoscalers aim at the same lag per replica for a role."""
+    keda = {
+        s["spec"]["scaleTargetRef"]["name"]: s["spec"]["triggers"][0]["metadata"]["lagThreshold"]
+        for s in _of_kind(_base_resources(), "ScaledObject").values()
+    }
+    hpas = _docs(K8S / "overlays" / "prod-hpa" / "hpa.yaml")
+    targets = {
+        h["spec"]["scaleTargetRef"]["name"]: h["spec"]["metrics"][0]["external"]["target"]["averageValue"] for h in hpas
+    }
+    assert targets == keda

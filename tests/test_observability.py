@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from faust.types import TP
+from prometheus_client import CollectorRegistry, generate_latest
 
 from schemas.codec import encode
 from schemas.models import AgentResult, CostEvent, Tier, Timings
 from streams.envelope import Outgoing, Source, dead_letter
-from streams.observability import HealthServer, Metrics, OutgoingObserver, dead_letter_code
+from streams.guardrails.view import GuardrailView
+from streams.observability import (
+    HealthServer,
+    Metrics,
+    OutgoingObserver,
+    dead_letter_code,
+    guardrail_report,
+)
 from streams.providers.pool import PoolStats
 from streams.supervisor import HEALTH_PORT_ENV, role_env
+from tests.monitoring import FakeLagConsumer, spend
 from topologies.config import load_settings
 from topologies.topics import Topology
 
@@ -219,3 +229,114 @@ async def test_a_busy_port_does_not_stop_the_worker(metrics: Metrics) -> None:
         await second.stop()
     finally:
         await first.stop()
+
+
+def test_rate_limiter_api(metrics: Metrics) -> None:
+    reg = metrics.registry
+    metrics.record_rate_limit_wait("writer", 0.0)
+    metrics.record_rate_limit_wait("writer", 2.0)
+    metrics.set_rate_limit_utilisation("writer", "requests", 0.75)
+    assert _value(reg, "tierstream_rate_limit_wait_seconds_count", limit="writer") == 2
+    assert _value(reg, "tierstream_rate_limit_wait_seconds_sum", limit="writer") == 2.0
+    assert _value(reg, "tierstream_rate_limit_wait_seconds_bucket", limit="writer", le="0.001") == 1
+    assert _value(reg, "tierstream_rate_limit_utilisation_ratio", limit="writer", resource="requests") == 0.75
+
+
+def test_pool_counters_are_read_at_scrape_time(metrics: Metrics) -> None:
+    stats = [PoolStats("anthropic", size=1, in_use=0, max_size=2, total_calls=7, created=3, retired=2)]
+    metrics.pools.watch(lambda: stats)
+    reg = metrics.registry
+    assert _value(reg, "tierstream_client_pool_calls_total", provider="anthropic") == 7
+    assert _value(reg, "tierstream_client_pool_clients_created_total", provider="anthropic") == 3
+    assert _value(reg, "tierstream_client_pool_clients_retired_total", provider="anthropic") == 2
+
+
+def _view(hour_usd: str = "1.0", alert_usd: str = "0.5") -> GuardrailView:
+    settings = load_settings(environ={
+        "TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_HOUR_USD": hour_usd,
+        "TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD": alert_usd,
+        "TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD": "0.25",
+    })
+    return GuardrailView(settings)
+
+
+def test_guardrail_gauges_follow_the_view(metrics: Metrics) -> None:
+    reg = metrics.registry
+    assert _value(reg, "tierstream_guardrail_paused") == 0  # nothing watched: no series
+    assert reg.get_sample_value("tierstream_guardrail_paused") is None
+    view = _view()
+    metrics.guardrails.watch(view)
+    assert _value(reg, "tierstream_guardrail_hour_limit_usd") == 1.0
+    assert _value(reg, "tierstream_guardrail_alert_threshold_usd") == 0.5
+    assert _value(reg, "tierstream_guardrail_workflow_limit_usd") == 0.25
+    assert reg.get_sample_value("tierstream_guardrail_paused") == 0
+    assert reg.get_sample_value("tierstream_guardrail_state_caught_up") == 0
+    spend(view, "global", 0.4, partition=0)
+    spend(view, "global", 0.2, partition=3)
+    spend(view, "tier:premium", 0.6)
+    spend(view, "wf-a", 0.3)
+    spend(view, "wf-b", 0.1)
+    assert _value(reg, "tierstream_guardrail_hour_spend_usd", scope="global") == pytest.approx(0.6)
+    assert _value(reg, "tierstream_guardrail_hour_spend_usd", scope="premium") == pytest.approx(0.6)
+    assert reg.get_sample_value("tierstream_guardrail_hour_spend_usd", {"scope": "nano"}) == 0
+    assert _value(reg, "tierstream_guardrail_alerting") == 1
+    assert _value(reg, "tierstream_guardrail_paused") == 0
+    assert _value(reg, "tierstream_guardrail_blocked_workflows") == 1
+    spend(view, "global", 0.5, partition=4)
+    assert _value(reg, "tierstream_guardrail_paused") == 1
+    report = guardrail_report(view)
+    assert report["paused"] is True and report["hour_spent_usd"] == pytest.approx(1.1)
+
+
+def test_consumer_lag_per_topic_from_highwater_and_committed_offsets(metrics: Metrics) -> None:
+    a0, a1, b0 = TP("agent.requests.nano", 0), TP("agent.requests.nano", 1), TP("agent.costs", 0)
+    consumer = FakeLagConsumer({a0: 10, a1: 5, b0: None}, {a0: 4, a1: None})
+    metrics.consumers.watch(lambda: consumer)
+    reg = metrics.registry
+    # partition 0: 10 - 4; partition 1: nothing committed yet, 5 - 0; b0: not fetched yet
+    assert reg.get_sample_value("tierstream_consumer_lag_messages", {"topic": "agent.requests.nano"}) == 11
+    assert reg.get_sample_value("tierstream_consumer_lag_messages", {"topic": "agent.costs"}) == 0
+    assert reg.get_sample_value("tierstream_consumer_assigned_partitions", {"topic": "agent.requests.nano"}) == 2
+    consumer._committed_offset[a0] = 10
+    consumer._committed_offset[a1] = 5
+    assert reg.get_sample_value("tierstream_consumer_lag_messages", {"topic": "agent.requests.nano"}) == 0
+
+
+def test_a_failing_source_leaves_its_samples_out_but_the_scrape_succeeds(metrics: Metrics) -> None:
+    def broken() -> FakeLagConsumer:
+        raise RuntimeError("ConsumerNotStarted")
+
+    metrics.consumers.watch(broken)
+    metrics.record_classified("classifier", "nano")
+    text = generate_latest(metrics.registry).decode()
+    assert "tierstream_consumer_lag_messages{" not in text
+    assert 'tierstream_classifier_decisions_total{tier="nano"} 1.0' in text
+
+
+async def test_ready_needs_every_check_and_reports_do_not_decide(metrics: Metrics) -> None:
+    problems = {"providers": "providers not answering: openai: ClientConnectorError"}
+    report = {"paused": False}
+    app = FakeApp()
+    app.consumer.assigned.add(("agent.requests.nano", 0))
+    server = HealthServer(
+        app, port=0, host="127.0.0.1", registry=metrics.registry,
+        checks={"providers": lambda: problems.get("providers")},
+        reports={"guardrails": lambda: dict(report)},
+    )
+    await server.start()
+    try:
+        url = f"http://127.0.0.1:{server.bound_port}/ready"
+        async with aiohttp.ClientSession() as http:
+            body = json.loads(await _wait_status(http, url, 503))
+            assert body["reasons"] == [problems["providers"]]
+            assert body["guardrails"] == {"paused": False}
+            problems.clear()
+            report["paused"] = True
+            body = json.loads(await _wait_status(http, url, 200))
+            assert body["status"] == "ready" and body["guardrails"] == {"paused": True}
+            app.consumer.assigned.clear()
+            problems["providers"] = "providers not answering: x"
+            body = json.loads(await _wait_status(http, url, 503))
+            assert body["reasons"] == ["no partitions assigned yet", "providers not answering: x"]
+    finally:
+        await server.stop()
