@@ -1,5 +1,12 @@
-"""Faust's aiokafka transport, with one fix: a partition without a committed offset is
-rewound to its beginning whenever Faust seeks to the committed offsets.
+"""Faust's aiokafka transport, with two fixes.
+
+Idempotent producers. Faust turns idempotence on only in exactly-once mode; without it a
+produce request that the broker wrote but could not acknowledge (a broker restart) is
+retried and written twice: the broker-restart test saw 8 results and 12 cost events
+doubled out of 1,500 requests. Every role's producer is idempotent.
+
+Seeking. A partition without a committed offset is rewound to its beginning whenever
+Faust seeks to the committed offsets.
 
 Faust drops records it has already fetched when its flow stops mid-batch (a rebalance
 starting) and relies on "seek to committed" to read them again. aiokafka's
@@ -46,5 +53,11 @@ class _Consumer(faust_aiokafka.Consumer):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+class _Producer(faust_aiokafka.Producer):
+    def _settings_extra(self) -> Mapping[str, object]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
+    Producer = _Producer

@@ -4,7 +4,8 @@ A role reads and writes only the topics its :class:`~topologies.topics.Flow` nam
 only its own consumer group, and owns only the internal topics Faust creates for that
 group (``<group>-__assignor-__leader``, table changelogs). Topology topics are created by
 an administrator (``tierstream topics create``), so no role may create them. No role uses
-transactions or idempotent producers, so none gets TransactionalId or IdempotentWrite.
+transactions, so none gets TransactionalId; producers are idempotent, which since Kafka 2.8
+needs only Write on the topic (older brokers also want IdempotentWrite on the cluster).
 
 ``tierstream acls`` prints them as ``kafka-acls.sh`` commands; the committed example,
 ``deploy/kafka/acls.sh``, is that output for the default configuration (a test keeps it
