@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.models import ChatMessage, Tier
+from streams.app import use_event_loop
 from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
 from streams.kafka_security import aiokafka_kwargs
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("fake", "sdk"), default="fake")
     args = parser.parse_args(argv)
     settings = load_settings()
+    use_event_loop()  # the same event loop as tierstream's workers (uvloop by default)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -9,6 +9,7 @@ Faust's partition assignor only ever sees members with identical subscriptions.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -169,6 +170,24 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     return app
 
 
+EVENT_LOOP_ENV = "TIERSTREAM_EVENT_LOOP"
+
+
+def use_event_loop() -> str:
+    """uvloop for the workers (less CPU per event than asyncio's loop, see README,
+    "Benchmarks"); ``TIERSTREAM_EVENT_LOOP=asyncio`` keeps the standard loop."""
+    name = os.environ.get(EVENT_LOOP_ENV, "uvloop").strip().lower() or "uvloop"
+    if name not in ("uvloop", "asyncio"):
+        raise ValueError(f"{EVENT_LOOP_ENV}={name!r}: expected uvloop or asyncio")
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not installed on this platform (Windows): the standard loop
+            return "asyncio"
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return name
+
+
 def changelog_topics(app: faust.App, settings: Settings) -> list[NewTopic]:
     """The app's table changelog topics, configured as Faust would declare them."""
     topics = []
@@ -188,6 +207,7 @@ def changelog_topics(app: faust.App, settings: Settings) -> list[NewTopic]:
 
 def run_role(settings: Settings, role: Role) -> None:
     """Run one role's Faust worker in this process until SIGTERM/SIGINT."""
+    use_event_loop()  # before the app exists: Faust takes its loop from the policy
     app = build_role_app(settings, role)
     # Create the topics (the topology's and the tables' changelogs) before the consumer
     # starts: one created later may be missing from its metadata when partitions are
