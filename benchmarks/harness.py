@@ -95,6 +95,8 @@ NOTES = [
     "overhead = end-to-end - model call latency, per result (queueing included).",
     "calls_in_flight_peak: most model calls open at one instant, from the results' started_at/finished_at.",
     "kb_per_in_flight_call = (largest sampled worker RSS - RSS when the burst started) / calls_in_flight_peak.",
+    "worker_idle_cpu_s_per_s: CPU the idle workers burn (timers, commits, fetch loops), measured for "
+    "--idle-window s before the burst; cpu_ms_per_result_net_of_idle subtracts it over the burst.",
     "The simulator and the broker share the machine's cores with the workers.",
 ]
 # The issue's scenarios; explicit options override them.
@@ -120,6 +122,8 @@ FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("calls_in_flight_peak", ("calls_in_flight_peak",)),
     ("worker_cpu_s", ("resources", "workers", "cpu_s")),
     ("worker_cpu_ms_per_result", ("resources", "workers", "cpu_ms_per_result")),
+    ("worker_cpu_ms_per_result_net_of_idle", ("resources", "workers", "cpu_ms_per_result_net_of_idle")),
+    ("worker_idle_cpu_s_per_s", ("resources", "idle_cpu_s_per_s")),
     ("worker_peak_rss_mb_sum", ("resources", "workers", "peak_rss_mb_sum")),
     ("worker_rss_growth_mb", ("resources", "workers", "rss_growth_mb")),
     ("kb_per_in_flight_call", ("resources", "workers", "kb_per_in_flight_call")),
@@ -273,14 +277,27 @@ def run_pipeline(
                 await sampling
             return seen
 
+        # Idle CPU first: what the workers burn doing nothing (timers, commits, fetch
+        # loops); over a slow run it is part of cpu_s, so it is reported beside it.
+        idle = TreeSampler([p.pid for p in procs])
+        idle.sample()
+        time.sleep(args.idle_window)
+        idle.sample()
         tick()
         seen = asyncio.run(measure())
         out = figures(seen, args.requests)  # type: ignore[arg-type]
         out["description"] = DESCRIPTIONS[kind]
         out["startup_ready_s"] = round(ready_s, 3)
         out["lag"] = lag.figures()
+        idle_rate = float(idle.figures()["cpu_s"]) / args.idle_window if args.idle_window > 0 else None
+        workers = _worker_figures(everything, out)
+        if idle_rate is not None and workers["cpu_ms_per_result"] is not None:
+            # What the burst cost beyond idling for as long as it lasted.
+            busy = float(workers["cpu_s"]) - idle_rate * float(out["throughput"]["produce_start_to_last_s"])  # type: ignore[index]
+            workers["cpu_ms_per_result_net_of_idle"] = round(busy * 1000 / out["counts"]["results"], 3)  # type: ignore[index]
         out["resources"] = {
-            "workers": _worker_figures(everything, out),
+            "idle_cpu_s_per_s": round(idle_rate, 4) if idle_rate is not None else None,
+            "workers": workers,
             "per_worker": [_worker_figures(s, None) for s in per_worker],
             "simulator": simulator.figures(),
         }
@@ -423,6 +440,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker-perf-records", type=int, default=200_000,
                         help="records for Kafka's producer/consumer perf tools (0: skip)")
     parser.add_argument("--lag-interval", type=float, default=0.5, help="seconds between lag samples")
+    parser.add_argument("--idle-window", type=float, default=2.0,
+                        help="seconds of idle CPU measured before each burst (0: none)")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON only")
     args = parser.parse_args(argv)
     preset = {**DEFAULTS, **SCENARIOS.get(args.scenario or 0, {})}

@@ -30,7 +30,7 @@ PERF_RECORDS = 5000
 def _harness(kafka_bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.harness", "--requests", str(REQUESTS), "--workers", "1",
-         "--latency-ms", "0", "--timeout", "120", *args],
+         "--latency-ms", "0", "--timeout", "120", "--idle-window", "0.5", *args],
         cwd=REPO_ROOT,
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
         capture_output=True, text=True, timeout=230, check=False,
