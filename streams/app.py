@@ -94,6 +94,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         producer_acks=-1,
         producer_max_request_size=settings.kafka.max_message_bytes,
         producer_linger=0.005,
+        producer_max_batch_size=producer_max_batch_bytes(settings),
         web_enabled=False,
         # Tier agents can be held by the budget gate for the rest of an hour; a rebalance
         # must not wait for them. An event held across a rebalance is still answered (and
@@ -171,6 +172,17 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
 
 
 EVENT_LOOP_ENV = "TIERSTREAM_EVENT_LOOP"
+PRODUCER_BATCH_ENV = "TIERSTREAM_PRODUCER_MAX_BATCH_BYTES"
+
+
+def producer_max_batch_bytes(settings: Settings) -> int:
+    """Bytes per partition batch of the workers' producers: 256 KiB (aiokafka's default is
+    16 KiB), at most ``kafka.max_message_bytes``. With 16 KiB a batch holds about ten
+    results, and a send into a full batch waits for the broker to acknowledge the one in
+    flight, holding the agent's concurrency slot (see README, "Benchmarks").
+    ``TIERSTREAM_PRODUCER_MAX_BATCH_BYTES`` overrides it, for measurements."""
+    wanted = int(os.environ.get(PRODUCER_BATCH_ENV, 256 * 1024))
+    return max(1024, min(wanted, settings.kafka.max_message_bytes))
 
 
 def use_event_loop() -> str:
