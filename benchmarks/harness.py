@@ -201,6 +201,7 @@ def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) ->
 
 
 def pipeline_env(kind: str, run: str, bootstrap: str, sim_port: int, max_in_flight: int | None) -> dict[str, str]:
+    """The workers' environment; a ``--variant``'s settings are in PIPELINE_ENV."""
     env = {
         "TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -286,7 +287,7 @@ def run_pipeline(
         tick()
         seen = asyncio.run(measure())
         out = figures(seen, args.requests)  # type: ignore[arg-type]
-        out["description"] = DESCRIPTIONS[kind]
+        out["description"] = DESCRIPTIONS.get(kind, f"as tierstream, with {PIPELINE_ENV.get(kind)}")
         out["startup_ready_s"] = round(ready_s, 3)
         out["lag"] = lag.figures()
         idle_rate = float(idle.figures()["cpu_s"]) / args.idle_window if args.idle_window > 0 else None
@@ -343,9 +344,11 @@ def flat(figures: dict) -> dict[str, object]:
 
 
 def ratios(pipelines: dict[str, dict]) -> dict[str, dict[str, float | None]]:
-    """For each pair present, every figure of the first pipeline over the second's."""
+    """For each pair present, every figure of the first pipeline over the second's; a
+    variant (tierstream-NAME) over tierstream."""
     out = {}
-    for a, b in RATIO_PAIRS:
+    variants = [(k, "tierstream") for k in pipelines if k.startswith("tierstream-") and k not in PIPELINES]
+    for a, b in (*RATIO_PAIRS, *variants):
         if a in pipelines and b in pipelines:
             fa, fb = flat(pipelines[a]), flat(pipelines[b])
             out[f"{a}/{b}"] = {name: _ratio(fa[name], fb[name]) for name, _ in FIGURES}
@@ -440,6 +443,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker-perf-records", type=int, default=200_000,
                         help="records for Kafka's producer/consumer perf tools (0: skip)")
     parser.add_argument("--lag-interval", type=float, default=0.5, help="seconds between lag samples")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                        help="also run tierstream-NAME, tierstream with these environment settings, in the "
+                             "same run (an A/B of a change: e.g. httpx:TIERSTREAM_HTTP_TRANSPORT=httpx)")
     parser.add_argument("--idle-window", type=float, default=2.0,
                         help="seconds of idle CPU measured before each burst (0: none)")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON only")
@@ -450,6 +456,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     args.pipelines = [p.strip() for p in str(args.pipelines).split(",") if p.strip()]
     unknown = [p for p in args.pipelines if p not in PIPELINES]
+    for variant in args.variant:
+        name, _, assignments = variant.partition(":")
+        pairs = [a.split("=", 1) for a in assignments.split(",") if a]
+        if not name or not pairs or any(len(p) != 2 for p in pairs):
+            parser.error(f"--variant {variant!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+        PIPELINE_ENV[f"tierstream-{name}"] = dict(pairs)  # type: ignore[misc]
+        args.pipelines.append(f"tierstream-{name}")
     try:
         args.workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
     except ValueError:
@@ -520,6 +533,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
             "scenario": args.scenario, "requests": args.requests, "workers": args.workers,
             "latency_ms": args.latency_ms, "max_in_flight": args.max_in_flight,
             "timeout_s": args.timeout, "pipelines": args.pipelines,
+            "pipeline_env": {k: PIPELINE_ENV[k] for k in args.pipelines if k in PIPELINE_ENV},
             "broker": "external" if external else "local (started by the harness)",
         },
         "machine": {

@@ -177,6 +177,7 @@ def bench(
     pipelines: Annotated[Optional[str], typer.Option(help="Comma-separated: tierstream, raw-fake, raw-sdk, tierstream-guarded.")] = None,
     broker_perf_records: Annotated[int, typer.Option(help="Records for Kafka's own perf tools (0: skip).")] = 200_000,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Write the JSON only.")] = False,
+    variant: Annotated[Optional[list[str]], typer.Option(help="NAME:VAR=VALUE[,VAR=VALUE]: also run tierstream with these environment settings, in the same run (repeatable).")] = None,
 ) -> None:
     """Throughput benchmark: tierstream against raw aiokafka baselines and the broker's own
     perf tools, in the same run."""
@@ -187,6 +188,7 @@ def bench(
                "--timeout": timeout, "--pipelines": pipelines, "--broker-perf-records": broker_perf_records}
     argv = [str(a) for name, value in options.items() if value is not None for a in (name, value)]
     argv += ["--no-plots"] if no_plots else []
+    argv += [a for v in variant or [] for a in ("--variant", v)]
     raise typer.Exit(bench_main(argv))
 
 

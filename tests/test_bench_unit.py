@@ -85,3 +85,15 @@ def test_perf_tool_output_is_parsed() -> None:
                         "fetch_records_per_s": 27793.2184}
     with pytest.raises(ValueError):
         parse_producer("nothing useful")
+
+
+def test_a_variant_is_tierstream_with_its_environment_compared_with_tierstream() -> None:
+    from benchmarks.harness import PIPELINE_ENV
+
+    args = parse_args(["--pipelines", "tierstream", "--variant", "b16k:TIERSTREAM_PRODUCER_MAX_BATCH_BYTES=16384,X=1"])
+    assert args.pipelines == ["tierstream", "tierstream-b16k"]
+    assert PIPELINE_ENV["tierstream-b16k"] == {"TIERSTREAM_PRODUCER_MAX_BATCH_BYTES": "16384", "X": "1"}
+    out = ratios({"tierstream": _pipeline(100.0), "tierstream-b16k": _pipeline(80.0)})
+    assert out["tierstream-b16k/tierstream"]["results_per_s"] == 0.8
+    with pytest.raises(SystemExit):
+        parse_args(["--variant", "no-assignments"])
