@@ -45,9 +45,10 @@ test-fast: $(STAMP) promtool
 demo: install
 	$(VENV)/bin/tierstream demo
 
-# Throughput against raw aiokafka baselines in the same run; see benchmarks/harness.py.
+# Scenario 1 (zero-latency simulator, one worker) against raw aiokafka baselines and
+# Kafka's own perf tools in the same run; see README "Benchmarks" for scenarios 2-4.
 bench: install
-	$(VENV)/bin/tierstream bench --requests 5000 --workers 1 --latency-ms 0
+	$(VENV)/bin/tierstream bench --scenario 1
 
 schemas: $(STAMP)
 	$(PY) -m schemas.export

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.models import ChatMessage, Tier
+from streams.app import producer_max_batch_bytes, use_event_loop
 from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
 from streams.kafka_security import aiokafka_kwargs
@@ -127,6 +128,7 @@ async def run_role(settings: Settings, role: str, mode: str, stop: asyncio.Event
     kafka_kwargs = aiokafka_kwargs(settings.kafka)
     producer = AIOKafkaProducer(
         acks="all", linger_ms=5, max_request_size=settings.kafka.max_message_bytes,
+        max_batch_size=producer_max_batch_bytes(settings),  # as tierstream's workers
         **kafka_kwargs,
     )
     consumer = AIOKafkaConsumer(
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("fake", "sdk"), default="fake")
     args = parser.parse_args(argv)
     settings = load_settings()
+    use_event_loop()  # the same event loop as tierstream's workers (uvloop by default)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -1,21 +1,27 @@
 """Throughput benchmark: tierstream against a raw aiokafka baseline, in the same run.
 
-``python -m benchmarks.harness --requests 20000 --workers 1 --latency-ms 0`` (or
-``tierstream bench ...``):
+``python -m benchmarks.harness --requests 20000 --workers 1,2,4 --latency-ms 0`` (or
+``tierstream bench ...``; ``--scenario 1..4`` picks the issue's scenarios):
 
 1. a broker: ``$KAFKA_BOOTSTRAP_SERVERS``, else a local KRaft broker on free ports;
 2. the provider simulator as a subprocess (``--latency-ms`` median; 0 answers at once);
-3. for each pipeline, in turn, on its own topics and consumer groups:
+3. the broker's own ceiling: Kafka's producer and consumer perf tools, see
+   :mod:`benchmarks.kafka_perf`;
+4. for each worker count, for each pipeline, in turn, on its own topics and groups:
 
    * ``tierstream``: N x ``tierstream worker --roles all`` (Faust, one process per role);
-   * ``raw-fake``: N x the four roles as plain aiokafka loops that make NO model call
-     (a local fake completion of the simulator's shape), see :mod:`benchmarks.baseline`;
+   * ``tierstream-guarded`` (scenario 4): the same with the guardrails engaged, see
+     :data:`GUARDED_ENV`, and the rate limits once they exist (:data:`RATE_LIMIT_ENV`);
+   * ``raw-fake``: N x the request-path roles as plain aiokafka loops that make NO model
+     call (a local fake completion of the simulator's shape), see :mod:`benchmarks.baseline`;
    * ``raw-sdk``: the same loops calling the simulator through the same SDK clients;
 
    wait until every role's consumer group is Stable, produce the workload in one burst
-   (aiokafka, each request stamped as it is sent) and measure from the consumer side;
-4. print a table, write every figure and the machine to ``benchmarks/results/<ts>.json``,
-   and with ``--compare old.json`` print the ratios to a saved run.
+   (aiokafka, each request stamped as it is sent) and measure from the consumer side,
+   sampling consumer lag and the workers' CPU and memory while it runs;
+5. print a table with every tierstream figure's ratio to the raw pipelines', write every
+   figure and the machine to ``benchmarks/results/<ts>.json`` and PNG plots beside it,
+   and with ``--baseline old.json`` print the ratios to a saved run.
 
 All requests are produced in one burst, so latencies include queueing: they describe
 this burst, not a service level at a given arrival rate.
@@ -43,6 +49,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from benchmarks import plots
+from benchmarks.kafka_perf import broker_ceiling
+from benchmarks.lag import LagSampler
 from benchmarks.measure import drive, figures
 from benchmarks.procstats import TreeSampler
 from streams import processes
@@ -54,19 +63,81 @@ from topologies.topics import ALL_ROLES, COST_ROLE
 BASELINE_ROLES = [role for role in ALL_ROLES if role != COST_ROLE]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PIPELINES = ("tierstream", "raw-fake", "raw-sdk")
+PIPELINES = ("tierstream", "raw-fake", "raw-sdk", "tierstream-guarded")
+DEFAULT_PIPELINES = ("tierstream", "raw-fake", "raw-sdk")
 DESCRIPTIONS = {
     "tierstream": "Faust workers (tierstream worker --roles all), model called via SDKs -> simulator",
+    "tierstream-guarded": "as tierstream, guardrails engaged (see config.pipeline_env)",
     "raw-fake": "plain aiokafka, same handlers, NO model call (fake completion, no HTTP, no SDK)",
     "raw-sdk": "plain aiokafka, same handlers, model called via the same SDK clients -> simulator",
 }
+# Scenario 4. tierstream's budget gate and cost role always run; these settings make the
+# gate do its most expensive work on every call: premium requests take the downgrade
+# path (the hour is "above the alert threshold" from the first cent) and every workflow
+# has a budget near what the sample workload spends on it (about $0.12 a workflow for
+# 2,000 requests over 20 workflows), so the gate's per-workflow reservations bind near
+# the end of a run (requests of a workflow over budget end as budget_exceeded results,
+# which still count as answers; with $0.05, 65 % of them did, which measures rejection).
+GUARDED_ENV = {
+    "TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD": "0.000001",
+    "TIERSTREAM__COST_GUARDRAILS__DOWNGRADE_PREMIUM_ABOVE_ALERT": "true",
+    "TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD": "0.15",
+}
+# Hook for the cluster-wide rate limits (issue 4, being built): once `rate_limits` is
+# enforced, put the settings that switch it on here (TIERSTREAM__RATE_LIMITS__... in the
+# environment form load_settings reads) and scenario 4 measures them with the guardrails.
+RATE_LIMIT_ENV: dict[str, str] = {}
+PIPELINE_ENV = {"tierstream-guarded": {**GUARDED_ENV, **RATE_LIMIT_ENV}}
 NOTES = [
     "raw-fake skips the HTTP model call: tierstream/raw-fake includes the SDK + simulator cost, not only Faust's.",
     "tierstream/raw-sdk compares like with like (same SDK calls to the same simulator): it isolates the Faust overhead.",
     "raw-sdk/raw-fake is the cost of the SDK + simulator round trip in the plain aiokafka pipeline.",
+    "tierstream also runs the cost role (Faust tables, spend topic) and the budget gate; the raw pipelines do not.",
     "All requests are produced in one burst; latencies include queueing behind the burst.",
-    "The simulator shares the machine's cores with the workers and the broker.",
+    "overhead = end-to-end - model call latency, per result (queueing included).",
+    "calls_in_flight_peak: most model calls open at one instant, from the results' started_at/finished_at.",
+    "kb_per_in_flight_call = (largest sampled worker RSS - RSS when the burst started) / calls_in_flight_peak.",
+    "worker_idle_cpu_s_per_s: CPU the idle workers burn (timers, commits, fetch loops), measured for "
+    "--idle-window s before the burst; cpu_ms_per_result_net_of_idle subtracts it over the burst.",
+    "The simulator and the broker share the machine's cores with the workers.",
 ]
+# The issue's scenarios; explicit options override them.
+SCENARIOS: dict[int, dict[str, object]] = {
+    1: {"requests": 5000, "workers": "1", "latency_ms": 0.0, "pipelines": "tierstream,raw-fake,raw-sdk"},
+    2: {"requests": 4000, "workers": "1", "latency_ms": 2000.0, "pipelines": "tierstream,raw-sdk",
+        "max_in_flight": 4000},
+    3: {"requests": 5000, "workers": "1,2,4", "latency_ms": 0.0, "pipelines": "tierstream,raw-sdk"},
+    4: {"requests": 3000, "workers": "1", "latency_ms": 0.0, "pipelines": "tierstream,tierstream-guarded"},
+}
+DEFAULTS: dict[str, object] = {"requests": 20000, "workers": "1", "latency_ms": 0.0,
+                               "pipelines": ",".join(DEFAULT_PIPELINES), "max_in_flight": None}
+# Every figure a pipeline reports, as (name, path in its JSON); ratios and --baseline use them.
+FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("results_per_s", ("throughput", "results_per_s")),
+    ("first_to_last_s", ("throughput", "first_to_last_s")),
+    ("produce_per_s", ("throughput", "produce_per_s")),
+    *((f"e2e_{q}_ms", ("latency_ms", "end_to_end", q)) for q in ("p50", "p95", "p99")),
+    *((f"overhead_{q}_ms", ("latency_ms", "overhead", q)) for q in ("p50", "p95", "p99")),
+    *((f"recv_{q}_ms", ("latency_ms", "receive_minus_produce", q)) for q in ("p50", "p95", "p99")),
+    ("model_p50_ms", ("latency_ms", "model", "p50")),
+    ("model_p99_ms", ("latency_ms", "model", "p99")),
+    ("calls_in_flight_peak", ("calls_in_flight_peak",)),
+    ("worker_cpu_s", ("resources", "workers", "cpu_s")),
+    ("worker_cpu_ms_per_result", ("resources", "workers", "cpu_ms_per_result")),
+    ("worker_cpu_ms_per_result_net_of_idle", ("resources", "workers", "cpu_ms_per_result_net_of_idle")),
+    ("worker_idle_cpu_s_per_s", ("resources", "idle_cpu_s_per_s")),
+    ("worker_peak_rss_mb_sum", ("resources", "workers", "peak_rss_mb_sum")),
+    ("worker_rss_growth_mb", ("resources", "workers", "rss_growth_mb")),
+    ("kb_per_in_flight_call", ("resources", "workers", "kb_per_in_flight_call")),
+    ("lag_peak_total", ("lag", "peak_total")),
+    ("simulator_cpu_s", ("resources", "simulator", "cpu_s")),
+    ("startup_ready_s", ("startup_ready_s",)),
+)
+# Ratios printed and stored: numerator pipeline over denominator pipeline, every figure.
+RATIO_PAIRS = (
+    ("tierstream", "raw-sdk"), ("tierstream", "raw-fake"), ("raw-sdk", "raw-fake"),
+    ("tierstream-guarded", "tierstream"),
+)
 
 
 def kafka_version(bootstrap_external: bool) -> str:
@@ -108,13 +179,16 @@ def machine_info(external: bool) -> dict[str, object]:
     }
 
 
-def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) -> list[subprocess.Popen[bytes]]:
-    procs = []
+def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) -> list[list[subprocess.Popen[bytes]]]:
+    """The processes of each worker set: one ``worker --roles all`` tree, or one plain
+    process per request-path role for the raw pipelines."""
+    sets: list[list[subprocess.Popen[bytes]]] = []
     for w in range(workers):
-        if kind == "tierstream":
-            procs.append(processes.spawn(["worker", "--roles", "all"], env, logs / f"{kind}-worker{w}.log"))
+        if kind.startswith("tierstream"):
+            sets.append([processes.spawn(["worker", "--roles", "all"], env, logs / f"{kind}-worker{w}.log")])
             continue
         mode = kind.split("-", 1)[1]
+        procs = []
         for role in BASELINE_ROLES:
             out = open(logs / f"{kind}-{role}-{w}.log", "ab")  # noqa: SIM115 - owned by the child
             procs.append(
@@ -124,14 +198,12 @@ def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) ->
                 )
             )
             out.close()
-    return procs
+        sets.append(procs)
+    return sets
 
 
-def run_pipeline(
-    kind: str, bootstrap: str, sim_port: int, sim_pid: int, args: argparse.Namespace,
-    logs: Path, progress: Progress, stoppers: list[threading.Thread],
-) -> dict[str, object]:
-    run = uuid.uuid4().hex[:8]
+def pipeline_env(kind: str, run: str, bootstrap: str, sim_port: int, max_in_flight: int | None) -> dict[str, str]:
+    """The workers' environment; a ``--variant``'s settings are in PIPELINE_ENV."""
     env = {
         "TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -141,53 +213,99 @@ def run_pipeline(
         "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
         "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
         "TIERSTREAM__WORKER__LOG_LEVEL": "warning",
+        "TIERSTREAM__WORKER__HEALTH_PORT": "0",
+        **PIPELINE_ENV.get(kind, {}),
     }
+    if max_in_flight is not None:
+        env["MAX_CONCURRENT_TASKS"] = str(max_in_flight)
+    return env
+
+
+def run_pipeline(
+    kind: str, workers_n: int, bootstrap: str, sim_port: int, sim_pid: int, args: argparse.Namespace,
+    logs: Path, progress: Progress, stoppers: list[threading.Thread],
+) -> dict[str, object]:
+    run = uuid.uuid4().hex[:8]
+    env = pipeline_env(kind, run, bootstrap, sim_port, args.max_in_flight)
     settings = load_settings(environ={**os.environ, **env})
     asyncio.run(ensure_topics(settings))
     started = time.monotonic()
-    procs = _spawn_pipeline(kind, args.workers, env, logs)
+    sets = _spawn_pipeline(kind, workers_n, env, logs)
+    procs = [p for procs in sets for p in procs]
     try:
         def check_alive() -> None:
             dead = [p.args for p in procs if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"{kind}: process(es) exited early: {dead}; logs in {logs}")
 
-        roles = list(ALL_ROLES) if kind == "tierstream" else BASELINE_ROLES
-        asyncio.run(wait_for_roles(settings, roles, timeout=180, members=args.workers))
+        roles = list(ALL_ROLES) if kind.startswith("tierstream") else BASELINE_ROLES
+        asyncio.run(wait_for_roles(settings, roles, timeout=180, members=workers_n))
         ready_s = time.monotonic() - started
         for stopper in stoppers:  # the previous pipeline is gone before measuring this one
             stopper.join()
         check_alive()
-        workers = TreeSampler([p.pid for p in procs])
+        everything = TreeSampler([p.pid for p in procs])
+        per_worker = [TreeSampler([p.pid for p in procs]) for procs in sets]
         simulator = TreeSampler([sim_pid])
-        produced = progress.add_task(f"{kind} produced", total=args.requests)
-        answered = progress.add_task(f"{kind} answered", total=args.requests)
+        samplers = [everything, *per_worker, simulator]
+        label = f"{kind} x{workers_n}"
+        produced = progress.add_task(f"{label} produced", total=args.requests, info="")
+        answered = progress.add_task(f"{label} answered", total=args.requests, info="")
+        lag = LagSampler(settings, roles, interval=args.lag_interval)
 
-        def complete() -> None:
-            workers.sample()
-            simulator.sample()
+        def tick() -> None:
+            for sampler in samplers:
+                sampler.sample()
+            progress.update(answered, info=f"lag {sum(lag.latest.values())}" if lag.latest else "")
 
-        workers.sample()
-        simulator.sample()
-        seen = asyncio.run(
-            drive(
-                settings, args.requests, args.timeout,
-                on_produced=lambda n: progress.advance(produced, n),
-                on_answered=lambda n: progress.update(answered, completed=n),
-                on_complete=complete,
-                check_alive=check_alive,
-            )
-        )
-        if seen.answered < args.requests:  # timed out: measure up to now
-            complete()
-        out = figures(seen, args.requests)
-        out["description"] = DESCRIPTIONS[kind]
+        async def measure() -> object:
+            stop = asyncio.Event()
+
+            def complete() -> None:
+                tick()
+                stop.set()
+
+            t0 = time.time()
+            sampling = asyncio.create_task(lag.run(stop, t0, on_sample=tick))
+            try:
+                seen = await drive(
+                    settings, args.requests, args.timeout,
+                    on_produced=lambda n: progress.advance(produced, n),
+                    on_answered=lambda n: progress.update(answered, completed=n),
+                    on_complete=complete,
+                    check_alive=check_alive,
+                )
+            finally:
+                stop.set()
+                await sampling
+            return seen
+
+        # Idle CPU first: what the workers burn doing nothing (timers, commits, fetch
+        # loops); over a slow run it is part of cpu_s, so it is reported beside it.
+        idle = TreeSampler([p.pid for p in procs])
+        idle.sample()
+        time.sleep(args.idle_window)
+        idle.sample()
+        tick()
+        seen = asyncio.run(measure())
+        out = figures(seen, args.requests)  # type: ignore[arg-type]
+        out["description"] = DESCRIPTIONS.get(kind, f"as tierstream, with {PIPELINE_ENV.get(kind)}")
         out["startup_ready_s"] = round(ready_s, 3)
-        out["resources"] = {"workers": workers.figures(), "simulator": simulator.figures()}
-        cpu = out["resources"]["workers"]["cpu_s"]  # type: ignore[index]
-        results = out["counts"]["results"]  # type: ignore[index]
-        out["resources"]["workers"]["cpu_ms_per_result"] = round(cpu * 1000 / results, 3) if results else None  # type: ignore[index]
+        out["lag"] = lag.figures()
+        idle_rate = float(idle.figures()["cpu_s"]) / args.idle_window if args.idle_window > 0 else None
+        workers = _worker_figures(everything, out)
+        if idle_rate is not None and workers["cpu_ms_per_result"] is not None:
+            # What the burst cost beyond idling for as long as it lasted.
+            busy = float(workers["cpu_s"]) - idle_rate * float(out["throughput"]["produce_start_to_last_s"])  # type: ignore[index]
+            workers["cpu_ms_per_result_net_of_idle"] = round(busy * 1000 / out["counts"]["results"], 3)  # type: ignore[index]
+        out["resources"] = {
+            "idle_cpu_s_per_s": round(idle_rate, 4) if idle_rate is not None else None,
+            "workers": workers,
+            "per_worker": [_worker_figures(s, None) for s in per_worker],
+            "simulator": simulator.figures(),
+        }
         out["topic_prefix"] = env["TIERSTREAM__KAFKA__TOPIC_PREFIX"]
+        out["pipeline_env"] = PIPELINE_ENV.get(kind, {})
         return out
     finally:
         # Stop in the background: the next pipeline's start-up (not measured) may overlap
@@ -198,115 +316,160 @@ def run_pipeline(
             stoppers.append(stopper)
 
 
+def _worker_figures(sampler: TreeSampler, out: dict | None) -> dict[str, object]:
+    fig: dict[str, object] = dict(sampler.figures())
+    fig["rss_growth_mb"] = round(float(fig["rss_max_sampled_mb_sum"]) - float(fig["rss_at_start_mb_sum"]), 1)
+    if out is not None:
+        results = out["counts"]["results"]  # type: ignore[index]
+        fig["cpu_ms_per_result"] = round(float(fig["cpu_s"]) * 1000 / results, 3) if results else None
+        in_flight = out["calls_in_flight_peak"]
+        growth_kb = float(fig["rss_growth_mb"]) * 1024
+        fig["kb_per_in_flight_call"] = round(growth_kb / in_flight, 2) if in_flight else None  # type: ignore[operator]
+    return fig
+
+
 def _ratio(a: object, b: object) -> float | None:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
         return round(a / b, 4)
     return None
 
 
-def ratios(pipelines: dict[str, dict]) -> dict[str, float | None]:
-    def rps(kind: str) -> object:
-        return pipelines.get(kind, {}).get("throughput", {}).get("results_per_s")
-
-    return {
-        "tierstream_over_raw_fake": _ratio(rps("tierstream"), rps("raw-fake")),
-        "tierstream_over_raw_sdk": _ratio(rps("tierstream"), rps("raw-sdk")),
-        "raw_sdk_over_raw_fake": _ratio(rps("raw-sdk"), rps("raw-fake")),
-    }
+def _get(figures: dict, path: tuple[str, ...]) -> object:
+    value: object = figures
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
-def print_report(console: Console, report: dict) -> None:
-    table = Table(title=f"{report['config']['requests']} requests, {report['config']['workers']} worker(s), "
-                        f"simulated latency {report['config']['latency_ms']} ms")
-    table.add_column("figure")
-    kinds = list(report["pipelines"])
-    for kind in kinds:
-        table.add_column(kind, justify="right")
-    rows: list[tuple[str, callable]] = [
-        ("throughput results/s", lambda p: p["throughput"]["results_per_s"]),
-        ("first->last answer s", lambda p: p["throughput"]["first_to_last_s"]),
-        ("produce->last answer s", lambda p: p["throughput"]["produce_start_to_last_s"]),
-        ("produce rate msg/s", lambda p: p["throughput"]["produce_per_s"]),
-        ("e2e p50 ms", lambda p: p["latency_ms"]["end_to_end"]["p50"]),
-        ("e2e p95 ms", lambda p: p["latency_ms"]["end_to_end"]["p95"]),
-        ("e2e p99 ms", lambda p: p["latency_ms"]["end_to_end"]["p99"]),
-        ("recv-produce p50 ms", lambda p: p["latency_ms"]["receive_minus_produce"]["p50"]),
-        ("recv-produce p95 ms", lambda p: p["latency_ms"]["receive_minus_produce"]["p95"]),
-        ("recv-produce p99 ms", lambda p: p["latency_ms"]["receive_minus_produce"]["p99"]),
-        ("model p50 ms", lambda p: p["latency_ms"]["model"]["p50"]),
-        ("model p99 ms", lambda p: p["latency_ms"]["model"]["p99"]),
-        ("produced", lambda p: p["counts"]["produced"]),
-        ("results", lambda p: p["counts"]["results"]),
-        ("dead letters", lambda p: p["counts"]["dead_letters"]),
-        ("duplicates", lambda p: p["counts"]["duplicates"]),
-        ("lost", lambda p: p["counts"]["lost"]),
-        ("worker processes", lambda p: p["resources"]["workers"]["processes"]),
-        ("worker CPU s", lambda p: p["resources"]["workers"]["cpu_s"]),
-        ("worker CPU ms/result", lambda p: p["resources"]["workers"]["cpu_ms_per_result"]),
-        ("worker peak RSS MB (sum)", lambda p: p["resources"]["workers"]["peak_rss_mb_sum"]),
-        ("simulator CPU s", lambda p: p["resources"]["simulator"]["cpu_s"]),
-        ("startup to ready s", lambda p: p["startup_ready_s"]),
-    ]
-    for name, get in rows:
-        table.add_row(name, *(str(get(report["pipelines"][k])) for k in kinds))
-    console.print(table)
-    r = report["ratios"]
-    console.print(f"tierstream / raw-fake (baseline makes NO model call; ratio includes SDK+simulator cost): "
-                  f"{r['tierstream_over_raw_fake']}")
-    console.print(f"tierstream / raw-sdk  (both call the simulator through the SDKs; Faust overhead): "
-                  f"{r['tierstream_over_raw_sdk']}")
-    console.print(f"raw-sdk / raw-fake    (SDK + simulator cost without Faust): {r['raw_sdk_over_raw_fake']}")
+def flat(figures: dict) -> dict[str, object]:
+    return {name: _get(figures, path) for name, path in FIGURES}
 
 
-COMPARED = (
-    ("results_per_s", ("throughput", "results_per_s")),
-    ("e2e_p50_ms", ("latency_ms", "end_to_end", "p50")),
-    ("e2e_p99_ms", ("latency_ms", "end_to_end", "p99")),
-    ("recv_p99_ms", ("latency_ms", "receive_minus_produce", "p99")),
-    ("worker_cpu_s", ("resources", "workers", "cpu_s")),
-    ("worker_peak_rss_mb_sum", ("resources", "workers", "peak_rss_mb_sum")),
-)
-
-
-def compare(current: dict, saved: dict) -> dict[str, dict[str, dict[str, object]]]:
-    out: dict[str, dict[str, dict[str, object]]] = {}
-    for kind, now in current["pipelines"].items():
-        then = saved.get("pipelines", {}).get(kind)
-        if then is None:
-            continue
-        out[kind] = {}
-        for name, path in COMPARED:
-            a, b = now, then
-            for key in path:
-                a = a.get(key) if isinstance(a, dict) else None
-                b = b.get(key) if isinstance(b, dict) else None
-            out[kind][name] = {"now": a, "saved": b, "ratio": _ratio(a, b)}
+def ratios(pipelines: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """For each pair present, every figure of the first pipeline over the second's; a
+    variant (tierstream-NAME) over tierstream."""
+    out = {}
+    variants = [(k, "tierstream") for k in pipelines if k.startswith("tierstream-") and k not in PIPELINES]
+    for a, b in (*RATIO_PAIRS, *variants):
+        if a in pipelines and b in pipelines:
+            fa, fb = flat(pipelines[a]), flat(pipelines[b])
+            out[f"{a}/{b}"] = {name: _ratio(fa[name], fb[name]) for name, _ in FIGURES}
     return out
 
 
-def print_compare(console: Console, diff: dict, saved_path: Path) -> None:
+COUNTS = ("produced", "results", "dead_letters", "duplicates", "lost")
+
+
+def print_report(console: Console, report: dict) -> None:
+    config = report["config"]
+    for run in report["runs"]:
+        pipelines, pair_ratios = run["pipelines"], run["ratios"]
+        table = Table(title=f"{config['requests']} requests, {run['workers']} worker(s), "
+                            f"simulated latency {config['latency_ms']} ms")
+        table.add_column("figure")
+        for kind in pipelines:
+            table.add_column(kind, justify="right")
+        for pair in pair_ratios:
+            table.add_column(pair, justify="right", style="cyan")
+        flats = {kind: flat(fig) for kind, fig in pipelines.items()}
+        for name, _ in FIGURES:
+            table.add_row(name, *(str(flats[k][name]) for k in pipelines),
+                          *(str(r[name]) for r in pair_ratios.values()))
+        for name in COUNTS:
+            table.add_row(name, *(str(pipelines[k]["counts"][name]) for k in pipelines),
+                          *("" for _ in pair_ratios))
+        console.print(table)
+        for kind, fig in pipelines.items():
+            per = ", ".join(f"{w['cpu_s']} s / {w['peak_rss_mb_sum']} MB" for w in fig["resources"]["per_worker"])
+            console.print(f"{kind}: CPU / peak RSS per worker: {per}; lag peak {fig['lag']['peak']}")
+    ceiling = report.get("broker_ceiling", {})
+    if "producer" in ceiling:
+        console.print(
+            f"broker ceiling ({ceiling['record_bytes']} B records, {ceiling['topic_partitions']} partitions): "
+            f"producer {ceiling['producer']['records_per_s']:.0f} rec/s "
+            f"(p99 {ceiling['producer']['latency_p99_ms']} ms), consumer {ceiling['consumer']['records_per_s']:.0f} rec/s"
+        )
+    elif ceiling:
+        console.print(f"broker ceiling: {ceiling}")
+
+
+def _runs(report: dict) -> list[dict]:
+    """A report's runs; a report of the first harness (one worker count) has ``pipelines``."""
+    if "runs" in report:
+        return report["runs"]
+    return [{"workers": report.get("config", {}).get("workers"), "pipelines": report.get("pipelines", {})}]
+
+
+def compare(current: dict, saved: dict) -> list[dict[str, object]]:
+    """Every figure of every pipeline now / in the saved run, matched by worker count."""
+    then_runs = {run["workers"]: run for run in _runs(saved)}
+    rows = []
+    for run in current["runs"]:
+        then = then_runs.get(run["workers"])
+        if then is None:
+            continue
+        for kind, now in run["pipelines"].items():
+            if kind not in then["pipelines"]:
+                continue
+            a, b = flat(now), flat(then["pipelines"][kind])
+            for name, _ in FIGURES:
+                rows.append({"workers": run["workers"], "pipeline": kind, "figure": name,
+                             "now": a[name], "saved": b[name], "ratio": _ratio(a[name], b[name])})
+    return rows
+
+
+def print_compare(console: Console, rows: list[dict], saved_path: Path) -> None:
     table = Table(title=f"compared with {saved_path} (ratio = now / saved)")
-    for column in ("pipeline", "figure", "now", "saved", "ratio"):
+    for column in ("workers", "pipeline", "figure", "now", "saved", "ratio"):
         table.add_column(column, justify="left" if column in ("pipeline", "figure") else "right")
-    for kind, rows in diff.items():
-        for name, row in rows.items():
-            table.add_row(kind, name, str(row["now"]), str(row["saved"]), str(row["ratio"]))
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("workers", "pipeline", "figure", "now", "saved", "ratio")))
     console.print(table)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--workers", type=int, default=1, help="worker sets per pipeline")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="simulator median latency (0: at once)")
+    parser.add_argument("--scenario", type=int, choices=sorted(SCENARIOS), default=None,
+                        help="the issue's scenarios: 1 zero latency, 2 two seconds and 4000 in flight, "
+                             "3 workers 1,2,4, 4 guardrails engaged; other options override")
+    parser.add_argument("--requests", type=int, default=None, help=f"default {DEFAULTS['requests']}")
+    parser.add_argument("--workers", default=None, help="worker sets per pipeline, comma-separated counts (1,2,4)")
+    parser.add_argument("--latency-ms", type=float, default=None, help="simulator median latency (0: at once)")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="worker.max_concurrent_tasks for every pipeline (default: the configuration's)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/<ts>.json)")
-    parser.add_argument("--compare", type=Path, default=None, help="a saved run's JSON to print ratios against")
+    parser.add_argument("--baseline", "--compare", dest="baseline", type=Path, default=None,
+                        help="a saved run's JSON: print every figure's ratio to it")
     parser.add_argument("--timeout", type=float, default=900.0, help="per pipeline, seconds to wait for answers")
-    parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated subset of {','.join(PIPELINES)}")
+    parser.add_argument("--pipelines", default=None, help=f"comma-separated subset of {','.join(PIPELINES)}")
+    parser.add_argument("--broker-perf-records", type=int, default=200_000,
+                        help="records for Kafka's producer/consumer perf tools (0: skip)")
+    parser.add_argument("--lag-interval", type=float, default=0.5, help="seconds between lag samples")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                        help="also run tierstream-NAME, tierstream with these environment settings, in the "
+                             "same run (an A/B of a change: e.g. httpx:TIERSTREAM_HTTP_TRANSPORT=httpx)")
+    parser.add_argument("--idle-window", type=float, default=2.0,
+                        help="seconds of idle CPU measured before each burst (0: none)")
+    parser.add_argument("--no-plots", action="store_true", help="write the JSON only")
     args = parser.parse_args(argv)
-    args.pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    preset = {**DEFAULTS, **SCENARIOS.get(args.scenario or 0, {})}
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.pipelines = [p.strip() for p in str(args.pipelines).split(",") if p.strip()]
     unknown = [p for p in args.pipelines if p not in PIPELINES]
-    if unknown or args.requests < 1 or args.workers < 1:
+    for variant in args.variant:
+        name, _, assignments = variant.partition(":")
+        pairs = [a.split("=", 1) for a in assignments.split(",") if a]
+        if not name or not pairs or any(len(p) != 2 for p in pairs):
+            parser.error(f"--variant {variant!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+        PIPELINE_ENV[f"tierstream-{name}"] = dict(pairs)  # type: ignore[misc]
+        args.pipelines.append(f"tierstream-{name}")
+    try:
+        args.workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    except ValueError:
+        parser.error(f"--workers takes comma-separated counts, not {args.workers!r}")
+    if unknown or args.requests < 1 or not args.workers or min(args.workers) < 1:
         parser.error(f"bad --pipelines {unknown}" if unknown else "--requests and --workers must be >= 1")
     return args
 
@@ -328,6 +491,15 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
             bootstrap = broker.start(timeout=120)
             cleanup.callback(broker.stop)
         console.print(f"broker: {bootstrap}")
+        ceiling: dict[str, object] = {"skipped": "--broker-perf-records 0"}
+        if args.broker_perf_records > 0:
+            console.print(f"broker ceiling: Kafka's perf tools, {args.broker_perf_records} records ...")
+            try:
+                partitions = load_settings().kafka.partitions.requests
+                ceiling = broker_ceiling(bootstrap, kafka_version(False), args.broker_perf_records,
+                                         partitions)
+            except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+                ceiling = {"failed": str(exc)[-800:]}
         (sim_port,) = free_ports(1)
         sim = processes.spawn(
             ["provider-sim", "--port", str(sim_port), "--latency-ms", str(args.latency_ms)],
@@ -336,27 +508,34 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
         cleanup.callback(processes.stop, sim)
         processes.wait_http_ok(f"http://127.0.0.1:{sim_port}/health", 30, sim)
         console.print(f"simulator: 127.0.0.1:{sim_port}, median latency {args.latency_ms} ms; logs in {logs}")
-        pipelines: dict[str, dict] = {}
+        runs: list[dict] = []
         progress = Progress(
-            TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console,
+            TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=console,
         )
         stoppers: list[threading.Thread] = []
         try:
             with progress:
-                for kind in args.pipelines:
-                    pipelines[kind] = run_pipeline(kind, bootstrap, sim_port, sim.pid, args, logs, progress, stoppers)
+                for workers_n in args.workers:
+                    pipelines = {
+                        kind: run_pipeline(kind, workers_n, bootstrap, sim_port, sim.pid, args, logs, progress,
+                                           stoppers)
+                        for kind in args.pipelines
+                    }
+                    runs.append({"workers": workers_n, "pipelines": pipelines, "ratios": ratios(pipelines)})
         finally:
             for stopper in stoppers:
                 stopper.join()
-    report = {
-        "schema": 1,
+    return {
+        "schema": 2,
         "started_at": started_at.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": {
-            "requests": args.requests, "workers": args.workers, "latency_ms": args.latency_ms,
+            "scenario": args.scenario, "requests": args.requests, "workers": args.workers,
+            "latency_ms": args.latency_ms, "max_in_flight": args.max_in_flight,
             "timeout_s": args.timeout, "pipelines": args.pipelines,
+            "pipeline_env": {k: PIPELINE_ENV[k] for k in args.pipelines if k in PIPELINE_ENV},
             "broker": "external" if external else "local (started by the harness)",
         },
         "machine": {
@@ -365,40 +544,48 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
             "loadavg_1_5_15_at_start": load_at_start,
             "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
         },
-        "pipelines": pipelines,
-        "ratios": ratios(pipelines),
+        "broker_ceiling": ceiling,
+        "runs": runs,
         "notes": NOTES,
         "logs": str(logs),
     }
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
     report = run(args, console)
-    if args.compare is not None:
-        saved = orjson.loads(args.compare.read_bytes())
-        report["compare"] = {"file": str(args.compare), "figures": compare(report, saved)}
+    saved = None
+    if args.baseline is not None:
+        saved = orjson.loads(args.baseline.read_bytes())
+        report["baseline"] = {"file": str(args.baseline), "figures": compare(report, saved)}
     output = args.output or RESULTS_DIR / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_plots:
+        if plots.available():
+            report["plots"] = [str(p) for p in plots.write_plots(report, output.with_suffix(""))]
+        else:
+            report["plots"] = "skipped: matplotlib is not installed (pip install -e '.[bench]')"
     output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    out = Console()
+    out = Console(width=200)
     print_report(out, report)
-    if args.compare is not None:
-        print_compare(out, report["compare"]["figures"], args.compare)
-        keys = ("requests", "workers", "latency_ms")
+    if saved is not None:
+        print_compare(out, report["baseline"]["figures"], args.baseline)
+        keys = ("requests", "latency_ms")
         then = saved.get("config", {})
         if any(then.get(k) != report["config"][k] for k in keys):
             out.print(f"[yellow]warning: the saved run used {[then.get(k) for k in keys]}, this one "
-                      f"{[report['config'][k] for k in keys]} (requests, workers, latency_ms)[/]")
+                      f"{[report['config'][k] for k in keys]} (requests, latency_ms)[/]")
     machine = report["machine"]
     out.print(f"machine: {machine['nproc']} cores, {machine['memory_gb']} GB, Python {machine['python']}, "
               f"Kafka {machine['kafka']}; load average at start {machine['loadavg_1_5_15_at_start']}, "
               f"at end {machine['loadavg_1_5_15_at_end']}")
+    if "plots" in report:
+        out.print(f"plots: {report['plots']}")
     out.print(f"results: {output}")
     counts_ok = all(
-        p["counts"]["lost"] == 0 and p["counts"]["duplicates"] == 0 for p in report["pipelines"].values()
+        p["counts"]["lost"] == 0 and p["counts"]["duplicates"] == 0
+        for run in report["runs"] for p in run["pipelines"].values()
     )
     return 0 if counts_ok else 1
 

@@ -53,6 +53,9 @@ class Observed:
     e2e_ms: list[float] = field(default_factory=list)
     receive_ms: list[float] = field(default_factory=list)
     model_ms: list[float] = field(default_factory=list)
+    # (started_at, finished_at) of each answered model call, worker clock, epoch seconds
+    call_spans: list[tuple[float, float]] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
     dead_letter_codes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -144,8 +147,12 @@ async def drive(
                             continue
                         seen.result_ids.add(rid)
                         timings = item["timings"]
-                        seen.e2e_ms.append((_parse_ts(timings["finished_at"]) - _parse_ts(timings["created_at"])) * 1000)
+                        finished = _parse_ts(timings["finished_at"])
+                        seen.e2e_ms.append((finished - _parse_ts(timings["created_at"])) * 1000)
                         seen.model_ms.append(float(timings["model_latency_ms"]))
+                        seen.call_spans.append((_parse_ts(timings["started_at"]), finished))
+                        status = item.get("status", "?")
+                        seen.statuses[status] = seen.statuses.get(status, 0) + 1
                     else:
                         if rid in seen.dead_letter_ids:
                             seen.duplicates += 1
@@ -172,11 +179,31 @@ async def drive(
     return seen
 
 
+def cdf(values: list[float], points: int = 101) -> list[float]:
+    """Nearest-rank percentiles 0, 1, ..., 100 of ``values`` (for a CDF plot)."""
+    if not values:
+        return []
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return [round(ordered[round(last * i / (points - 1))], 3) for i in range(points)]
+
+
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most intervals open at one instant (calls in flight at the peak)."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    peak = current = 0
+    for _, step in edges:  # at equal times an end (-1) sorts before a start (+1)
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
 def figures(seen: Observed, requested: int) -> dict[str, object]:
     results = len(seen.result_ids)
     span = (seen.last_at - seen.first_at) if seen.first_at and seen.last_at else 0.0
     to_last = (seen.last_at - seen.produce_start) if seen.last_at else 0.0
     produce_s = seen.produce_end - seen.produce_start if seen.produce_end else 0.0
+    overhead = [e2e - model for e2e, model in zip(seen.e2e_ms, seen.model_ms, strict=True)]
     return {
         "counts": {
             "requested": requested,
@@ -186,6 +213,7 @@ def figures(seen: Observed, requested: int) -> dict[str, object]:
             "duplicates": seen.duplicates,
             "lost": seen.produced - results - len(seen.dead_letter_ids),
             "dead_letter_codes": seen.dead_letter_codes,
+            "result_statuses": seen.statuses,
         },
         "throughput": {
             # Answers per second between the first and the last answer received.
@@ -202,5 +230,11 @@ def figures(seen: Observed, requested: int) -> dict[str, object]:
             "receive_minus_produce": distribution(seen.receive_ms),
             # result.timings.model_latency_ms
             "model": distribution(seen.model_ms),
+            # end_to_end - model: what the pipeline adds beyond the (simulated) model call,
+            # queueing behind the burst included
+            "overhead": distribution(overhead),
         },
+        "cdf_ms": {"end_to_end": cdf(seen.e2e_ms), "overhead": cdf(overhead)},
+        # Model calls open at the same instant, from the results' started_at/finished_at
+        "calls_in_flight_peak": peak_overlap(seen.call_spans),
     }

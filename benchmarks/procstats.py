@@ -65,6 +65,18 @@ def status_kb(pid: int, key: str) -> int | None:
     return None
 
 
+def short_command(pid: int) -> str:
+    """A process's role, for reports: what follows ``--roles``/``--role``, else its program."""
+    try:
+        args = (_PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    for flag in ("--roles", "--role"):
+        if flag in args and args.index(flag) + 1 < len(args):
+            return args[args.index(flag) + 1]
+    return Path(args[0]).name if args and args[0] else "?"
+
+
 @dataclass
 class TreeSampler:
     """Tracks the process trees under some root pids across a measured window."""
@@ -73,6 +85,9 @@ class TreeSampler:
     cpu_start: dict[int, float] = field(default_factory=dict)
     cpu_last: dict[int, float] = field(default_factory=dict)
     hwm_kb: dict[int, int] = field(default_factory=dict)
+    rss_start_kb: dict[int, int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    rss_max_kb: dict[int, int] = field(default_factory=dict)
 
     def pids(self) -> list[int]:
         return [p for root in self.roots for p in tree(root)]
@@ -82,8 +97,14 @@ class TreeSampler:
             cpu = cpu_seconds(pid)
             if cpu is None:
                 continue
-            self.cpu_start.setdefault(pid, cpu)
+            if pid not in self.cpu_start:
+                self.cpu_start[pid] = cpu
+                self.rss_start_kb[pid] = status_kb(pid, "VmRSS") or 0
+                self.names[pid] = short_command(pid)
             self.cpu_last[pid] = cpu
+            rss = status_kb(pid, "VmRSS")
+            if rss is not None:
+                self.rss_max_kb[pid] = max(rss, self.rss_max_kb.get(pid, 0))
             hwm = status_kb(pid, "VmHWM")
             if hwm is not None:
                 self.hwm_kb[pid] = max(hwm, self.hwm_kb.get(pid, 0))
@@ -97,4 +118,19 @@ class TreeSampler:
             "cpu_s_total_since_start": round(sum(self.cpu_last.values()), 3),
             "peak_rss_mb_sum": round(sum(self.hwm_kb.values()) / 1024, 1),
             "peak_rss_mb_max": round(max(self.hwm_kb.values(), default=0) / 1024, 1),
+            # RSS when the window opened (idle, after start-up): peak - this is what the
+            # measured work cost in memory
+            "rss_at_start_mb_sum": round(sum(self.rss_start_kb.values()) / 1024, 1),
+            # the largest RSS seen in the samples taken during the window
+            "rss_max_sampled_mb_sum": round(sum(self.rss_max_kb.values()) / 1024, 1),
+            "per_process": [
+                {
+                    "pid": pid,
+                    "role": self.names.get(pid, "?"),
+                    "cpu_s": round(self.cpu_last[pid] - self.cpu_start[pid], 3),
+                    "peak_rss_mb": round(self.hwm_kb.get(pid, 0) / 1024, 1),
+                    "rss_at_start_mb": round(self.rss_start_kb.get(pid, 0) / 1024, 1),
+                }
+                for pid in sorted(self.cpu_last)
+            ],
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -80,6 +81,14 @@ def _answering(index: AnsweredIndex | None, request_id: str | None) -> contextli
     return index.answering(request_id)
 
 
+async def _send(outputs: dict[str, faust.TopicT], out: Outgoing, wait: bool = False) -> None:
+    future = await outputs[out.topic].send(key=out.key, value=out.value)
+    if out.on_delivered is not None:
+        future.add_done_callback(_delivery_callback(out.on_delivered))
+    if wait:
+        await future
+
+
 def _delivery_callback(on_delivered: Callable[[int, int], None]) -> Callable[[asyncio.Future], None]:
     def callback(future: asyncio.Future) -> None:  # type: ignore[type-arg]
         if not future.cancelled() and future.exception() is None:
@@ -105,6 +114,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         producer_acks=-1,
         producer_max_request_size=settings.kafka.max_message_bytes,
         producer_linger=0.005,
+        producer_max_batch_size=producer_max_batch_bytes(settings),
         web_enabled=False,
         # Tier agents can be held by the budget gate for the rest of an hour; a rebalance
         # must not wait for them. An event held across a rebalance is still answered (and
@@ -163,6 +173,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
 
     outputs = {spec.name: _faust_topic(app, spec) for spec in topology.all() if spec is not source}
     in_flight = InFlight()
+    costs_topic = topology.costs.name
 
     @app.on_before_shutdown.connect
     async def drain_in_flight(sender: faust.App, **kwargs: object) -> None:
@@ -193,15 +204,20 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                 if not owned:
                     # The partition moved while the call was in flight: its new owner
                     # answers the request. The call was made, so its cost still counts.
-                    outgoing = [out for out in outgoing if out.topic == topology.costs.name]
+                    outgoing = [out for out in outgoing if out.topic == costs_topic]
                 # Every handler's output passes here, so metrics need no code in the handlers.
                 observe(role, outgoing)
+                # Tier roles write a call's cost before its result and wait for it: a worker
+                # killed between the two would otherwise leave an answered request (skipped
+                # when read again) whose call was never costed.
+                first = [o for o in outgoing if o.topic == costs_topic] if answered is not None else []
+                for out in first:
+                    await _send(outputs, out, wait=True)
                 for out in outgoing:
-                    # Faust flushes the producer before it commits the source offset, so an
-                    # offset is committed only after everything it caused is in Kafka.
-                    future = await outputs[out.topic].send(key=out.key, value=out.value)
-                    if out.on_delivered is not None:
-                        future.add_done_callback(_delivery_callback(out.on_delivered))
+                    if out not in first:
+                        # Faust flushes the producer before it commits the source offset, so
+                        # an offset is committed only after everything it caused is in Kafka.
+                        await _send(outputs, out)
                 if not owned:
                     continue
                 if answered is not None and request_id is not None:
@@ -210,6 +226,35 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
 
     app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
     return app
+
+
+EVENT_LOOP_ENV = "TIERSTREAM_EVENT_LOOP"
+PRODUCER_BATCH_ENV = "TIERSTREAM_PRODUCER_MAX_BATCH_BYTES"
+
+
+def producer_max_batch_bytes(settings: Settings) -> int:
+    """Bytes per partition batch of the workers' producers: 256 KiB (aiokafka's default is
+    16 KiB), at most ``kafka.max_message_bytes``. With 16 KiB a batch holds about ten
+    results, and a send into a full batch waits for the broker to acknowledge the one in
+    flight, holding the agent's concurrency slot (see README, "Benchmarks").
+    ``TIERSTREAM_PRODUCER_MAX_BATCH_BYTES`` overrides it, for measurements."""
+    wanted = int(os.environ.get(PRODUCER_BATCH_ENV, 256 * 1024))
+    return max(1024, min(wanted, settings.kafka.max_message_bytes))
+
+
+def use_event_loop() -> str:
+    """uvloop for the workers (less CPU per event than asyncio's loop, see README,
+    "Benchmarks"); ``TIERSTREAM_EVENT_LOOP=asyncio`` keeps the standard loop."""
+    name = os.environ.get(EVENT_LOOP_ENV, "uvloop").strip().lower() or "uvloop"
+    if name not in ("uvloop", "asyncio"):
+        raise ValueError(f"{EVENT_LOOP_ENV}={name!r}: expected uvloop or asyncio")
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not installed on this platform (Windows): the standard loop
+            return "asyncio"
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return name
 
 
 def changelog_topics(app: faust.App, settings: Settings) -> list[NewTopic]:
@@ -231,6 +276,7 @@ def changelog_topics(app: faust.App, settings: Settings) -> list[NewTopic]:
 
 def run_role(settings: Settings, role: Role) -> None:
     """Run one role's Faust worker in this process until SIGTERM/SIGINT."""
+    use_event_loop()  # before the app exists: Faust takes its loop from the policy
     app = build_role_app(settings, role)
     # Create the topics (the topology's and the tables' changelogs) before the consumer
     # starts: one created later may be missing from its metadata when partitions are

@@ -166,21 +166,29 @@ def demo(
 
 @app.command()
 def bench(
-    requests: Annotated[int, typer.Option(help="Requests per pipeline.")] = 20000,
-    workers: Annotated[int, typer.Option(help="Worker sets per pipeline.")] = 1,
-    latency_ms: Annotated[float, typer.Option(help="Simulated model latency median (0: answer at once).")] = 0.0,
-    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/<ts>.json).")] = None,
-    compare: Annotated[Optional[Path], typer.Option(help="A saved report to print ratios against.")] = None,
+    scenario: Annotated[Optional[int], typer.Option(help="The issue's scenario 1-4 (1: zero latency; 2: 2 s latency, 4000 in flight; 3: workers 1,2,4; 4: guardrails engaged). Other options override it.")] = None,
+    requests: Annotated[Optional[int], typer.Option(help="Requests per pipeline (default 20000).")] = None,
+    workers: Annotated[Optional[str], typer.Option(help="Worker sets per pipeline, comma-separated counts, e.g. 1,2,4 (default 1).")] = None,
+    latency_ms: Annotated[Optional[float], typer.Option(help="Simulated model latency median (0: answer at once).")] = None,
+    max_in_flight: Annotated[Optional[int], typer.Option(help="worker.max_concurrent_tasks for every pipeline.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/<ts>.json); plots beside it.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", "--compare", help="A saved report: print every figure's ratio to it.")] = None,
     timeout: Annotated[float, typer.Option(help="Per pipeline, seconds to wait for answers.")] = 900.0,
-    pipelines: Annotated[str, typer.Option(help="Comma-separated: tierstream, raw-fake, raw-sdk.")] = "tierstream,raw-fake,raw-sdk",
+    pipelines: Annotated[Optional[str], typer.Option(help="Comma-separated: tierstream, raw-fake, raw-sdk, tierstream-guarded.")] = None,
+    broker_perf_records: Annotated[int, typer.Option(help="Records for Kafka's own perf tools (0: skip).")] = 200_000,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Write the JSON only.")] = False,
+    variant: Annotated[Optional[list[str]], typer.Option(help="NAME:VAR=VALUE[,VAR=VALUE]: also run tierstream with these environment settings, in the same run (repeatable).")] = None,
 ) -> None:
-    """Throughput benchmark: tierstream against a raw aiokafka baseline, in the same run."""
+    """Throughput benchmark: tierstream against raw aiokafka baselines and the broker's own
+    perf tools, in the same run."""
     from benchmarks.harness import main as bench_main
 
-    argv = ["--requests", str(requests), "--workers", str(workers), "--latency-ms", str(latency_ms),
-            "--timeout", str(timeout), "--pipelines", pipelines]
-    argv += ["--output", str(output)] if output else []
-    argv += ["--compare", str(compare)] if compare else []
+    options = {"--scenario": scenario, "--requests": requests, "--workers": workers, "--latency-ms": latency_ms,
+               "--max-in-flight": max_in_flight, "--output": output, "--baseline": baseline,
+               "--timeout": timeout, "--pipelines": pipelines, "--broker-perf-records": broker_perf_records}
+    argv = [str(a) for name, value in options.items() if value is not None for a in (name, value)]
+    argv += ["--no-plots"] if no_plots else []
+    argv += [a for v in variant or [] for a in ("--variant", v)]
     raise typer.Exit(bench_main(argv))
 
 

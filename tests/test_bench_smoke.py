@@ -1,7 +1,9 @@
 """Smoke test of the benchmark harness: a small run against the session's broker.
 
-Checks that the JSON report holds every figure and that the counts add up. It makes no
-assertion about timings: this is a correctness check of the harness, not a benchmark.
+Checks that the JSON report holds every figure, that the counts add up, that the plots
+and the broker-ceiling reference were produced, and that ``--baseline`` compares a run
+with a saved one. It makes no assertion about timings: this is a correctness check of
+the harness, not a benchmark.
 """
 
 from __future__ import annotations
@@ -14,61 +16,114 @@ from pathlib import Path
 import orjson
 import pytest
 
-from benchmarks.harness import BASELINE_ROLES
-from topologies.topics import ALL_ROLES
-
+from benchmarks.harness import BASELINE_ROLES, FIGURES, RATIO_PAIRS
 from streams.broker import REPO_ROOT
+from topologies.topics import ALL_ROLES
 
 pytestmark = pytest.mark.e2e
 
 PIPELINES = ("tierstream", "raw-fake", "raw-sdk")
 REQUESTS = 200
+PERF_RECORDS = 5000
 
 
-@pytest.mark.timeout(240)
-def test_bench_harness_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
-    output = tmp_path / "bench.json"
-    proc = subprocess.run(
+def _harness(kafka_bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "benchmarks.harness", "--requests", str(REQUESTS), "--workers", "1",
-         "--latency-ms", "0", "--timeout", "120", "--output", str(output)],
+         "--latency-ms", "0", "--timeout", "120", "--idle-window", "0.5", *args],
         cwd=REPO_ROOT,
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
         capture_output=True, text=True, timeout=230, check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def small_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = _harness(kafka_bootstrap, "--broker-perf-records", str(PERF_RECORDS), "--output", str(output))
     assert proc.returncode == 0, f"harness failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    assert "tierstream / raw-fake" in proc.stdout
+    assert "tierstream/raw-sdk" in proc.stdout
+    return output
 
-    report = orjson.loads(output.read_bytes())
+
+@pytest.mark.timeout(240)
+def test_bench_harness_small_run(small_run: Path) -> None:
+    report = orjson.loads(small_run.read_bytes())
     assert report["config"]["requests"] == REQUESTS
-    for key in ("nproc", "memory_gb", "python", "kafka", "packages"):
+    for key in ("nproc", "memory_gb", "python", "kafka", "packages", "loadavg_1_5_15_at_start"):
         assert key in report["machine"], key
-    assert set(report["pipelines"]) == set(PIPELINES)
-    assert set(report["ratios"]) == {"tierstream_over_raw_fake", "tierstream_over_raw_sdk", "raw_sdk_over_raw_fake"}
-    assert all(isinstance(v, float) for v in report["ratios"].values()), report["ratios"]
 
-    for kind, figures in report["pipelines"].items():
+    ceiling = report["broker_ceiling"]
+    assert ceiling["producer"]["records"] == PERF_RECORDS, ceiling
+    assert ceiling["consumer"]["records"] == PERF_RECORDS, ceiling
+    assert ceiling["producer"]["records_per_s"] > 0 and ceiling["consumer"]["records_per_s"] > 0
+
+    (run,) = report["runs"]
+    assert run["workers"] == 1
+    assert set(run["pipelines"]) == set(PIPELINES)
+    expected_pairs = {f"{a}/{b}" for a, b in RATIO_PAIRS if a in PIPELINES and b in PIPELINES}
+    assert set(run["ratios"]) == expected_pairs
+    for pair, values in run["ratios"].items():
+        assert set(values) == {name for name, _ in FIGURES}, pair
+        assert isinstance(values["results_per_s"], float), (pair, values)
+
+    for kind, figures in run["pipelines"].items():
         counts = figures["counts"]
         assert counts["produced"] == REQUESTS, (kind, counts)
         assert counts["produced"] == counts["results"] + counts["dead_letters"], (kind, counts)
-        assert counts["lost"] == 0, (kind, counts)
-        assert counts["duplicates"] == 0, (kind, counts)
+        assert counts["lost"] == 0 and counts["duplicates"] == 0, (kind, counts)
+        assert sum(counts["result_statuses"].values()) == counts["results"], (kind, counts)
 
-        throughput = figures["throughput"]
-        for key in ("results_per_s", "first_to_last_s", "produce_start_to_last_s", "produce_s", "produce_per_s"):
-            assert isinstance(throughput[key], (int, float)), (kind, key, throughput)
-        for name in ("end_to_end", "receive_minus_produce", "model"):
-            dist = figures["latency_ms"][name]
-            assert dist["n"] == counts["results"] or name == "receive_minus_produce", (kind, name, dist)
-            for q in ("p50", "p95", "p99", "max", "mean"):
-                assert isinstance(dist[q], (int, float)), (kind, name, q)
-        assert figures["latency_ms"]["receive_minus_produce"]["n"] == counts["results"] + counts["dead_letters"]
+        # every figure is a number
+        for name, path in FIGURES:
+            value = figures
+            for key in path:
+                value = value[key]
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (kind, name, value)
+
+        latency = figures["latency_ms"]
+        for name in ("end_to_end", "model", "overhead"):
+            assert latency[name]["n"] == counts["results"], (kind, name, latency[name])
+        assert latency["receive_minus_produce"]["n"] == counts["results"] + counts["dead_letters"]
+        assert len(figures["cdf_ms"]["end_to_end"]) == 101
+        assert figures["cdf_ms"]["end_to_end"] == sorted(figures["cdf_ms"]["end_to_end"])
+        assert 1 <= figures["calls_in_flight_peak"] <= counts["results"], (kind, figures["calls_in_flight_peak"])
 
         workers = figures["resources"]["workers"]
         # tierstream: the supervisor + one process per role; baselines: the request path only
-        expected_procs = 1 + len(ALL_ROLES) if kind == "tierstream" else len(BASELINE_ROLES)
-        assert workers["processes"] == expected_procs, (kind, workers)
-        for key in ("cpu_s", "cpu_ms_per_result", "peak_rss_mb_sum", "peak_rss_mb_max"):
-            assert isinstance(workers[key], (int, float)), (kind, key, workers)
+        roles = ["all", *ALL_ROLES] if kind == "tierstream" else BASELINE_ROLES
+        assert workers["processes"] == len(roles), (kind, workers)
+        assert sorted(p["role"] for p in workers["per_process"]) == sorted(roles), (kind, workers["per_process"])
+        assert len(figures["resources"]["per_worker"]) == 1
+        assert figures["resources"]["per_worker"][0]["processes"] == len(roles)
         assert workers["peak_rss_mb_max"] > 0
-        assert "cpu_s" in figures["resources"]["simulator"]
-        assert isinstance(figures["startup_ready_s"], (int, float))
+
+        lag = figures["lag"]
+        sampled_roles = set(ALL_ROLES) if kind == "tierstream" else set(BASELINE_ROLES)
+        assert lag["samples"], (kind, lag)
+        assert set(lag["peak"]) == sampled_roles
+        for sample in lag["samples"]:
+            assert sample["total"] == sum(sample[r] for r in sampled_roles), sample
+            assert all(sample[r] >= 0 for r in sampled_roles), sample
+        # every request passes the classifier: its lag covers the burst at some point or is
+        # already consumed; it can never exceed what was produced
+        assert lag["peak"]["classifier"] <= REQUESTS
+
+    for path in report["plots"]:
+        assert Path(path).stat().st_size > 1000, path
+
+
+@pytest.mark.timeout(240)
+def test_bench_baseline_compares_with_a_saved_run(kafka_bootstrap: str, small_run: Path, tmp_path: Path) -> None:
+    saved, output = small_run, tmp_path / "now.json"
+    second = _harness(kafka_bootstrap, "--pipelines", "raw-fake", "--broker-perf-records", "0", "--no-plots",
+                      "--output", str(output), "--baseline", str(saved))
+    assert second.returncode == 0, second.stderr
+    assert "compared with" in second.stdout
+    report = orjson.loads(output.read_bytes())
+    rows = {row["figure"]: row for row in report["baseline"]["figures"]}
+    assert set(rows) == {name for name, _ in FIGURES}
+    assert rows["results_per_s"]["saved"] == orjson.loads(saved.read_bytes())["runs"][0]["pipelines"]["raw-fake"]["throughput"]["results_per_s"]
+    assert rows["results_per_s"]["ratio"] == pytest.approx(rows["results_per_s"]["now"] / rows["results_per_s"]["saved"], rel=1e-3)
+    assert report["broker_ceiling"] == {"skipped": "--broker-perf-records 0"}
+    assert "plots" not in report

@@ -6,6 +6,7 @@ import anthropic
 
 from schemas.models import ChatMessage
 from streams.providers.base import Completion, error_from_status
+from streams.providers.transport import anthropic_http_client
 
 
 class AnthropicClient:
@@ -13,7 +14,8 @@ class AnthropicClient:
 
     def __init__(self, api_key: str, base_url: str | None, timeout: float, max_retries: int) -> None:
         self._sdk = anthropic.AsyncAnthropic(
-            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries,
+            http_client=anthropic_http_client(),
         )
 
     async def complete(

@@ -6,6 +6,7 @@ import openai
 
 from schemas.models import ChatMessage
 from streams.providers.base import Completion, error_from_status
+from streams.providers.transport import openai_http_client
 
 
 class OpenAIClient:
@@ -13,7 +14,8 @@ class OpenAIClient:
 
     def __init__(self, api_key: str, base_url: str | None, timeout: float, max_retries: int) -> None:
         self._sdk = openai.AsyncOpenAI(
-            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries,
+            http_client=openai_http_client(),
         )
 
     async def complete(

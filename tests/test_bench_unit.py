@@ -1,0 +1,99 @@
+"""The benchmark harness's pure parts: scenario presets, figures, ratios, comparison with a
+saved run, and the parsers of Kafka's perf tools' output."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.harness import FIGURES, compare, parse_args, ratios
+from benchmarks.kafka_perf import parse_consumer, parse_producer
+from benchmarks.measure import cdf, peak_overlap
+
+
+def test_scenarios_set_defaults_and_explicit_options_win() -> None:
+    two = parse_args(["--scenario", "2"])
+    assert (two.requests, two.workers, two.latency_ms, two.max_in_flight) == (4000, [1], 2000.0, 4000)
+    assert two.pipelines == ["tierstream", "raw-sdk"]
+    three = parse_args(["--scenario", "3", "--requests", "300"])
+    assert (three.requests, three.workers) == (300, [1, 2, 4])
+    assert parse_args(["--scenario", "4"]).pipelines == ["tierstream", "tierstream-guarded"]
+    plain = parse_args([])
+    assert (plain.requests, plain.workers, plain.max_in_flight) == (20000, [1], None)
+    with pytest.raises(SystemExit):
+        parse_args(["--workers", "1,x"])
+    with pytest.raises(SystemExit):
+        parse_args(["--pipelines", "tierstream,nope"])
+
+
+def test_peak_overlap_counts_calls_open_at_once() -> None:
+    assert peak_overlap([]) == 0
+    assert peak_overlap([(0, 1), (1, 2), (2, 3)]) == 1  # touching intervals do not overlap
+    assert peak_overlap([(0, 10), (1, 2), (1.5, 3), (5, 6)]) == 3
+
+
+def test_cdf_is_101_ordered_percentiles() -> None:
+    assert cdf(list(range(100, -1, -1))) == list(range(101))
+    points = cdf([float(v) for v in range(7)])
+    assert len(points) == 101 and points == sorted(points)
+    assert (points[0], points[100]) == (0.0, 6.0)
+    assert cdf([]) == []
+
+
+def _pipeline(rps: float) -> dict:
+    """A pipeline's figures with every FIGURES path set to ``rps`` (enough for ratios)."""
+    figures: dict = {}
+    for _, path in FIGURES:
+        node = figures
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = rps
+    return figures
+
+
+def test_ratios_cover_every_figure_of_every_pair_present() -> None:
+    out = ratios({"tierstream": _pipeline(50.0), "raw-sdk": _pipeline(100.0)})
+    assert set(out) == {"tierstream/raw-sdk"}
+    assert out["tierstream/raw-sdk"] == {name: 0.5 for name, _ in FIGURES}
+
+
+def test_compare_matches_runs_by_worker_count_and_reads_first_harness_reports() -> None:
+    now = {"runs": [{"workers": 1, "pipelines": {"raw-fake": _pipeline(300.0)}},
+                    {"workers": 2, "pipelines": {"raw-fake": _pipeline(500.0)}}]}
+    old_schema = {"config": {"workers": 1}, "pipelines": {"raw-fake": _pipeline(200.0)}}
+    rows = compare(now, old_schema)
+    assert {r["workers"] for r in rows} == {1}
+    assert len(rows) == len(FIGURES)
+    assert all(r["ratio"] == 1.5 for r in rows)
+
+
+PRODUCER_OUT = """\
+50000 records sent, 17940.0 records/sec (5.36 MB/sec), 301.2 ms avg latency, 612.0 ms max latency.
+50000 records sent, 17940.3 records/sec (5.36 MB/sec), 290.55 ms avg latency, 700.00 ms max latency, 280 ms 50th, 500 ms 95th, 525 ms 99th, 690 ms 99.9th.
+"""
+CONSUMER_OUT = """\
+start.time, end.time, data.consumed.in.MB, MB.sec, data.consumed.in.nMsg, nMsg.sec, rebalance.time.ms, fetch.time.ms, fetch.MB.sec, fetch.nMsg.sec
+2026-11-27 23:20:15:001, 2026-11-27 23:20:17:100, 14.9269, 7.1114, 50000, 23820.8671, 300, 1799, 8.2973, 27793.2184
+"""
+
+
+def test_perf_tool_output_is_parsed() -> None:
+    producer = parse_producer(PRODUCER_OUT)
+    assert producer["records"] == 50000 and producer["records_per_s"] == 17940.3
+    assert (producer["latency_p50_ms"], producer["latency_p99_ms"]) == (280, 525)
+    consumer = parse_consumer(CONSUMER_OUT)
+    assert consumer == {"records": 50000, "records_per_s": 23820.8671, "mb_per_s": 7.1114,
+                        "fetch_records_per_s": 27793.2184}
+    with pytest.raises(ValueError):
+        parse_producer("nothing useful")
+
+
+def test_a_variant_is_tierstream_with_its_environment_compared_with_tierstream() -> None:
+    from benchmarks.harness import PIPELINE_ENV
+
+    args = parse_args(["--pipelines", "tierstream", "--variant", "b16k:TIERSTREAM_PRODUCER_MAX_BATCH_BYTES=16384,X=1"])
+    assert args.pipelines == ["tierstream", "tierstream-b16k"]
+    assert PIPELINE_ENV["tierstream-b16k"] == {"TIERSTREAM_PRODUCER_MAX_BATCH_BYTES": "16384", "X": "1"}
+    out = ratios({"tierstream": _pipeline(100.0), "tierstream-b16k": _pipeline(80.0)})
+    assert out["tierstream-b16k/tierstream"]["results_per_s"] == 0.8
+    with pytest.raises(SystemExit):
+        parse_args(["--variant", "no-assignments"])
