@@ -220,8 +220,8 @@ DeadLetterCode = Literal[
 class DeadLetter(WireModel):
     """A message tierstream could not process, on the dead-letter topic.
 
-    ``original_value`` and ``original_key`` are the bytes as read (base64 in JSON), so the
-    message can be repaired and replayed.
+    ``original_value`` and ``original_key`` are the bytes as read (URL-safe base64 in
+    JSON, RFC 4648 section 5), so the message can be repaired and replayed.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION

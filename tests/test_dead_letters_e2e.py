@@ -57,11 +57,11 @@ async def test_bad_messages_go_to_the_dead_letter_topic(pipeline_factory) -> Non
 
     assert sorted(r["request_id"] for r in collected.results) == sorted(f"ok-{n}" for n in range(2 * len(CASES)))
     assert len(collected.dead_letters) == len(CASES)
-    by_value = {base64.b64decode(letter["original_value"]): letter for letter in collected.dead_letters}
+    by_value = {base64.urlsafe_b64decode(letter["original_value"]): letter for letter in collected.dead_letters}
     for what, code, raw in CASES:
         letter = by_value[raw]
         assert letter["code"] == code, f"{what}: {letter['code']} ({letter['reason']})"
-        assert letter["original_key"] and base64.b64decode(letter["original_key"]) == b"wf-dlq"
+        assert letter["original_key"] and base64.urlsafe_b64decode(letter["original_key"]) == b"wf-dlq"
         assert letter["source_topic"] == pipeline.topology.requests.name
         assert letter["stage"] == "classifier"
         assert letter["reason"], what
