@@ -132,11 +132,34 @@ async def costs_exact(pipeline: Pipeline, timeout: float) -> tuple[int, bool, di
         hours = {w: view.hour_spend(w) for w in by_hour}
         if workflows == dict(by_workflow) and hours == dict(by_hour):
             return count, True, {}
-        last = {"cost_role_workflows": workflows, "cost_events_workflows": dict(by_workflow),
-                "cost_role_hours": hours, "cost_events_hours": dict(by_hour)}
+        differ = {wf: (workflows[wf], by_workflow[wf]) for wf in by_workflow if workflows[wf] != by_workflow[wf]}
+        last = {"workflows (cost role, cost events)": differ,
+                "hours (cost role, cost events)": {str(w): (hours[w], by_hour[w]) for w in by_hour}}
         if time.monotonic() > deadline:
+            last["cost role lag by partition"] = await _cost_role_lag(pipeline)
             return count, False, last
         await asyncio.sleep(1.0)
+
+
+async def _cost_role_lag(pipeline: Pipeline) -> dict[str, int | None]:
+    """End offset minus the cost role's committed offset, per costs partition."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    group = pipeline.topology.consumer_group(pipeline.settings.app_id, "cost")
+    admin = AIOKafkaAdminClient(**pipeline.kafka_kwargs())
+    consumer = AIOKafkaConsumer(group_id=None, **pipeline.kafka_kwargs())
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        topic = pipeline.topology.costs.name
+        tps = [TopicPartition(topic, p) for p in range(pipeline.topology.costs.partitions)]
+        ends = await consumer.end_offsets(tps)
+        return {str(tp.partition): ends[tp] - committed[tp].offset if tp in committed else None for tp in tps}
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 def _ready_roles(log_path: Path) -> int:
