@@ -75,6 +75,11 @@ def _faust_topic(app: faust.App, spec: TopicSpec) -> faust.TopicT:
     )
 
 
+def _ack(app: faust.App, event: faust.EventT) -> None:
+    app.consumer.mark_handled(event.message)  # see streams.faust_transport: acks
+    event.ack()
+
+
 def _answering(index: AnsweredIndex | None, request_id: str | None) -> contextlib.AbstractContextManager[None]:
     if index is None or request_id is None:
         return contextlib.nullcontext()
@@ -195,15 +200,20 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                 if request_id is not None and answered.answered(request_id):
                     answered.skipped += 1
                     log.info("request %s is already answered: skipped", request_id)
-                    event.ack()
+                    _ack(app, event)
                     continue
             with in_flight.track(), _answering(answered, request_id):
                 with metrics.track_in_flight(role):
                     outgoing = await handler(source)
-                owned = answered is None or message.tp in app.consumer.assignment()
+                # A rebalance since this event was fetched means the partition's owner (maybe
+                # this worker again) reads it again from the committed offset and answers it.
+                owned = answered is None or (
+                    message.generation_id == app.consumer_generation_id
+                    and not app.rebalancing
+                    and message.tp in app.consumer.assignment()
+                )
                 if not owned:
-                    # The partition moved while the call was in flight: its new owner
-                    # answers the request. The call was made, so its cost still counts.
+                    # The call was made, so its cost still counts.
                     outgoing = [out for out in outgoing if out.topic == costs_topic]
                 # Every handler's output passes here, so metrics need no code in the handlers.
                 observe(role, outgoing)
@@ -222,7 +232,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                     continue
                 if answered is not None and request_id is not None:
                     answered.mark_answered(request_id)
-            event.ack()
+            _ack(app, event)
 
     app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
     return app
