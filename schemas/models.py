@@ -213,6 +213,7 @@ DeadLetterCode = Literal[
     "unknown_agent_type",
     "too_large",
     "provider_error",
+    "rate_limit_scope",
 ]
 
 

@@ -30,6 +30,8 @@ from streams.logs import logging_config
 from streams.observability import HealthServer, OutgoingObserver, default_metrics
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
+from streams.ratelimit import RateLimiter
+from streams.ratelimit_metrics import RateLimitCollector
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
@@ -108,6 +110,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     )
     prices = PriceBook(settings)
     providers: ProviderRegistry | None = None
+    limiter: RateLimiter | None = None
     view: GuardrailView | None = None
     if role == CLASSIFIER_ROLE:
         needs_models = settings.classifier.strategy == "llm"
@@ -132,15 +135,24 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         tier = next(t for t in Tier if tier_role(t) == role)
         providers = ProviderRegistry(settings)
         view = GuardrailView(settings)
-        handler = TierHandler(tier, settings, topology, providers, prices, BudgetGate(view)).handle
+        limiter = RateLimiter(settings, tier, topology, providers.throttles)
+        handler = TierHandler(
+            tier, settings, topology, providers, prices, BudgetGate(view), limiter
+        ).handle
         source = topology.tiers[tier]
         concurrency = settings.worker.max_concurrent_tasks
+
+        @app.on_partitions_assigned.connect
+        async def _rate_limit_shares(_app: faust.App, assigned: set, **_: object) -> None:
+            # Quotas follow partitions: recomputed from the full assignment on every rebalance.
+            limiter.on_assignment((tp.topic, tp.partition) for tp in assigned)
     if view is not None:
         app.service(GuardrailService(view, source.name if role != COST_ROLE else None))
     metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
         metrics.pools.watch(providers.stats)  # read at scrape time, free per call
+        metrics.registry.register(RateLimitCollector(providers, limiter))
     app.service(HealthServer(app, port=settings.worker.health_port, registry=metrics.registry))
     observe = OutgoingObserver(topology, metrics).observe_outgoing
 

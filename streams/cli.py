@@ -83,16 +83,30 @@ def provider_sim(
     rpm: Annotated[Optional[int], typer.Option(help="Requests per minute per model (429 above).")] = None,
     tpm: Annotated[Optional[int], typer.Option(help="Tokens per minute per model (429 above).")] = None,
     error_rate: Annotated[float, typer.Option(help="Fraction of calls answered 500/503.")] = 0.0,
+    timeout_rate: Annotated[float, typer.Option(help="Fraction of calls that hang --hang-seconds first.")] = 0.0,
+    hang_seconds: Annotated[float, typer.Option(help="How long a hanging call hangs.")] = 30.0,
+    burst_429_every: Annotated[Optional[float], typer.Option(help="Start a burst of 429s every this many seconds.")] = None,
+    burst_429_seconds: Annotated[float, typer.Option(help="How long each 429 burst lasts.")] = 1.0,
+    retry_after: Annotated[float, typer.Option(help="Retry-After (seconds) on burst 429s.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed latency and fault draws.")] = None,
 ) -> None:
     """Serve the OpenAI and Anthropic HTTP APIs locally, for the demo and the tests."""
+    from pydantic import ValidationError
+
     from streams.simulator import SimulatorConfig, run
 
-    run(
-        SimulatorConfig(
+    try:
+        config = SimulatorConfig(
             host=host, port=port, latency_ms_median=latency_ms, requests_per_minute=rpm,
-            tokens_per_minute=tpm, error_rate=error_rate,
+            tokens_per_minute=tpm, error_rate=error_rate, timeout_rate=timeout_rate,
+            hang_seconds=hang_seconds, burst_429_every_seconds=burst_429_every,
+            burst_429_seconds=burst_429_seconds, burst_429_retry_after_seconds=retry_after, seed=seed,
         )
-    )
+    except ValidationError as exc:
+        for e in exc.errors(include_url=False):
+            err.print(f"[red]{'.'.join(map(str, e['loc'])) or 'provider-sim'}: {e['msg']}[/]")
+        raise typer.Exit(2) from None
+    run(config)
 
 
 @app.command()

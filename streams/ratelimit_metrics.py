@@ -1,0 +1,71 @@
+"""Prometheus gauges for the rate limiter, the 429 throttles and the client pools' call
+counts, read at scrape time (nothing per call). Kept apart from ``streams.observability``
+so the two evolve independently; :mod:`streams.app` registers it beside the others."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from streams.providers.registry import ProviderRegistry
+from streams.ratelimit import RateLimiter
+
+_LIMIT_LABELS = ["agent_type", "model"]
+
+
+class RateLimitCollector(Collector):
+    def __init__(self, providers: ProviderRegistry, limiter: RateLimiter | None) -> None:
+        self.providers = providers
+        self.limiter = limiter
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        calls = CounterMetricFamily(
+            "tierstream_client_pool_calls", "Calls made through the pool's clients.", labels=["provider"]
+        )
+        for stats in self.providers.stats():
+            calls.add_metric([stats.name], stats.total_calls)
+        yield calls
+        factor = GaugeMetricFamily(
+            "tierstream_ratelimit_throttle_factor",
+            "Fraction of the configured rate allowed after 429s (1 = full).", labels=["provider", "model"],
+        )
+        throttled = CounterMetricFamily(
+            "tierstream_ratelimit_provider_429", "429 answers seen by this process.", labels=["provider", "model"],
+        )
+        for (provider, model), throttle in self.providers.throttles.items():
+            factor.add_metric([provider, model], throttle.factor())
+            throttled.add_metric([provider, model], throttle.rate_limited)
+        yield factor
+        yield throttled
+        if self.limiter is None:
+            return
+        share = GaugeMetricFamily(
+            "tierstream_ratelimit_share", "This process's share of the cluster-wide limit.", labels=_LIMIT_LABELS
+        )
+        rpm = GaugeMetricFamily(
+            "tierstream_ratelimit_requests_per_minute",
+            "Sustained requests/min this process may send (share, after 429 back-off).", labels=_LIMIT_LABELS,
+        )
+        tpm = GaugeMetricFamily(
+            "tierstream_ratelimit_tokens_per_minute",
+            "Sustained tokens/min this process may send (share, after 429 back-off).", labels=_LIMIT_LABELS,
+        )
+        waiting = GaugeMetricFamily(
+            "tierstream_ratelimit_waiting", "Requests held by the limiter right now.", labels=_LIMIT_LABELS
+        )
+        admitted = CounterMetricFamily(
+            "tierstream_ratelimit_admitted", "Calls the limiter let through.", labels=_LIMIT_LABELS
+        )
+        for s in self.limiter.stats():
+            labels = [s.agent_type, s.model]
+            share.add_metric(labels, s.share)
+            rpm.add_metric(labels, s.requests_per_minute)
+            tpm.add_metric(labels, s.tokens_per_minute)
+            waiting.add_metric(labels, s.waiting)
+            admitted.add_metric(labels, s.admitted)
+        yield from (share, rpm, tpm, waiting, admitted)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())  # unchecked collector: registering must not call the sources yet
