@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KAFKA_STAMP := .cache/.kafka-fetched
 
-.PHONY: install kafka test test-chaos test-fast demo bench schemas broker-start broker-stop clean
+.PHONY: install kafka test test-chaos test-slow test-fast demo bench schemas broker-start broker-stop clean
 
 install: $(STAMP) $(KAFKA_STAMP)
 
@@ -27,11 +27,15 @@ kafka: $(KAFKA_STAMP)
 # The whole suite, end-to-end tests included: they start their own broker (or use
 # $$KAFKA_BOOTSTRAP_SERVERS) and the provider simulator.
 test: install
-	$(PY) -m pytest -q -ra -m "not chaos"
+	$(PY) -m pytest -q -ra -m "not chaos and not slow"
 
 # Fault tests that kill workers mid-run. Known flaky (see README, "Known limits").
 test-chaos: install
 	$(PY) -m pytest -q -ra -m chaos -s
+
+# The rate-limit tests over two minutes of steady state (make test runs ~35 s versions).
+test-slow: install
+	$(PY) -m pytest -q -ra -m slow -s
 
 # Only the tests that need no broker.
 test-fast: $(STAMP)

@@ -114,8 +114,11 @@ class Throttle:
     def on_rate_limited(self, retry_after: float | None) -> None:
         now = self.clock()
         self.rate_limited += 1
-        self._cut_factor = max(0.01, self.factor(now) * self.backoff)
-        self._cut_at = now
+        # One cut per pause: the other calls that were in flight when the provider said
+        # stop answer 429 too, and must not each halve the rate again.
+        if now >= self.blocked_until:
+            self._cut_factor = max(0.01, self.factor(now) * self.backoff)
+            self._cut_at = now
         if retry_after is not None:
             self.blocked_until = max(self.blocked_until, now + retry_after)
 

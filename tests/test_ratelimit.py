@@ -186,10 +186,15 @@ def test_throttle_shrinks_on_429_and_recovers_linearly() -> None:
     throttle.on_rate_limited(retry_after=2.0)
     assert throttle.factor() == pytest.approx(0.5)
     assert throttle.blocked_until == pytest.approx(clock.now + 2.0)
+    throttle.on_rate_limited(retry_after=1.0)  # another call's 429 during the pause: no cut
+    assert throttle.factor() == pytest.approx(0.5)
+    clock.now += 2.0  # the pause is over; 2 s of linear recovery
+    assert throttle.factor() == pytest.approx(0.5 + 0.5 * 2 / 30)
     throttle.on_rate_limited(retry_after=None)
-    assert throttle.factor() == pytest.approx(0.25)
+    cut = (0.5 + 0.5 * 2 / 30) * 0.5
+    assert throttle.factor() == pytest.approx(cut)
     clock.now += 15
-    assert throttle.factor() == pytest.approx(0.25 + 0.75 / 2)
+    assert throttle.factor() == pytest.approx(cut + (1 - cut) / 2)  # linear recovery from the last cut
     clock.now += 15
     assert throttle.factor() == 1.0
 
@@ -270,7 +275,7 @@ async def test_a_429_slows_the_whole_process_down(simulator: ProviderSimulator) 
         await registry.close()
     throttle = registry.throttles.get("openai", settings.tiers[Tier.PREMIUM].model)
     assert throttle.rate_limited == 3  # every attempt answered 429, each one counted
-    assert throttle.factor() < 0.5 * 0.5 + 0.01  # shrunk at least twice, recovering slowly
+    assert throttle.factor() < 0.5 * 0.5 + 0.02  # one cut per Retry-After pause: 3 pauses
     assert decode(out[0].value, DeadLetter).attempts == 3
 
 
