@@ -215,6 +215,38 @@ def bench_guardrails(
     raise typer.Exit(bench_guardrails_main(argv))
 
 
+@app.command("bench-ratelimit")
+def bench_ratelimit(
+    replicas: Annotated[str, typer.Option(help="Comma-separated tier:premium worker counts.")] = "1,2,4",
+    limiters: Annotated[str, typer.Option(help="partitions (cluster-wide), process (naive per-process).")] = "partitions,process",
+    rpm: Annotated[int, typer.Option(help="The requests/min limit, in tierstream and in the simulator.")] = 600,
+    steady_seconds: Annotated[float, typer.Option(help="Measurement window per run.")] = 60.0,
+    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/ratelimit-<ts>.json).")] = None,
+) -> None:
+    """Rate-limit benchmark: utilisation and over-limit requests, cluster-wide vs naive limiter."""
+    from benchmarks.ratelimit import main as bench_ratelimit_main
+
+    argv = ["--replicas", replicas, "--limiters", limiters, "--rpm", str(rpm), "--steady-seconds", str(steady_seconds)]
+    argv += ["--output", str(output)] if output else []
+    raise typer.Exit(bench_ratelimit_main(argv))
+
+
+@app.command()
+def status(
+    url: Annotated[Optional[list[str]], typer.Option(help="A worker's health server, e.g. http://127.0.0.1:8080 (repeatable).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Client pools and rate limiters of running workers, read from their /metrics (JSON)."""
+    import orjson
+
+    from streams.ratelimit_metrics import read_status
+
+    urls = url or [f"http://127.0.0.1:{_settings(config).worker.health_port}"]
+    report = read_status(urls)
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    raise typer.Exit(0 if all("error" not in w for w in report) else 1)
+
+
 @topics_app.command("create")
 def topics_create(config: ConfigOption = None) -> None:
     """Create every topic of the topology that does not exist yet."""

@@ -69,3 +69,58 @@ class RateLimitCollector(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())  # unchecked collector: registering must not call the sources yet
+
+
+# Series ``tierstream status`` shows: the pools' and the rate limiter's, by family name.
+STATUS_FAMILIES = {
+    "tierstream_client_pool_size": "pool_size",
+    "tierstream_client_pool_in_use": "pool_in_use",
+    "tierstream_client_pool_max_size": "pool_max_size",
+    "tierstream_client_pool_calls": "pool_calls",
+    "tierstream_ratelimit_share": "share",
+    "tierstream_ratelimit_requests_per_minute": "requests_per_minute",
+    "tierstream_ratelimit_tokens_per_minute": "tokens_per_minute",
+    "tierstream_ratelimit_waiting": "waiting",
+    "tierstream_ratelimit_admitted": "admitted",
+    "tierstream_ratelimit_throttle_factor": "throttle_factor",
+    "tierstream_ratelimit_provider_429": "provider_429",
+}
+
+
+def parse_status(metrics_text: str) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"pools": {provider: {...}}, "rate_limits": {agent_type/model: {...}},
+    "throttles": {provider/model: {...}}}`` from a worker's Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, dict[str, float]]] = {"pools": {}, "rate_limits": {}, "throttles": {}}
+    for family in text_string_to_metric_families(metrics_text):
+        field = STATUS_FAMILIES.get(family.name)
+        if field is None:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = sample.labels
+            if "agent_type" in labels:
+                group, key = "rate_limits", f"{labels['agent_type']}/{labels['model']}"
+            elif "model" in labels:
+                group, key = "throttles", f"{labels['provider']}/{labels['model']}"
+            else:
+                group, key = "pools", labels["provider"]
+            out[group].setdefault(key, {})[field] = sample.value
+    return out
+
+
+def read_status(urls: list[str], timeout: float = 5.0) -> list[dict[str, object]]:
+    """:func:`parse_status` of each worker's ``/metrics``; an unreachable one says why."""
+    import urllib.error
+    import urllib.request
+
+    report: list[dict[str, object]] = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as response:
+                report.append({"url": url, **parse_status(response.read().decode())})
+        except (urllib.error.URLError, OSError) as exc:
+            report.append({"url": url, "error": str(exc)})
+    return report

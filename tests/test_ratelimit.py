@@ -302,3 +302,28 @@ async def test_limited_call_is_reconciled_and_unlisted_tier_is_dead_lettered(
     assert estimate_input_tokens(request) > result["input_tokens"]  # ...because it was high
     letter = decode(scoped[0].value, DeadLetter)
     assert letter.code == "rate_limit_scope" and "rate_limits.writer.tiers" in letter.reason
+
+
+def test_status_reads_pools_limits_and_throttles_from_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from streams.observability import Metrics
+    from streams.ratelimit_metrics import RateLimitCollector, parse_status, read_status
+
+    settings = limited_settings(TIERSTREAM__RATE_LIMITS__RESEARCHER__TIERS="[premium]")
+    topology = Topology(settings)
+    registry = ProviderRegistry(settings)
+    limiter = RateLimiter(settings, Tier.PREMIUM, topology, registry.throttles)
+    limiter.on_assignment(assignment(topology.tiers[Tier.PREMIUM].name, [0, 1, 2]))
+    registry.throttles.get("openai", "o3").on_rate_limited(1.0)
+    metrics = Metrics(CollectorRegistry())
+    metrics.pools.watch(registry.stats)
+    metrics.registry.register(RateLimitCollector(registry, limiter))
+    status = parse_status(generate_latest(metrics.registry).decode())
+    assert status["pools"]["openai"]["pool_calls"] == 0 and status["pools"]["openai"]["pool_max_size"] >= 1
+    researcher = status["rate_limits"]["researcher/*"]
+    assert researcher["share"] == pytest.approx(0.5)
+    assert researcher["requests_per_minute"] == pytest.approx(0.5 * (600 - 30) * 0.5, rel=0.01)  # halved by the 429
+    assert status["throttles"]["openai/o3"]["provider_429"] == 1
+    (unreachable,) = read_status(["http://127.0.0.1:9"], timeout=1)
+    assert "error" in unreachable

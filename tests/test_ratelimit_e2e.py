@@ -125,6 +125,8 @@ async def test_every_request_ends_as_a_result_or_a_dead_letter_under_faults(
         TIERSTREAM__PROVIDERS__OPENAI__RETRY_INITIAL_SECONDS="0.05",
         TIERSTREAM__PROVIDERS__OPENAI__RETRY_MAX_SECONDS="0.5",
         TIERSTREAM__RATE_LIMITS__RESEARCHER__TIERS="[premium]",
+        # each burst cuts the rate once; recovering within seconds keeps the test short
+        TIERSTREAM__PROVIDERS__OPENAI__RATE_LIMIT_RECOVERY_SECONDS="3",
     )
     try:
         processes.wait_http_ok(f"http://127.0.0.1:{port}/health", 30, sim)
