@@ -31,7 +31,7 @@ from streams.observability import HealthServer, OutgoingObserver, default_metric
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.ratelimit import RateLimiter
-from streams.ratelimit_metrics import RateLimitCollector
+from streams.ratelimit_metrics import collector_for
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
@@ -152,7 +152,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     if providers is not None:
         app.service(ProviderService(providers))
         metrics.pools.watch(providers.stats)  # read at scrape time, free per call
-        metrics.registry.register(RateLimitCollector(providers, limiter))
+        collector_for(metrics.registry).watch(providers, limiter)
     app.service(HealthServer(app, port=settings.worker.health_port, registry=metrics.registry))
     observe = OutgoingObserver(topology, metrics).observe_outgoing
 

@@ -183,6 +183,7 @@ class Permit:
 
 @dataclass(frozen=True)
 class LimitStats:
+    tier: str
     agent_type: str
     model: str
     share: float
@@ -319,7 +320,7 @@ class RateLimiter:
             (_, rr), (_, tr) = bucket_sizes(key.limit, key.share)
             out.append(
                 LimitStats(
-                    key.agent_type, key.model or "*", key.share, rr * MINUTE * factor,
+                    self.tier.value, key.agent_type, key.model or "*", key.share, rr * MINUTE * factor,
                     tr * MINUTE * factor, key.waiting, key.admitted,
                 )
             )

@@ -7,25 +7,31 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from streams.providers.registry import ProviderRegistry
 from streams.ratelimit import RateLimiter
 
-_LIMIT_LABELS = ["agent_type", "model"]
+_LIMIT_LABELS = ["agent_type", "model", "tier"]
 
 
 class RateLimitCollector(Collector):
-    def __init__(self, providers: ProviderRegistry, limiter: RateLimiter | None) -> None:
-        self.providers = providers
-        self.limiter = limiter
+    """One per registry (:func:`collector_for`); each app adds its sources with ``watch``,
+    so two apps in one process never yield the same family twice."""
+
+    def __init__(self) -> None:
+        self._sources: list[tuple[ProviderRegistry, RateLimiter | None]] = []
+
+    def watch(self, providers: ProviderRegistry, limiter: RateLimiter | None) -> None:
+        self._sources.append((providers, limiter))
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         calls = CounterMetricFamily(
             "tierstream_client_pool_calls", "Calls made through the pool's clients.", labels=["provider"]
         )
-        for stats in self.providers.stats():
-            calls.add_metric([stats.name], stats.total_calls)
+        for providers, _ in self._sources:
+            for stats in providers.stats():
+                calls.add_metric([stats.name], stats.total_calls)
         yield calls
         factor = GaugeMetricFamily(
             "tierstream_ratelimit_throttle_factor",
@@ -34,13 +40,12 @@ class RateLimitCollector(Collector):
         throttled = CounterMetricFamily(
             "tierstream_ratelimit_provider_429", "429 answers seen by this process.", labels=["provider", "model"],
         )
-        for (provider, model), throttle in self.providers.throttles.items():
-            factor.add_metric([provider, model], throttle.factor())
-            throttled.add_metric([provider, model], throttle.rate_limited)
+        for providers, _ in self._sources:
+            for (provider, model), throttle in providers.throttles.items():
+                factor.add_metric([provider, model], throttle.factor())
+                throttled.add_metric([provider, model], throttle.rate_limited)
         yield factor
         yield throttled
-        if self.limiter is None:
-            return
         share = GaugeMetricFamily(
             "tierstream_ratelimit_share", "This process's share of the cluster-wide limit.", labels=_LIMIT_LABELS
         )
@@ -58,8 +63,9 @@ class RateLimitCollector(Collector):
         admitted = CounterMetricFamily(
             "tierstream_ratelimit_admitted", "Calls the limiter let through.", labels=_LIMIT_LABELS
         )
-        for s in self.limiter.stats():
-            labels = [s.agent_type, s.model]
+        limits = [s for _, limiter in self._sources if limiter is not None for s in limiter.stats()]
+        for s in limits:
+            labels = [s.agent_type, s.model, s.tier]
             share.add_metric(labels, s.share)
             rpm.add_metric(labels, s.requests_per_minute)
             tpm.add_metric(labels, s.tokens_per_minute)
@@ -69,6 +75,18 @@ class RateLimitCollector(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())  # unchecked collector: registering must not call the sources yet
+
+
+_collectors: dict[int, RateLimitCollector] = {}
+
+
+def collector_for(registry: CollectorRegistry) -> RateLimitCollector:
+    """The registry's collector, registered on first use."""
+    collector = _collectors.get(id(registry))
+    if collector is None:
+        collector = _collectors[id(registry)] = RateLimitCollector()
+        registry.register(collector)
+    return collector
 
 
 # Series ``tierstream status`` shows: the pools' and the rate limiter's, by family name.
@@ -102,7 +120,7 @@ def parse_status(metrics_text: str) -> dict[str, dict[str, dict[str, float]]]:
                 continue
             labels = sample.labels
             if "agent_type" in labels:
-                group, key = "rate_limits", f"{labels['agent_type']}/{labels['model']}"
+                group, key = "rate_limits", f"{labels['tier']}/{labels['agent_type']}/{labels['model']}"
             elif "model" in labels:
                 group, key = "throttles", f"{labels['provider']}/{labels['model']}"
             else:

@@ -308,7 +308,7 @@ def test_status_reads_pools_limits_and_throttles_from_metrics() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from streams.observability import Metrics
-    from streams.ratelimit_metrics import RateLimitCollector, parse_status, read_status
+    from streams.ratelimit_metrics import collector_for, parse_status, read_status
 
     settings = limited_settings(TIERSTREAM__RATE_LIMITS__RESEARCHER__TIERS="[premium]")
     topology = Topology(settings)
@@ -318,10 +318,10 @@ def test_status_reads_pools_limits_and_throttles_from_metrics() -> None:
     registry.throttles.get("openai", "o3").on_rate_limited(1.0)
     metrics = Metrics(CollectorRegistry())
     metrics.pools.watch(registry.stats)
-    metrics.registry.register(RateLimitCollector(registry, limiter))
+    collector_for(metrics.registry).watch(registry, limiter)
     status = parse_status(generate_latest(metrics.registry).decode())
     assert status["pools"]["openai"]["pool_calls"] == 0 and status["pools"]["openai"]["pool_max_size"] >= 1
-    researcher = status["rate_limits"]["researcher/*"]
+    researcher = status["rate_limits"]["premium/researcher/*"]
     assert researcher["share"] == pytest.approx(0.5)
     assert researcher["requests_per_minute"] == pytest.approx(0.5 * (600 - 30) * 60 / 61 * 0.5, rel=0.01)  # halved by the 429
     assert status["throttles"]["openai/o3"]["provider_429"] == 1
