@@ -141,6 +141,7 @@ def run_pipeline(
         "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
         "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
         "TIERSTREAM__WORKER__LOG_LEVEL": "warning",
+        "TIERSTREAM__RATE_LIMITS": "null",  # throughput, not the rate limiter (bench-ratelimit)
     }
     settings = load_settings(environ={**os.environ, **env})
     asyncio.run(ensure_topics(settings))

@@ -124,7 +124,7 @@ async def test_every_request_ends_as_a_result_or_a_dead_letter_under_faults(
         TIERSTREAM__PROVIDERS__OPENAI__MAX_RETRIES="2",
         TIERSTREAM__PROVIDERS__OPENAI__RETRY_INITIAL_SECONDS="0.05",
         TIERSTREAM__PROVIDERS__OPENAI__RETRY_MAX_SECONDS="0.5",
-        TIERSTREAM__RATE_LIMITS__RESEARCHER__TIERS="[premium]",
+        TIERSTREAM__RATE_LIMITS="{researcher: {requests_per_minute: 600, tokens_per_minute: 1000000, burst: 50, tiers: [premium]}}",
         # each burst cuts the rate once; recovering within seconds keeps the test short
         TIERSTREAM__PROVIDERS__OPENAI__RATE_LIMIT_RECOVERY_SECONDS="3",
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.models import AgentType, Tier
 
@@ -236,6 +236,13 @@ class Settings(Section):
     cost_guardrails: CostGuardrails = CostGuardrails()
     prices: dict[str, ModelPrice] = {}
     worker: WorkerSettings = WorkerSettings()
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _no_rate_limits(cls, value: object) -> object:
+        # `rate_limits: null` (TIERSTREAM__RATE_LIMITS=null) turns every limit off, which
+        # an environment override cannot do otherwise: mappings are merged, not replaced.
+        return {} if value is None else value
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
