@@ -88,6 +88,13 @@ def test_per_model_limits_count_only_tiers_of_that_model() -> None:
     assert set(key.carriers) == {topology.tiers[Tier.PREMIUM].name, topology.tiers[Tier.NANO].name}
 
 
+def test_rate_limits_null_turns_every_limit_off() -> None:
+    settings = load_settings(environ={"TIERSTREAM__RATE_LIMITS": "null"})
+    assert settings.rate_limits == {}
+    limiter = RateLimiter(settings, Tier.NANO, Topology(settings), Throttles(dict(settings.providers)))
+    assert limiter.keys == {} and limiter.out_of_scope == {}
+
+
 def test_rate_limit_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"rate_limits.researcher: Value error, burst must be below"):
         limited_settings(TIERSTREAM__RATE_LIMITS__RESEARCHER__BURST="600")
