@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KAFKA_STAMP := .cache/.kafka-fetched
 
-.PHONY: install kafka promtool test test-chaos test-fast demo bench schemas broker-start broker-stop clean
+.PHONY: install kafka promtool test test-chaos test-slow test-fast demo bench schemas broker-start broker-stop clean
 
 install: $(STAMP) $(KAFKA_STAMP)
 
@@ -32,11 +32,15 @@ promtool:
 # The whole suite, end-to-end tests included: they start their own broker (or use
 # $$KAFKA_BOOTSTRAP_SERVERS) and the provider simulator.
 test: install promtool
-	$(PY) -m pytest -q -ra -m "not chaos"
+	$(PY) -m pytest -q -ra -m "not chaos and not slow"
 
 # Long fault runs (kill loops, broker restarts), by hand; `make test` runs short versions.
 test-chaos: install
 	$(PY) -m pytest -q -ra -m chaos -s
+
+# The rate-limit tests over two minutes of steady state (make test runs ~35 s versions).
+test-slow: install
+	$(PY) -m pytest -q -ra -m slow -s
 
 # Only the tests that need no broker.
 test-fast: $(STAMP) promtool

@@ -64,8 +64,15 @@ class FakeProviders:
     async def close(self) -> None: ...
 
     async def complete(
-        self, provider: str, model: str, messages: list[ChatMessage], max_output_tokens: int
+        self,
+        provider: str,
+        model: str,
+        messages: list[ChatMessage],
+        max_output_tokens: int,
+        before_attempt: Callable[[int], Awaitable[None]] | None = None,
     ) -> Attempted:
+        if before_attempt is not None:  # the registry's contract: one attempt, announced
+            await before_attempt(1)
         texts = [content_text(m.content)[0] for m in messages]
         user = next((t for m, t in zip(reversed(messages), reversed(texts)) if m.role == "user"), "")
         system = "\n".join(t for m, t in zip(messages, texts) if m.role == "system")

@@ -298,6 +298,7 @@ def run_repeat(
                 "TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD": str(args.limit_usd / 2),
                 "TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD": "1000",
                 "TIERSTREAM__WORKER__MAX_CONCURRENT_TASKS": str(args.max_concurrent_tasks),
+                "TIERSTREAM__RATE_LIMITS": "null",  # the guardrail, not the rate limiter
             }
             settings = load_settings(environ={**os.environ, **env})  # what the workers see
             out["topic_prefix"] = env["TIERSTREAM__KAFKA__TOPIC_PREFIX"]

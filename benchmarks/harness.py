@@ -215,6 +215,7 @@ def pipeline_env(kind: str, run: str, bootstrap: str, sim_port: int, max_in_flig
         "TIERSTREAM__WORKER__LOG_LEVEL": "warning",
         "TIERSTREAM__WORKER__HEALTH_PORT": "0",
         **PIPELINE_ENV.get(kind, {}),
+        "TIERSTREAM__RATE_LIMITS": "null",  # throughput, not the rate limiter (bench-ratelimit)
     }
     if max_in_flight is not None:
         env["MAX_CONCURRENT_TASKS"] = str(max_in_flight)

@@ -214,6 +214,7 @@ DeadLetterCode = Literal[
     "too_large",
     "context_too_long",
     "provider_error",
+    "rate_limit_scope",
 ]
 
 

@@ -36,6 +36,8 @@ from streams.observability import OutgoingObserver, default_metrics, worker_serv
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
+from streams.ratelimit import RateLimiter
+from streams.ratelimit_metrics import collector_for
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
@@ -137,8 +139,10 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     app.transport = Transport(app.conf.broker_consumer, app)
     prices = PriceBook(settings)
     providers: ProviderRegistry | None = None
+    limiter: RateLimiter | None = None
     view: GuardrailView | None = None
     answered: AnsweredIndex | None = None
+    limiter: RateLimiter | None = None
     if role == CLASSIFIER_ROLE:
         needs_models = settings.classifier.strategy == "llm"
         providers = ProviderRegistry(settings) if needs_models else None
@@ -162,16 +166,25 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         tier = next(t for t in Tier if tier_role(t) == role)
         providers = ProviderRegistry(settings)
         view = GuardrailView(settings)
-        handler = TierHandler(tier, settings, topology, providers, prices, BudgetGate(view)).handle
+        limiter = RateLimiter(settings, tier, topology, providers.throttles)
+        handler = TierHandler(
+            tier, settings, topology, providers, prices, BudgetGate(view), limiter
+        ).handle
         source = topology.tiers[tier]
         concurrency = settings.worker.max_concurrent_tasks
         answered = AnsweredIndex(settings)
         app.service(DedupeService(answered, app))
+
+        @app.on_partitions_assigned.connect
+        async def _rate_limit_shares(_app: faust.App, assigned: set, **_: object) -> None:
+            # Quotas follow partitions: recomputed from the full assignment on every rebalance.
+            limiter.on_assignment((tp.topic, tp.partition) for tp in assigned)
     if view is not None:
         app.service(GuardrailService(view, source.name if role != COST_ROLE else None))
     metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
+        collector_for(metrics.registry).watch(providers, limiter)
     for service in worker_services(app, settings, metrics, providers, view):
         app.service(service)  # /health /ready /metrics, and what they read
     observe = OutgoingObserver(topology, metrics).observe_outgoing

@@ -83,16 +83,30 @@ def provider_sim(
     rpm: Annotated[Optional[int], typer.Option(help="Requests per minute per model (429 above).")] = None,
     tpm: Annotated[Optional[int], typer.Option(help="Tokens per minute per model (429 above).")] = None,
     error_rate: Annotated[float, typer.Option(help="Fraction of calls answered 500/503.")] = 0.0,
+    timeout_rate: Annotated[float, typer.Option(help="Fraction of calls that hang --hang-seconds first.")] = 0.0,
+    hang_seconds: Annotated[float, typer.Option(help="How long a hanging call hangs.")] = 30.0,
+    burst_429_every: Annotated[Optional[float], typer.Option(help="Start a burst of 429s every this many seconds.")] = None,
+    burst_429_seconds: Annotated[float, typer.Option(help="How long each 429 burst lasts.")] = 1.0,
+    retry_after: Annotated[float, typer.Option(help="Retry-After (seconds) on burst 429s.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed latency and fault draws.")] = None,
 ) -> None:
     """Serve the OpenAI and Anthropic HTTP APIs locally, for the demo and the tests."""
+    from pydantic import ValidationError
+
     from streams.simulator import SimulatorConfig, run
 
-    run(
-        SimulatorConfig(
+    try:
+        config = SimulatorConfig(
             host=host, port=port, latency_ms_median=latency_ms, requests_per_minute=rpm,
-            tokens_per_minute=tpm, error_rate=error_rate,
+            tokens_per_minute=tpm, error_rate=error_rate, timeout_rate=timeout_rate,
+            hang_seconds=hang_seconds, burst_429_every_seconds=burst_429_every,
+            burst_429_seconds=burst_429_seconds, burst_429_retry_after_seconds=retry_after, seed=seed,
         )
-    )
+    except ValidationError as exc:
+        for e in exc.errors(include_url=False):
+            err.print(f"[red]{'.'.join(map(str, e['loc'])) or 'provider-sim'}: {e['msg']}[/]")
+        raise typer.Exit(2) from None
+    run(config)
 
 
 @app.command()
@@ -207,6 +221,38 @@ def bench_guardrails(
             "--requests", str(requests)]
     argv += ["--output", str(output)] if output else []
     raise typer.Exit(bench_guardrails_main(argv))
+
+
+@app.command("bench-ratelimit")
+def bench_ratelimit(
+    replicas: Annotated[str, typer.Option(help="Comma-separated tier:premium worker counts.")] = "1,2,4",
+    limiters: Annotated[str, typer.Option(help="partitions (cluster-wide), process (naive per-process).")] = "partitions,process",
+    rpm: Annotated[int, typer.Option(help="The requests/min limit, in tierstream and in the simulator.")] = 600,
+    steady_seconds: Annotated[float, typer.Option(help="Measurement window per run.")] = 60.0,
+    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/ratelimit-<ts>.json).")] = None,
+) -> None:
+    """Rate-limit benchmark: utilisation and over-limit requests, cluster-wide vs naive limiter."""
+    from benchmarks.ratelimit import main as bench_ratelimit_main
+
+    argv = ["--replicas", replicas, "--limiters", limiters, "--rpm", str(rpm), "--steady-seconds", str(steady_seconds)]
+    argv += ["--output", str(output)] if output else []
+    raise typer.Exit(bench_ratelimit_main(argv))
+
+
+@app.command()
+def status(
+    url: Annotated[Optional[list[str]], typer.Option(help="A worker's health server, e.g. http://127.0.0.1:8080 (repeatable).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Client pools and rate limiters of running workers, read from their /metrics (JSON)."""
+    import orjson
+
+    from streams.ratelimit_metrics import read_status
+
+    urls = url or [f"http://127.0.0.1:{_settings(config).worker.health_port}"]
+    report = read_status(urls)
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    raise typer.Exit(0 if all("error" not in w for w in report) else 1)
 
 
 @topics_app.command("create")

@@ -20,6 +20,7 @@ from streams.guardrails.money import nanos_to_usd, usd_to_nanos
 from streams.logs import log_context
 from streams.pricing import PriceBook
 from streams.providers import ProviderError, ProviderRegistry
+from streams.ratelimit import Permit, RateLimiter
 from topologies.config import Settings
 from topologies.topics import Topology, tier_role
 
@@ -35,6 +36,7 @@ class TierHandler:
         providers: ProviderRegistry,
         prices: PriceBook,
         budget: BudgetGate | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.tier = tier
         self.stage = tier_role(tier)
@@ -45,6 +47,7 @@ class TierHandler:
         self.choice = settings.tiers[tier]
         self.log_prompts = settings.worker.log_prompts
         self.budget = budget
+        self.limiter = limiter
 
     async def handle(self, source: Source) -> list[Outgoing]:
         dlq = self.topology.dead_letters.name
@@ -67,10 +70,13 @@ class TierHandler:
                     payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
                 )
             ]
+        if self.limiter is not None and request.agent_type in self.limiter.out_of_scope:
+            return [self._out_of_rate_limit_scope(source, request)]
+        input_estimate = estimate_input_tokens(request)
         reservation: Reservation | None = None
         if self.budget is not None:
             worst = self.prices.worst_case(
-                provider, model, estimate_input_tokens(request), request.max_output_tokens
+                provider, model, input_estimate, request.max_output_tokens
             )
             try:
                 reservation = await self.budget.admit(request.workflow_id, usd_to_nanos(worst))
@@ -78,9 +84,22 @@ class TierHandler:
                 return [self._budget_exceeded(request)]
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
+        permit: Permit | None = None
+
+        async def before_attempt(attempt: int) -> None:
+            # Every attempt passes the rate limiter right before it is sent: a token taken
+            # earlier than its request reaches the provider could break the window bound.
+            nonlocal permit, started_at, t0
+            if self.limiter is not None:
+                permit = await self.limiter.acquire(
+                    request.agent_type, model, input_estimate + request.max_output_tokens
+                )
+            if attempt == 1:  # the model latency excludes the wait for the limiter
+                started_at, t0 = datetime.now(UTC), time.perf_counter()
+
         try:
             attempted = await self.providers.complete(
-                provider, model, request.chat(), request.max_output_tokens
+                provider, model, request.chat(), request.max_output_tokens, before_attempt
             )
         except ProviderError as exc:
             if reservation is not None:
@@ -95,6 +114,10 @@ class TierHandler:
             ]
         latency_ms = (time.perf_counter() - t0) * 1000
         completion = attempted.completion
+        if self.limiter is not None and permit is not None:
+            self.limiter.reconcile(
+                permit, completion.input_tokens, completion.output_tokens, request.max_output_tokens
+            )
         cost = cost_event(
             self.prices, request, served_tier, provider, model, completion, attempted.attempts
         )
@@ -147,6 +170,19 @@ class TierHandler:
         ):
             return Tier.STANDARD, Tier.PREMIUM
         return self.tier, None
+
+    def _out_of_rate_limit_scope(self, source: Source, request: TieredRequest) -> Outgoing:
+        """A rate limit that names its tiers gives this tier no share: no call can be made."""
+        assert self.limiter is not None
+        tiers = ", ".join(t.value for t in self.limiter.out_of_scope[request.agent_type])
+        return dead_letter(
+            self.topology.dead_letters.name, source, code="rate_limit_scope", stage=self.stage,
+            reason=(
+                f"agent_type '{request.agent_type}' is rate-limited to tiers [{tiers}] "
+                f"(rate_limits.{request.agent_type}.tiers) but was routed to {self.tier.value}"
+            ),
+            payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
+        )
 
     def _budget_exceeded(self, request: TieredRequest) -> Outgoing:
         """The workflow is out of budget: answered without a model call."""

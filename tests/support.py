@@ -81,6 +81,8 @@ def new_pipeline(bootstrap: str, simulator_port: int, log_dir: Path, **overrides
         # Keys in the test environment must not send tests to a real provider.
         "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
         "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+        # Rate limits would pace these workloads; tests/test_ratelimit_e2e.py tests them.
+        "TIERSTREAM__RATE_LIMITS": "null",
         **overrides,
     }
     return Pipeline(env=env, settings=load_settings(environ=env), log_dir=log_dir)

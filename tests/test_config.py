@@ -181,7 +181,7 @@ def test_tier_whose_provider_has_no_providers_entry(tmp_path: Path) -> None:
 
 def test_rate_limits_naming_an_unknown_agent_type() -> None:
     message = config_error(
-        overrides={"rate_limits": {"ghost": {"requests_per_minute": 1, "tokens_per_minute": 1}}}
+        overrides={"rate_limits": {"ghost": {"requests_per_minute": 10, "tokens_per_minute": 10}}}
     )
     assert "rate_limits: unknown agent types ['ghost']" in message
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.models import AgentType, Tier
 
@@ -129,6 +129,10 @@ class ProviderSettings(Section):
     max_retries: int = Field(default=3, ge=0, le=20)
     retry_initial_seconds: float = Field(default=0.2, gt=0)
     retry_max_seconds: float = Field(default=10, gt=0)
+    # On a 429 the process pauses that model's calls for Retry-After and multiplies its
+    # rate by this factor, then recovers linearly to the full rate over recovery_seconds.
+    rate_limit_backoff_factor: float = Field(default=0.5, gt=0, le=1)
+    rate_limit_recovery_seconds: float = Field(default=30, gt=0)
     use_simulator: Literal["auto", "always", "never"] = "auto"
 
 
@@ -154,9 +158,32 @@ class AgentTypeSettings(Section):
 
 
 class RateLimit(Section):
+    """A limit for one agent type that holds for the whole cluster (see streams.ratelimit).
+
+    ``burst`` requests may go at once; the refill rate is what is left of the minute's
+    limit after the burst, so no sliding 60 s window ever sees more than the limit.
+    """
+
     requests_per_minute: PositiveInt
     tokens_per_minute: PositiveInt
     burst: PositiveInt = 1
+    # true: a separate limit of this size for each provider model serving the agent type
+    per_model: bool = False
+    # The tiers whose workers share the limit (default: all three, since a tier_hint can
+    # send any agent type to any tier). Listing fewer gives each a larger share; a request
+    # routed to an unlisted tier is dead-lettered (code rate_limit_scope).
+    tiers: list[Tier] | None = Field(default=None, min_length=1)
+    # Output tokens count as max_output_tokens (what OpenAI and the simulator charge at
+    # admission) or as the usage the provider reported.
+    count_output: Literal["max_output_tokens", "usage"] = "max_output_tokens"
+
+    @model_validator(mode="after")
+    def _burst_below_limit(self) -> RateLimit:
+        if self.burst >= self.requests_per_minute:
+            raise ValueError("burst must be below requests_per_minute")
+        if self.tiers is not None and len(set(self.tiers)) != len(self.tiers):
+            raise ValueError("tiers: each tier at most once")
+        return self
 
 
 class CostGuardrails(Section):
@@ -200,6 +227,10 @@ class WorkerSettings(Section):
     # How far back a tier worker reads the results topic to recognise a request it reads
     # again (after a crash or rebalance) as already answered. Memory: ~100 B per result.
     dedupe_window_seconds: float = Field(default=900, gt=0, le=7 * 24 * 3600)
+    # How rate limits are shared: "partitions" (each process gets the share of its assigned
+    # tier partitions: cluster-wide) or "process" (each process enforces the whole limit:
+    # the naive per-process limiter, N replicas send N times the limit; for benchmarks).
+    rate_limit_sharing: Literal["partitions", "process"] = "partitions"
 
 
 class Settings(Section):
@@ -214,6 +245,13 @@ class Settings(Section):
     cost_guardrails: CostGuardrails = CostGuardrails()
     prices: dict[str, ModelPrice] = {}
     worker: WorkerSettings = WorkerSettings()
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _no_rate_limits(cls, value: object) -> object:
+        # `rate_limits: null` (TIERSTREAM__RATE_LIMITS=null) turns every limit off, which
+        # an environment override cannot do otherwise: mappings are merged, not replaced.
+        return {} if value is None else value
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:

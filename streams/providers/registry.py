@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from streams.providers.anthropic_client import AnthropicClient
 from streams.providers.base import Completion, ModelClient, ProviderError
 from streams.providers.openai_client import OpenAIClient
 from streams.providers.pool import ClientPool, PoolStats
+from streams.ratelimit import Throttles
 from topologies.config import ProviderName, ProviderSettings, Settings
 
 # The simulator accepts any non-empty key; this one is obviously not a secret.
@@ -84,6 +85,8 @@ class ProviderRegistry:
         self.settings = settings
         self.endpoints: dict[str, Endpoint] = {}
         self.pools: dict[str, ClientPool[ModelClient]] = {}
+        # 429 back-off per provider model, shared by every call this process makes.
+        self.throttles = Throttles(dict(settings.providers))
         max_in_flight = settings.worker.max_concurrent_tasks
         for provider in sorted({t.provider for t in settings.tiers.values()}):
             endpoint = resolve_endpoint(settings, provider, environ)
@@ -114,13 +117,21 @@ class ProviderRegistry:
             await pool.close()
 
     async def complete(
-        self, provider: str, model: str, messages: list[ChatMessage], max_output_tokens: int
+        self,
+        provider: str,
+        model: str,
+        messages: list[ChatMessage],
+        max_output_tokens: int,
+        before_attempt: Callable[[int], Awaitable[None]] | None = None,
     ) -> Attempted:
         """Call the model, retrying transient failures with exponential backoff and jitter.
 
-        Raises :class:`ProviderError` (with ``attempts`` set) when the call cannot succeed.
+        ``before_attempt(n)`` runs before attempt n (the rate limiter: every attempt
+        counts against the provider's limit). Raises :class:`ProviderError` (with
+        ``attempts`` set) when the call cannot succeed.
         """
         conf = self.settings.providers[provider]  # type: ignore[index]
+        throttle = self.throttles.get(provider, model)
         attempts = 0
         try:
             async for attempt in stamina.retry_context(
@@ -132,8 +143,17 @@ class ProviderRegistry:
             ):
                 with attempt:
                     attempts += 1
-                    async with self.pools[provider].acquire() as client:
-                        completion = await client.complete(model, messages, max_output_tokens)
+                    if before_attempt is not None:
+                        await before_attempt(attempts)
+                    else:
+                        await throttle.wait()
+                    try:
+                        async with self.pools[provider].acquire() as client:
+                            completion = await client.complete(model, messages, max_output_tokens)
+                    except ProviderError as exc:
+                        if exc.status == 429:  # slow this whole process down, not one call
+                            throttle.on_rate_limited(exc.retry_after)
+                        raise
                     return Attempted(completion, attempts)
         except ProviderError as exc:
             exc.attempts = attempts

@@ -66,6 +66,11 @@ class SimulatorConfig(BaseModel):
         default=0.0, ge=0, le=1, description="fraction that hang hang_seconds before answering"
     )
     hang_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # Bursts of 429: for burst_429_seconds out of every burst_429_every_seconds (counted
+    # from start), every call is answered 429 with Retry-After: burst_429_retry_after_seconds.
+    burst_429_every_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    burst_429_seconds: float = Field(default=1.0, gt=0, le=3600)
+    burst_429_retry_after_seconds: float = Field(default=1.0, ge=0, le=3600)
 
     requests_per_minute: PositiveLimit | None = None
     tokens_per_minute: PositiveLimit | None = None
@@ -87,6 +92,9 @@ class SimulatorConfig(BaseModel):
     def _check_ranges(self) -> SimulatorConfig:
         if self.latency_ms_p99 is not None and self.latency_ms_p99 < self.latency_ms_median:
             raise ValueError("latency_ms_p99 must be >= latency_ms_median")
+        every = self.burst_429_every_seconds
+        if every is not None and self.burst_429_seconds >= every:
+            raise ValueError("burst_429_seconds must be below burst_429_every_seconds")
         if self.output_tokens_max < self.output_tokens_min:
             raise ValueError("output_tokens_max must be >= output_tokens_min")
         return self

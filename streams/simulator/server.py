@@ -5,7 +5,7 @@ Routes: ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` (Anthropic
 
 Order of checks for an API call: API key (401) -> JSON body and required fields
 (400) -> ``stream`` (400, unsupported) -> ``#sim:status`` directive -> random error
-injection (``error_rate``) -> rate limits (429) -> admission -> random hang
+injection (``error_rate``) -> 429 bursts (``burst_429_*``) -> rate limits (429) -> admission -> random hang
 (``timeout_rate``) or sampled latency -> 200. Rejected and failed calls do not consume
 rate-limit quota, so "admitted" in the window counters means "answered 200" (unless the
 client hung up while waiting).
@@ -59,6 +59,7 @@ class ProviderSimulator:
         self._windows: dict[tuple[str, str], ModelWindow] = {}
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        self._started = time.monotonic()  # 429 bursts are timed from here
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -221,6 +222,9 @@ class ProviderSimulator:
             self._stats.errors_injected += 1
             code = self._rng.choice(_INJECTED_STATUSES[wire.name])
             return self._error(wire, request_id, code, _INJECTED_MESSAGES[code])
+        if self._in_429_burst():
+            self._stats.bursts_429 += 1
+            return self._burst_429(wire, request_id)
         window = self._window(wire.name, parsed.model)
         verdict = window.try_admit(time.monotonic(), parsed.input_tokens + parsed.max_tokens)
         if isinstance(verdict, Rejection):
@@ -276,15 +280,30 @@ class ProviderSimulator:
         )
         return web.Response(body=body, status=status, headers=all_headers, content_type=_JSON)
 
+    def _in_429_burst(self) -> bool:
+        every = self.config.burst_429_every_seconds
+        if every is None:
+            return False
+        return (time.monotonic() - self._started) % every < self.config.burst_429_seconds
+
+    def _burst_429(self, wire: Wire, request_id: str) -> web.Response:
+        return self._too_many(
+            wire, request_id, "Simulated 429 burst (provider-sim fault injection).",
+            self.config.burst_429_retry_after_seconds,
+        )
+
     def _directive_error(self, wire: Wire, request_id: str, status: int) -> web.Response:
         message = f"Simulated HTTP {status} (#sim:status directive)."
         if status != 429:
             return self._error(wire, request_id, status, message)
-        seconds, millis = retry_after_header(1.0)
+        return self._too_many(wire, request_id, message, 1.0)
+
+    def _too_many(self, wire: Wire, request_id: str, message: str, retry_after: float) -> web.Response:
+        seconds, millis = retry_after_header(retry_after)
         return self._error(
             wire,
             request_id,
-            status,
+            429,
             message,
             error_type=wire.rate_limit_type("requests"),
             code="rate_limit_exceeded",

@@ -22,6 +22,7 @@ class SimulatorStats:
         "errors_injected",
         "status_directives",
         "timeouts_injected",
+        "bursts_429",
         "input_tokens",
         "output_tokens",
         "in_flight",
@@ -38,6 +39,7 @@ class SimulatorStats:
         self.errors_injected = 0
         self.status_directives = 0
         self.timeouts_injected = 0
+        self.bursts_429 = 0
         self.input_tokens = 0
         self.output_tokens = 0
         self.in_flight = 0
@@ -76,6 +78,7 @@ class SimulatorStats:
             "errors_injected": self.errors_injected,
             "status_directives": self.status_directives,
             "timeouts_injected": self.timeouts_injected,
+            "bursts_429": self.bursts_429,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "in_flight": self.in_flight,

@@ -1,0 +1,144 @@
+"""Prometheus gauges for the rate limiter, the 429 throttles and the client pools' call
+counts, read at scrape time (nothing per call). Kept apart from ``streams.observability``
+so the two evolve independently; :mod:`streams.app` registers it beside the others."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from streams.providers.registry import ProviderRegistry
+from streams.ratelimit import RateLimiter
+
+_LIMIT_LABELS = ["agent_type", "model", "tier"]
+
+
+class RateLimitCollector(Collector):
+    """One per registry (:func:`collector_for`); each app adds its sources with ``watch``,
+    so two apps in one process never yield the same family twice."""
+
+    def __init__(self) -> None:
+        self._sources: list[tuple[ProviderRegistry, RateLimiter | None]] = []
+
+    def watch(self, providers: ProviderRegistry, limiter: RateLimiter | None) -> None:
+        self._sources.append((providers, limiter))
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        calls = CounterMetricFamily(
+            "tierstream_client_pool_calls", "Calls made through the pool's clients.", labels=["provider"]
+        )
+        for providers, _ in self._sources:
+            for stats in providers.stats():
+                calls.add_metric([stats.name], stats.total_calls)
+        yield calls
+        factor = GaugeMetricFamily(
+            "tierstream_ratelimit_throttle_factor",
+            "Fraction of the configured rate allowed after 429s (1 = full).", labels=["provider", "model"],
+        )
+        throttled = CounterMetricFamily(
+            "tierstream_ratelimit_provider_429", "429 answers seen by this process.", labels=["provider", "model"],
+        )
+        for providers, _ in self._sources:
+            for (provider, model), throttle in providers.throttles.items():
+                factor.add_metric([provider, model], throttle.factor())
+                throttled.add_metric([provider, model], throttle.rate_limited)
+        yield factor
+        yield throttled
+        share = GaugeMetricFamily(
+            "tierstream_ratelimit_share", "This process's share of the cluster-wide limit.", labels=_LIMIT_LABELS
+        )
+        rpm = GaugeMetricFamily(
+            "tierstream_ratelimit_requests_per_minute",
+            "Sustained requests/min this process may send (share, after 429 back-off).", labels=_LIMIT_LABELS,
+        )
+        tpm = GaugeMetricFamily(
+            "tierstream_ratelimit_tokens_per_minute",
+            "Sustained tokens/min this process may send (share, after 429 back-off).", labels=_LIMIT_LABELS,
+        )
+        waiting = GaugeMetricFamily(
+            "tierstream_ratelimit_waiting", "Requests held by the limiter right now.", labels=_LIMIT_LABELS
+        )
+        admitted = CounterMetricFamily(
+            "tierstream_ratelimit_admitted", "Calls the limiter let through.", labels=_LIMIT_LABELS
+        )
+        limits = [s for _, limiter in self._sources if limiter is not None for s in limiter.stats()]
+        for s in limits:
+            labels = [s.agent_type, s.model, s.tier]
+            share.add_metric(labels, s.share)
+            rpm.add_metric(labels, s.requests_per_minute)
+            tpm.add_metric(labels, s.tokens_per_minute)
+            waiting.add_metric(labels, s.waiting)
+            admitted.add_metric(labels, s.admitted)
+        yield from (share, rpm, tpm, waiting, admitted)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())  # unchecked collector: registering must not call the sources yet
+
+
+_collectors: dict[int, RateLimitCollector] = {}
+
+
+def collector_for(registry: CollectorRegistry) -> RateLimitCollector:
+    """The registry's collector, registered on first use."""
+    collector = _collectors.get(id(registry))
+    if collector is None:
+        collector = _collectors[id(registry)] = RateLimitCollector()
+        registry.register(collector)
+    return collector
+
+
+# Series ``tierstream status`` shows: the pools' and the rate limiter's, by family name.
+STATUS_FAMILIES = {
+    "tierstream_client_pool_size": "pool_size",
+    "tierstream_client_pool_in_use": "pool_in_use",
+    "tierstream_client_pool_max_size": "pool_max_size",
+    "tierstream_client_pool_calls": "pool_calls",
+    "tierstream_ratelimit_share": "share",
+    "tierstream_ratelimit_requests_per_minute": "requests_per_minute",
+    "tierstream_ratelimit_tokens_per_minute": "tokens_per_minute",
+    "tierstream_ratelimit_waiting": "waiting",
+    "tierstream_ratelimit_admitted": "admitted",
+    "tierstream_ratelimit_throttle_factor": "throttle_factor",
+    "tierstream_ratelimit_provider_429": "provider_429",
+}
+
+
+def parse_status(metrics_text: str) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"pools": {provider: {...}}, "rate_limits": {agent_type/model: {...}},
+    "throttles": {provider/model: {...}}}`` from a worker's Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, dict[str, float]]] = {"pools": {}, "rate_limits": {}, "throttles": {}}
+    for family in text_string_to_metric_families(metrics_text):
+        field = STATUS_FAMILIES.get(family.name)
+        if field is None:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = sample.labels
+            if "agent_type" in labels:
+                group, key = "rate_limits", f"{labels['tier']}/{labels['agent_type']}/{labels['model']}"
+            elif "model" in labels:
+                group, key = "throttles", f"{labels['provider']}/{labels['model']}"
+            else:
+                group, key = "pools", labels["provider"]
+            out[group].setdefault(key, {})[field] = sample.value
+    return out
+
+
+def read_status(urls: list[str], timeout: float = 5.0) -> list[dict[str, object]]:
+    """:func:`parse_status` of each worker's ``/metrics``; an unreachable one says why."""
+    import urllib.error
+    import urllib.request
+
+    report: list[dict[str, object]] = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as response:
+                report.append({"url": url, **parse_status(response.read().decode())})
+        except (urllib.error.URLError, OSError) as exc:
+            report.append({"url": url, "error": str(exc)})
+    return report
