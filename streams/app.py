@@ -37,7 +37,6 @@ from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
 from streams.ratelimit import RateLimiter
-from streams.ratelimit_metrics import collector_for
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
@@ -184,7 +183,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
-        collector_for(metrics.registry).watch(providers, limiter)
+        metrics.rate_limits.watch(providers, limiter)
     for service in worker_services(app, settings, metrics, providers, view):
         app.service(service)  # /health /ready /metrics, and what they read
     observe = OutgoingObserver(topology, metrics).observe_outgoing

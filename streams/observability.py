@@ -36,6 +36,7 @@ from streams.guardrails.money import hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView
 from streams.providers.pool import PoolStats
 from streams.providers.registry import ProviderRegistry
+from streams.ratelimit_metrics import RateLimitCollector
 from streams.readiness import ProviderProbe
 from topologies.config import Settings
 from topologies.topics import Role, Topology, tier_role
@@ -53,7 +54,6 @@ _CODE_RE = re.compile(rb'"code"\s*:\s*"([a-z_]+)"')
 # Model calls take from tens of milliseconds (nano, simulator) to minutes (reasoning models).
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 # A rate limiter holds a call from nothing (tokens available) to a minute (window full).
-WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
@@ -96,22 +96,11 @@ class Metrics:
             "Messages being handled right now (provider calls in flight for tier roles).",
             ["role"], registry=registry,
         )
-        # For the rate limiter (issue 4): `limit` is a key of `rate_limits` in the
-        # configuration (an agent type, or a provider model), so a bounded set.
-        self.rate_limit_wait = Histogram(
-            "tierstream_rate_limit_wait_seconds",
-            "Time a call waited for the rate limiter before it was sent.",
-            ["limit"], buckets=WAIT_BUCKETS, registry=registry,
-        )
-        self.rate_limit_utilisation = Gauge(
-            "tierstream_rate_limit_utilisation_ratio",
-            "Share of a rate limit used in its current window (0 to 1), by resource (requests, tokens).",
-            ["limit", "resource"], registry=registry,
-        )
         self.pools = PoolStatsCollector()
         self.guardrails = GuardrailCollector()
         self.consumers = ConsumerLagCollector()
-        for collector in (self.pools, self.guardrails, self.consumers):
+        self.rate_limits = RateLimitCollector()  # shares, rates, waiting, 429 back-off
+        for collector in (self.pools, self.guardrails, self.consumers, self.rate_limits):
             registry.register(collector)
 
     # Typed hooks: what observe_outgoing calls, and what a handler could call directly.
@@ -136,14 +125,6 @@ class Metrics:
     def record_dead_letter(self, role: Role, tier: str, code: str) -> None:
         self.dead_letters.labels(role, code).inc()
         self.requests.labels(role, tier, "dead_letter").inc()
-
-    def record_rate_limit_wait(self, limit: str, seconds: float) -> None:
-        """A call waited ``seconds`` for the limiter named ``limit`` (0 if it did not wait)."""
-        self.rate_limit_wait.labels(limit).observe(seconds)
-
-    def set_rate_limit_utilisation(self, limit: str, resource: str, ratio: float) -> None:
-        """``resource`` is "requests" or "tokens"; ``ratio`` is used / allowed in the window."""
-        self.rate_limit_utilisation.labels(limit, resource).set(ratio)
 
     @contextmanager
     def track_in_flight(self, role: Role) -> Iterator[None]:

@@ -1,23 +1,26 @@
-"""Prometheus gauges for the rate limiter, the 429 throttles and the client pools' call
-counts, read at scrape time (nothing per call). Kept apart from ``streams.observability``
-so the two evolve independently; :mod:`streams.app` registers it beside the others."""
+"""Prometheus gauges for the rate limiter and the 429 throttles, read at scrape time
+(nothing per call); ``streams.observability.Metrics.rate_limits`` is the registry's one
+instance, which each app feeds with ``watch``. Also what ``tierstream status`` reads."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector, CollectorRegistry
+from typing import TYPE_CHECKING
 
-from streams.providers.registry import ProviderRegistry
-from streams.ratelimit import RateLimiter
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:  # types only: observability imports this module
+    from streams.providers.registry import ProviderRegistry
+    from streams.ratelimit import RateLimiter
 
 _LIMIT_LABELS = ["agent_type", "model", "tier"]
 
 
 class RateLimitCollector(Collector):
-    """One per registry (:func:`collector_for`); each app adds its sources with ``watch``,
-    so two apps in one process never yield the same family twice."""
+    """One per registry (``Metrics.rate_limits``); each app adds its sources with
+    ``watch``, so two apps in one process never yield the same family twice."""
 
     def __init__(self) -> None:
         self._sources: list[tuple[ProviderRegistry, RateLimiter | None]] = []
@@ -26,13 +29,6 @@ class RateLimitCollector(Collector):
         self._sources.append((providers, limiter))
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        calls = CounterMetricFamily(
-            "tierstream_client_pool_calls", "Calls made through the pool's clients.", labels=["provider"]
-        )
-        for providers, _ in self._sources:
-            for stats in providers.stats():
-                calls.add_metric([stats.name], stats.total_calls)
-        yield calls
         factor = GaugeMetricFamily(
             "tierstream_ratelimit_throttle_factor",
             "Fraction of the configured rate allowed after 429s (1 = full).", labels=["provider", "model"],
@@ -75,18 +71,6 @@ class RateLimitCollector(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())  # unchecked collector: registering must not call the sources yet
-
-
-_collectors: dict[int, RateLimitCollector] = {}
-
-
-def collector_for(registry: CollectorRegistry) -> RateLimitCollector:
-    """The registry's collector, registered on first use."""
-    collector = _collectors.get(id(registry))
-    if collector is None:
-        collector = _collectors[id(registry)] = RateLimitCollector()
-        registry.register(collector)
-    return collector
 
 
 # Series ``tierstream status`` shows: the pools' and the rate limiter's, by family name.

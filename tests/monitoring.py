@@ -14,12 +14,15 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
 from schemas.codec import encode
-from schemas.models import SpendSnapshot
+from schemas.models import SpendSnapshot, Tier
 from streams.guardrails.money import hour_window, usd_to_nanos
 from streams.guardrails.view import GuardrailView
 from streams.observability import Metrics
+from streams.providers import ProviderRegistry
 from streams.providers.pool import PoolStats
+from streams.ratelimit import RateLimiter
 from topologies.config import load_settings
+from topologies.topics import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_PROMTOOL = ROOT / ".cache" / "prometheus" / "promtool"  # deploy/prometheus/install-promtool.sh
@@ -75,8 +78,6 @@ def exercised_metrics() -> Metrics:
     metrics.record_result("tier-nano", "nano", "openai", "ok", 0.2)
     metrics.record_cost("nano", "openai", 10, 20, 0.001)
     metrics.record_dead_letter("tier-premium", "premium", "provider_error")
-    metrics.record_rate_limit_wait("writer", 0.3)
-    metrics.set_rate_limit_utilisation("writer", "tokens", 0.5)
     with metrics.track_in_flight("tier-nano"):
         pass
     metrics.pools.watch(lambda: [PoolStats("openai", 1, 0, 2, 5, 1, 0)])
@@ -85,6 +86,13 @@ def exercised_metrics() -> Metrics:
     spend(view, "tier:nano", 1.5)
     spend(view, "wf-1", 0.5)
     metrics.guardrails.watch(view)
+    settings = load_settings(environ={"TIERSTREAM__RATE_LIMITS__RESEARCHER__TIERS": "[premium]"})
+    providers = ProviderRegistry(settings)
+    limiter = RateLimiter(settings, Tier.PREMIUM, Topology(settings), providers.throttles)
+    premium = Topology(settings).tiers[Tier.PREMIUM].name
+    limiter.on_assignment([(premium, 0), (premium, 1)])
+    providers.throttles.get("openai", "o3").on_rate_limited(1.0)
+    metrics.rate_limits.watch(providers, limiter)
     consumer = FakeLagConsumer({TP("agent.requests.nano", 0): 10}, {TP("agent.requests.nano", 0): 3})
     metrics.consumers.watch(lambda: consumer)
     return metrics

@@ -22,7 +22,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "tierstream.json"
 METRIC_NAME = re.compile(r"\btierstream_[a-z0-9_]+\b")
 # Every label the code may put on a series: small, fixed or configured sets only.
 BOUNDED_LABELS = {
-    "role", "tier", "status", "provider", "direction", "code", "topic", "scope", "limit", "resource", "le",
+    "role", "tier", "status", "provider", "direction", "code", "topic", "scope", "agent_type", "model", "le",
 }
 
 

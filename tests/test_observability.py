@@ -231,17 +231,6 @@ async def test_a_busy_port_does_not_stop_the_worker(metrics: Metrics) -> None:
         await first.stop()
 
 
-def test_rate_limiter_api(metrics: Metrics) -> None:
-    reg = metrics.registry
-    metrics.record_rate_limit_wait("writer", 0.0)
-    metrics.record_rate_limit_wait("writer", 2.0)
-    metrics.set_rate_limit_utilisation("writer", "requests", 0.75)
-    assert _value(reg, "tierstream_rate_limit_wait_seconds_count", limit="writer") == 2
-    assert _value(reg, "tierstream_rate_limit_wait_seconds_sum", limit="writer") == 2.0
-    assert _value(reg, "tierstream_rate_limit_wait_seconds_bucket", limit="writer", le="0.001") == 1
-    assert _value(reg, "tierstream_rate_limit_utilisation_ratio", limit="writer", resource="requests") == 0.75
-
-
 def test_pool_counters_are_read_at_scrape_time(metrics: Metrics) -> None:
     stats = [PoolStats("anthropic", size=1, in_use=0, max_size=2, total_calls=7, created=3, retired=2)]
     metrics.pools.watch(lambda: stats)

@@ -315,7 +315,7 @@ def test_status_reads_pools_limits_and_throttles_from_metrics() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from streams.observability import Metrics
-    from streams.ratelimit_metrics import collector_for, parse_status, read_status
+    from streams.ratelimit_metrics import parse_status, read_status
 
     settings = limited_settings(TIERSTREAM__RATE_LIMITS__RESEARCHER__TIERS="[premium]")
     topology = Topology(settings)
@@ -325,7 +325,7 @@ def test_status_reads_pools_limits_and_throttles_from_metrics() -> None:
     registry.throttles.get("openai", "o3").on_rate_limited(1.0)
     metrics = Metrics(CollectorRegistry())
     metrics.pools.watch(registry.stats)
-    collector_for(metrics.registry).watch(registry, limiter)
+    metrics.rate_limits.watch(registry, limiter)
     status = parse_status(generate_latest(metrics.registry).decode())
     assert status["pools"]["openai"]["pool_calls"] == 0 and status["pools"]["openai"]["pool_max_size"] >= 1
     researcher = status["rate_limits"]["premium/researcher/*"]
