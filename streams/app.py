@@ -18,6 +18,7 @@ from pathlib import Path
 
 import faust
 import mode
+from faust.types import TP
 from aiokafka.admin import NewTopic
 
 from schemas.models import Tier
@@ -27,7 +28,7 @@ from streams.dedupe import AnsweredIndex, DedupeService, request_id_of
 from streams.envelope import Outgoing, Source
 from streams.faust_transport import Transport
 from streams.guardrails.budget import BudgetGate
-from streams.guardrails.cost_role import CostAccountant, cost_tables
+from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, cost_tables
 from streams.guardrails.service import GuardrailService
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import faust_settings
@@ -153,11 +154,31 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         view = GuardrailView(settings)
         hourly, workflows = cost_tables(app, topology)
         accountant = CostAccountant(settings, topology, hourly, workflows, view)
+        offsets = CostOffsets(view)
+
+        @app.on_partitions_assigned.connect
+        async def _resume_after_published(_app: faust.App, assigned: set, **_: object) -> None:
+            offsets.on_assigned()
 
         async def handler(source: Source) -> list[Outgoing]:
             # The published totals must be read before the first event is counted.
             await accountant.view.caught_up.wait()
-            return accountant.apply(source, source.timestamp)
+            p = source.partition
+            if not offsets.in_order(p, source.offset):
+                if not offsets.waiting(p):
+                    tp = TP(source.topic, p)
+                    back_to = offsets.expected(p, (await app.consumer.earliest_offsets(tp))[tp])
+                    if back_to < source.offset:
+                        log.warning("cost events %d-%d of partition %d were skipped: reading them again",
+                                    back_to, source.offset - 1, p)
+                        offsets.rewound(p, back_to)
+                        await app.consumer.seek(tp, back_to)
+                        raise Rewound
+                else:
+                    raise Rewound  # fetched before the rewind
+            out = accountant.apply(source, source.timestamp)
+            offsets.counted(source.partition, source.offset)
+            return out
 
         source = topology.costs
         concurrency = 1  # tables are updated in offset order
@@ -216,7 +237,10 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                     continue
             with in_flight.track(), _answering(answered, request_id):
                 with metrics.track_in_flight(role):
-                    outgoing = await handler(source)
+                    try:
+                        outgoing = await handler(source)
+                    except Rewound:
+                        continue  # not handled: read again after the seek
                 # A rebalance since this event was fetched means the partition's owner (maybe
                 # this worker again) reads it again from the committed offset and answers it.
                 owned = answered is None or (

@@ -690,3 +690,25 @@ def test_a_published_workflow_total_keeps_its_idle_clock() -> None:
     # the table wins when it includes as much; hour totals carry no idle clock
     assert _newest(Total(700, 9, 5.0), published) == Total(700, 9, 5.0)
     assert _newest(Total(), PartTotal(40, 3)) == Total(40, 3, 0.0)
+
+
+# ------------------------------------------------------------- cost offsets
+
+
+def test_cost_offsets_resume_after_the_published_totals_and_catch_holes() -> None:
+    from streams.guardrails.cost_role import CostOffsets
+
+    view = GuardrailView(load_settings(environ={}))
+    view.costs_applied[0] = 9  # the published totals include offsets up to 9
+    offsets = CostOffsets(view)
+    assert offsets.in_order(0, 10) and offsets.in_order(0, 3)  # next, and a replay
+    assert not offsets.in_order(0, 15)  # 10-14 skipped
+    assert offsets.expected(0) == 10 and offsets.expected(0, log_start=12) == 12
+    offsets.rewound(0, 10)
+    assert not offsets.in_order(0, 16), "fetched before the rewind: ignored"
+    assert offsets.in_order(0, 10) and not offsets.waiting(0)
+    offsets.counted(0, 10)
+    assert offsets.expected(0) == 11 and offsets.in_order(0, 11)
+    assert offsets.in_order(1, 0) and not offsets.in_order(1, 1), "an unseen partition starts at 0"
+    offsets.on_assigned()
+    assert offsets.expected(0) == 10, "after an assignment, the published totals decide again"

@@ -50,6 +50,7 @@ class GuardrailView:
         self.hours: dict[tuple[int, str, int], PartTotal] = {}
         self.workflows: dict[str, WorkflowTotal] = {}
         self.resumed_windows: set[int] = set()
+        self.costs_applied: dict[int, int] = {}  # costs partition -> last offset counted
         self._tail = TopicTail(settings, [self.topology.spend.name, self.topology.guardrails.name], self.apply)
         self.caught_up = self._tail.caught_up
         self.listeners: list[Callable[[], None]] = self._tail.listeners
@@ -68,6 +69,9 @@ class GuardrailView:
             log.warning("ignoring an undecodable message on %s: %s", topic, exc.reason)
 
     def _apply_spend(self, snap: SpendSnapshot) -> None:
+        # Every snapshot says the last costs offset its total includes; the cost role's
+        # snapshots of one partition are written in offset order.
+        self.costs_applied[snap.partition] = max(self.costs_applied.get(snap.partition, -1), snap.last_offset)
         if snap.kind == "hour" and snap.window_start is not None:
             window = int(snap.window_start.timestamp())
             self.hours[(window, snap.scope, snap.partition)] = PartTotal(snap.spent_nanos, snap.last_offset)
