@@ -224,14 +224,25 @@ async def kill_loop(
                 log(f"  kill {report.kills}: worker {index}; answered {len(answers.ids)}/{count}")
         report.elapsed_s = time.monotonic() - started
         await producing  # raises if producing failed
-        # A duplicate comes, if at all, from a partition moving after a kill: wait one
-        # session timeout (and a margin) for it.
-        settle_until = time.monotonic() + (settle if settle is not None else pipeline.settings.worker.session_timeout_seconds + 10)
-        while time.monotonic() < settle_until:
-            await answers.poll()
+        await _settle(pipeline, answers, settle)
+    return await _finish(pipeline, report, answers)
+
+
+async def _settle(pipeline: Pipeline, answers: Answers, seconds: float | None = None) -> None:
+    """A duplicate comes, if at all, from a partition moving after a fault: keep reading
+    for a session timeout (and a margin), unless told otherwise."""
+    if seconds is None:
+        seconds = pipeline.settings.worker.session_timeout_seconds + 10
+    settle_until = time.monotonic() + seconds
+    while time.monotonic() < settle_until:
+        await answers.poll()
+
+
+async def _finish(pipeline: Pipeline, report: Report, answers: Answers) -> Report:
+    """Fill in the counts from what was read, and check the cost role's totals."""
     report.results, report.dead_letters = answers.results, answers.dead_letters
     report.duplicates = sum(n - 1 for n in answers.ids.values())
-    report.lost = len({f"f-{n}" for n in range(count)} - set(answers.ids))
+    report.lost = len({f"f-{n}" for n in range(report.produced)} - set(answers.ids))
     report.cost_events, report.costs_exact, report.cost_mismatch = await costs_exact(pipeline, timeout=120)
     return report
 
@@ -265,14 +276,8 @@ async def broker_restart(
             await answers.poll()
             pipeline.assert_workers_alive()
         report.elapsed_s = time.monotonic() - started
-        settle_until = time.monotonic() + pipeline.settings.worker.session_timeout_seconds + 10
-        while time.monotonic() < settle_until:
-            await answers.poll()
-    report.results, report.dead_letters = answers.results, answers.dead_letters
-    report.duplicates = sum(n - 1 for n in answers.ids.values())
-    report.lost = len({f"f-{n}" for n in range(count)} - set(answers.ids))
-    report.cost_events, report.costs_exact, report.cost_mismatch = await costs_exact(pipeline, timeout=120)
-    return report
+        await _settle(pipeline, answers)
+    return await _finish(pipeline, report, answers)
 
 
 def main(argv: list[str] | None = None) -> int:
