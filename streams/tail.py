@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
+import stamina
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
 
 log = logging.getLogger(__name__)
 Apply = Callable[[str, bytes | None], None]
+T = TypeVar("T")
+
+
+async def until_answered(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, retried with backoff for as long as the broker does not answer it: an
+    offsets request that timed out under load (seen at 40 s in the 20,000-request kill
+    loop) must delay a catch-up, not crash the worker."""
+    async for attempt in stamina.retry_context(on=KafkaError, attempts=None, timeout=None):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable: stamina either returns or raises")
 
 
 class TopicTail:
@@ -53,10 +68,12 @@ class TopicTail:
         await consumer.seek_to_beginning(*partitions)
         if self.since_seconds is not None:
             since_ms = int((time.time() - self.since_seconds) * 1000)
-            found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+            found = await until_answered(
+                functools.partial(consumer.offsets_for_times, dict.fromkeys(partitions, since_ms))
+            )
             for tp, at in found.items():
                 if at is None:  # nothing that recent: start at the end
-                    consumer.seek(tp, (await consumer.end_offsets([tp]))[tp])
+                    consumer.seek(tp, (await until_answered(functools.partial(consumer.end_offsets, [tp])))[tp])
                 else:
                     consumer.seek(tp, at.offset)
         self._task = asyncio.create_task(self._run(consumer))
@@ -72,7 +89,7 @@ class TopicTail:
 
     async def _target(self, consumer: AIOKafkaConsumer) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        ends = await consumer.end_offsets(list(consumer.assignment()))
+        ends = await until_answered(functools.partial(consumer.end_offsets, list(consumer.assignment())))
         self._targets.append(({tp: end for tp, end in ends.items() if end > 0}, future))
         return future
 
