@@ -230,6 +230,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
             request_id = request_id_of(message.value) if answered is not None else None
             if answered is not None:
                 await answered.ready.wait()  # the results written before this assignment
+                if request_id is not None:
+                    await answered.settled(request_id)  # a copy in progress here ends first
                 if request_id is not None and answered.answered(request_id):
                     answered.skipped += 1
                     log.info("request %s is already answered: skipped", request_id)

@@ -47,7 +47,7 @@ class AnsweredIndex:
     def __init__(self, settings: Settings) -> None:
         self.window = settings.worker.dedupe_window_seconds
         self._answered: dict[str, float] = {}  # request_id -> when seen, oldest first
-        self._answering: set[str] = set()
+        self._answering: dict[str, asyncio.Event] = {}  # in progress here: set when it ends
         self._tail = TopicTail(settings, [Topology(settings).results.name], self._apply, self.window)
         self.ready = asyncio.Event()  # caught up since the last assignment
         self._generation = 0
@@ -69,17 +69,30 @@ class AnsweredIndex:
             del self._answered[old]
 
     def answered(self, request_id: str) -> bool:
-        return request_id in self._answered or request_id in self._answering
+        return request_id in self._answered
+
+    async def settled(self, request_id: str) -> None:
+        """Return once no copy of ``request_id`` is in progress here.
+
+        A copy read again after a rebalance must not be skipped because the first copy is
+        still in progress: that one was fetched before the rebalance, so its result is
+        dropped, and skipping (and committing) the second would leave the request
+        unanswered. The 20,000-request kill loop lost 88 requests this way. Whether the
+        second copy is still to be answered is known once the first has ended."""
+        while (ended := self._answering.get(request_id)) is not None:
+            await ended.wait()
 
     @contextmanager
     def answering(self, request_id: str) -> Iterator[None]:
-        """A request in progress here: a second copy of it (read again after a
-        rebalance) is skipped while the first is answered."""
-        self._answering.add(request_id)
+        """A request in progress here (see :meth:`settled`)."""
+        ended = asyncio.Event()
+        self._answering[request_id] = ended
         try:
             yield
         finally:
-            self._answering.discard(request_id)
+            if self._answering.get(request_id) is ended:
+                del self._answering[request_id]
+            ended.set()
 
     def __len__(self) -> int:
         return len(self._answered)

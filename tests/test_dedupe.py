@@ -39,11 +39,47 @@ def test_results_read_from_the_topic_mark_requests_answered() -> None:
     assert len(answered) == 1
 
 
-def test_a_request_in_progress_counts_as_answered_until_it_ends() -> None:
+async def test_a_copy_read_again_waits_for_the_one_in_progress_and_is_answered_if_it_was_not() -> None:
+    """The copy in progress was fetched before a rebalance: its result is dropped, so
+    the copy read again after the rebalance must be answered, not skipped."""
+    answered = index()
+    first = answered.answering("r-1")
+    first.__enter__()
+    second = asyncio.create_task(answered.settled("r-1"))
+    await asyncio.sleep(0)
+    assert not second.done(), "the second copy must wait for the first"
+    first.__exit__(None, None, None)  # ended without a result
+    await asyncio.wait_for(second, 1)
+    assert not answered.answered("r-1"), "a call that ended without a result must be answered again"
+
+
+async def test_a_copy_read_again_is_skipped_once_the_one_in_progress_answered_it() -> None:
     answered = index()
     with answered.answering("r-1"):
-        assert answered.answered("r-1")
-    assert not answered.answered("r-1"), "a call that ended without a result must be answerable again"
+        waiting = asyncio.create_task(answered.settled("r-1"))
+        await asyncio.sleep(0)
+        answered.mark_answered("r-1")
+    await asyncio.wait_for(waiting, 1)
+    assert answered.answered("r-1")
+
+
+async def test_two_copies_read_again_take_turns() -> None:
+    answered = index()
+    order: list[str] = []
+
+    async def copy(name: str) -> None:
+        await answered.settled("r-1")
+        with answered.answering("r-1"):
+            order.append(f"{name} starts")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            order.append(f"{name} ends")
+
+    with answered.answering("r-1"):
+        tasks = [asyncio.create_task(copy("a")), asyncio.create_task(copy("b"))]
+        await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*tasks), 1)
+    assert order == ["a starts", "a ends", "b starts", "b ends"]
 
 
 def test_answers_older_than_the_window_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
