@@ -59,10 +59,14 @@ class ProviderService(mode.Service):
     async def on_stop(self) -> None:
         await self.registry.close()
 
-    @mode.Service.timer(60.0)
+    @mode.Service.task
     async def _scale_down_idle_clients(self) -> None:
-        for pool in self.registry.pools.values():
-            await pool.scale_down_idle()
+        # Checked every quarter of the shortest idle timeout (at most every minute), so a
+        # configured timeout holds to within a quarter of itself.
+        while not self.should_stop:
+            await self.sleep(self.registry.idle_check_seconds)
+            for pool in self.registry.pools.values():
+                await pool.scale_down_idle()
 
 
 def _faust_topic(app: faust.App, spec: TopicSpec) -> faust.TopicT:
