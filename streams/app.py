@@ -38,6 +38,7 @@ from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
 from streams.ratelimit import RateLimiter
+from streams.throttle_feed import ThrottleFeed, ThrottleFeedService, process_origin
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
@@ -208,6 +209,14 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
+        # A 429 here pauses every replica; every replica's 429 pauses this one.
+        throttles_topic = _faust_topic(app, topology.throttles)
+
+        async def publish_throttle(key: bytes, value: bytes) -> None:
+            await throttles_topic.send(key=key, value=value)
+
+        feed = ThrottleFeed(settings, providers.throttles, publish_throttle, process_origin(role))
+        app.service(ThrottleFeedService(feed))
         metrics.rate_limits.watch(providers, limiter)
     for service in worker_services(app, settings, metrics, providers, view):
         app.service(service)  # /health /ready /metrics, and what they read

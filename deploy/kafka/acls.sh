@@ -19,6 +19,7 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --topic agent.requests.nano
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --topic agent.spend
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --topic agent.guardrails
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --operation Write --topic agent.throttles
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Write --topic agent.results
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Write --topic agent.costs
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Write --topic agent.dlq
@@ -29,6 +30,7 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --topic agent.requests.standard
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --topic agent.spend
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --topic agent.guardrails
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --operation Write --topic agent.throttles
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Write --topic agent.results
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Write --topic agent.costs
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Write --topic agent.dlq
@@ -39,6 +41,7 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --topic agent.requests.premium
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --topic agent.spend
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --topic agent.guardrails
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --operation Write --topic agent.throttles
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Write --topic agent.results
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Write --topic agent.costs
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Write --topic agent.dlq

@@ -161,8 +161,8 @@ class ProviderRegistry:
                         async with self.pools[provider].acquire() as client:
                             completion = await client.complete(model, messages, max_output_tokens)
                     except ProviderError as exc:
-                        if exc.status == 429:  # slow this whole process down, not one call
-                            throttle.on_rate_limited(exc.retry_after)
+                        if exc.status == 429:  # slow every call down, here and in every replica
+                            self.throttles.on_rate_limited(provider, model, exc.retry_after)
                         raise
                     return Attempted(completion, attempts)
         except ProviderError as exc:
