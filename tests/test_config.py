@@ -461,7 +461,9 @@ def test_every_flow_topic_exists() -> None:
         "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.dlq"
     )
     premium = next(f for f in flows if f.role == "tier-premium")
-    assert premium.reads == ("agent.requests.premium", "agent.spend", "agent.guardrails", "agent.throttles")
+    assert premium.reads == (
+        "agent.requests.premium", "agent.results", "agent.spend", "agent.guardrails", "agent.throttles"
+    )
     assert premium.writes == ("agent.results", "agent.costs", "agent.throttles", "agent.dlq")
     cost = flows[-1]
     assert cost.role == "cost"

@@ -123,7 +123,7 @@ def test_each_deployment_lists_the_topics_of_its_role() -> None:
         text = (BASE / f"deployment-{flow.role}.yaml").read_text()
         assert f"#   consumes {flow.reads[0]} in its consumer group\n" in text, flow.role
         assert f"#   writes   {', '.join(flow.writes)}\n" in text, flow.role
-        follows = f"#   follows  {', '.join(flow.reads[1:])} from the start, without a group\n"
+        follows = f"#   follows  {', '.join(flow.reads[1:])} without a group\n"
         assert (follows in text) == bool(flow.reads[1:]) and text.count("#   follows") <= 1, flow.role
 
 

@@ -169,7 +169,8 @@ class Topology:
             flows.append(
                 Flow(
                     tier_role(tier),
-                    reads=(spec.name, self.spend.name, self.guardrails.name, self.throttles.name),
+                    # results: the last dedupe window, to skip requests already answered
+                    reads=(spec.name, self.results.name, self.spend.name, self.guardrails.name, self.throttles.name),
                     writes=(self.results.name, self.costs.name, self.throttles.name, self.dead_letters.name),
                 )
             )
