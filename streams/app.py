@@ -38,7 +38,8 @@ from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
 from streams.ratelimit import RateLimiter
-from streams.throttle_feed import ThrottleFeed, ThrottleFeedService, process_origin
+from streams.tail import FollowerService
+from streams.throttle_feed import ThrottleFeed, process_origin
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
@@ -216,7 +217,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
             await throttles_topic.send(key=key, value=value)
 
         feed = ThrottleFeed(settings, providers.throttles, publish_throttle, process_origin(role))
-        app.service(ThrottleFeedService(feed))
+        app.service(FollowerService(feed))
         metrics.rate_limits.watch(providers, limiter)
     for service in worker_services(app, settings, metrics, providers, view):
         app.service(service)  # /health /ready /metrics, and what they read

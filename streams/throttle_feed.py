@@ -28,8 +28,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import mode
-
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import ThrottleEvent
 from streams.ratelimit import BackoffCurve, Clock, Throttle, Throttles, ThrottleState
@@ -156,17 +154,3 @@ class ThrottleFeed:
         if self._sending:
             await asyncio.wait(list(self._sending), timeout=2.0)
         await self._tail.stop()
-
-
-class ThrottleFeedService(mode.Service):
-    """Runs a :class:`ThrottleFeed` inside a Faust worker."""
-
-    def __init__(self, feed: ThrottleFeed, **kwargs: object) -> None:
-        self.feed = feed
-        super().__init__(**kwargs)
-
-    async def on_start(self) -> None:
-        await self.feed.start()
-
-    async def on_stop(self) -> None:
-        await self.feed.stop()
