@@ -206,6 +206,33 @@ class SpendSnapshot(WireModel):
         return self.spent_nanos / 1e9
 
 
+class ThrottleEvent(WireModel):
+    """A provider answered 429: every replica holds calls to ``model`` until
+    ``pause_until`` and sends at ``rate_factor`` of its rate from ``cut_at``, recovering
+    linearly to the full rate over ``recovery_seconds``. On the compacted throttles topic
+    (key: ``scope``). Carries no request, prompt or credential."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    scope: str = Field(min_length=1, max_length=300, description="'<provider>/<model>': the throttle's key.")
+    provider: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=200)
+    pause_until: datetime = Field(description="No call to this model before this time (UTC): Retry-After, absolute.")
+    rate_factor: float = Field(gt=0, le=1, description="Fraction of the configured rate allowed at cut_at.")
+    cut_at: datetime = Field(description="When the rate was cut; it recovers linearly from here.")
+    recovery_seconds: float = Field(gt=0, description="Time from cut_at back to the full rate.")
+    retry_after_seconds: float | None = Field(default=None, ge=0, description="What the provider asked for.")
+    origin: str = Field(
+        min_length=1, max_length=200, description="The worker process that got the 429 (role/host/pid/nonce)."
+    )
+    emitted_at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _scope_names_the_model(self) -> ThrottleEvent:
+        if self.scope != f"{self.provider}/{self.model}":
+            raise ValueError("scope must be '<provider>/<model>'")
+        return self
+
+
 DeadLetterCode = Literal[
     "invalid_json",
     "schema_invalid",
@@ -247,5 +274,6 @@ WIRE_MODELS: dict[str, type[WireModel]] = {
     "cost_event": CostEvent,
     "guardrail_event": GuardrailEvent,
     "spend_snapshot": SpendSnapshot,
+    "throttle_event": ThrottleEvent,
     "dead_letter": DeadLetter,
 }

@@ -38,6 +38,8 @@ from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
 from streams.ratelimit import RateLimiter
+from streams.tail import FollowerService
+from streams.throttle_feed import ThrottleFeed, process_origin
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
@@ -59,10 +61,14 @@ class ProviderService(mode.Service):
     async def on_stop(self) -> None:
         await self.registry.close()
 
-    @mode.Service.timer(60.0)
+    @mode.Service.task
     async def _scale_down_idle_clients(self) -> None:
-        for pool in self.registry.pools.values():
-            await pool.scale_down_idle()
+        # Checked every quarter of the shortest idle timeout (at most every minute), so a
+        # configured timeout holds to within a quarter of itself.
+        while not self.should_stop:
+            await self.sleep(self.registry.idle_check_seconds)
+            for pool in self.registry.pools.values():
+                await pool.scale_down_idle()
 
 
 def _faust_topic(app: faust.App, spec: TopicSpec) -> faust.TopicT:
@@ -204,6 +210,14 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     metrics = default_metrics()
     if providers is not None:
         app.service(ProviderService(providers))
+        # A 429 here pauses every replica; every replica's 429 pauses this one.
+        throttles_topic = _faust_topic(app, topology.throttles)
+
+        async def publish_throttle(key: bytes, value: bytes) -> None:
+            await throttles_topic.send(key=key, value=value)
+
+        feed = ThrottleFeed(settings, providers.throttles, publish_throttle, process_origin(role))
+        app.service(FollowerService(feed))
         metrics.rate_limits.watch(providers, limiter)
     for service in worker_services(app, settings, metrics, providers, view):
         app.service(service)  # /health /ready /metrics, and what they read

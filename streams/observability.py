@@ -183,15 +183,27 @@ class PoolStatsCollector(ScrapeTimeCollector):
             CounterMetricFamily("tierstream_client_pool_calls", "Calls made through the pool.", labels=labels),
             CounterMetricFamily("tierstream_client_pool_clients_created", "SDK clients the pool opened.", labels=labels),
             CounterMetricFamily("tierstream_client_pool_clients_retired", "SDK clients the pool closed.", labels=labels),
+            GaugeMetricFamily("tierstream_client_pool_min_size", "Clients made at start and kept when idle.", labels=labels),
+            GaugeMetricFamily(
+                "tierstream_client_pool_max_calls_per_client", "Calls that may share one client.", labels=labels
+            ),
+            GaugeMetricFamily(
+                "tierstream_client_pool_recycle_after_calls", "Calls after which a client is replaced.", labels=labels
+            ),
+            GaugeMetricFamily(
+                "tierstream_client_pool_idle_timeout_seconds", "Idle time after which a client is closed.", labels=labels
+            ),
         ]
 
     def fill(self, families: list[Metric]) -> None:
-        size, in_use, max_size, calls, created, retired = families
+        size, in_use, max_size, calls, created, retired, min_size, per_client, recycle, idle = families
         for source in self._sources:
             for stats in source():
                 for family, value in (
                     (size, stats.size), (in_use, stats.in_use), (max_size, stats.max_size),
                     (calls, stats.total_calls), (created, stats.created), (retired, stats.retired),
+                    (min_size, stats.min_size), (per_client, stats.max_calls_per_client),
+                    (recycle, stats.recycle_after), (idle, stats.idle_timeout),
                 ):
                     family.add_metric([stats.name], value)  # type: ignore[attr-defined]
 

@@ -30,7 +30,9 @@ after it the estimate is replaced with the reported input tokens (and, with
 429s: :class:`Throttle` (one per provider model, per process) pauses every call to that
 model until ``Retry-After`` has passed and multiplies the rate of every bucket sending to
 it by ``rate_limit_backoff_factor``, then lets it recover linearly to the full rate over
-``rate_limit_recovery_seconds``.
+``rate_limit_recovery_seconds``. ``Throttles.listeners`` hear of every such change a
+429 made here; ``streams.throttle_feed`` publishes them and applies the other replicas'
+with :meth:`Throttle.adopt`, which tells no listener (no feedback loop).
 """
 
 from __future__ import annotations
@@ -98,39 +100,100 @@ class TokenBucket:
         self.level = min(self.capacity, self.level + amount)
 
 
+@dataclass(frozen=True, slots=True)
+class BackoffCurve:
+    """The rate allowed after a cut: ``cut_factor`` of it at ``cut_at``, back to the full
+    rate linearly over ``recovery_seconds`` (times on a monotonic clock)."""
+
+    cut_factor: float
+    cut_at: float
+    recovery_seconds: float
+
+    def factor(self, now: float) -> float:
+        recovered = (now - self.cut_at) / self.recovery_seconds
+        return min(1.0, self.cut_factor + (1.0 - self.cut_factor) * recovered)
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleState:
+    """A throttle's back-off: no call before ``blocked_until``, then ``curve``."""
+
+    blocked_until: float
+    curve: BackoffCurve
+
+
 class Throttle:
     """429 back-off for one provider model in this process: pause, shrink, recover."""
 
-    def __init__(self, backoff: float, recovery_seconds: float, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        backoff: float,
+        recovery_seconds: float,
+        clock: Clock = time.monotonic,
+        ready: asyncio.Event | None = None,
+    ) -> None:
         self.backoff = backoff
-        self.recovery_seconds = recovery_seconds
         self.clock = clock
         self.blocked_until = 0.0
         self.rate_limited = 0  # 429s seen
-        self._cut_factor = 1.0
-        self._cut_at = -math.inf
+        self.events_sent = 0  # back-off changes published to the other replicas
+        self.events_applied = 0  # other replicas' back-off that paused or slowed this process
+        self._ready = ready  # set once the other replicas' back-off is known
+        self._curve = BackoffCurve(1.0, -math.inf, recovery_seconds)
 
     def factor(self, now: float | None = None) -> float:
         """The fraction of the configured rate allowed now, recovering linearly to 1."""
-        now = self.clock() if now is None else now
-        recovered = (now - self._cut_at) / self.recovery_seconds
-        return min(1.0, self._cut_factor + (1.0 - self._cut_factor) * recovered)
+        return self._curve.factor(self.clock() if now is None else now)
 
-    def on_rate_limited(self, retry_after: float | None) -> None:
+    def state(self) -> ThrottleState:
+        return ThrottleState(self.blocked_until, self._curve)
+
+    def pause_remaining(self, now: float | None = None) -> float:
+        return max(0.0, self.blocked_until - (self.clock() if now is None else now))
+
+    def on_rate_limited(self, retry_after: float | None) -> bool:
+        """A 429 from the provider. True if it changed the back-off (a new cut, or a longer
+        pause): what the other replicas should hear of."""
         now = self.clock()
         self.rate_limited += 1
+        changed = False
         # One cut per pause: the other calls that were in flight when the provider said
         # stop answer 429 too, and must not each halve the rate again.
         if now >= self.blocked_until:
-            self._cut_factor = max(0.01, self.factor(now) * self.backoff)
-            self._cut_at = now
-        if retry_after is not None:
-            self.blocked_until = max(self.blocked_until, now + retry_after)
+            cut = max(0.01, self.factor(now) * self.backoff)
+            self._curve = BackoffCurve(cut, now, self._curve.recovery_seconds)
+            changed = True
+        if retry_after is not None and now + retry_after > self.blocked_until:
+            self.blocked_until = now + retry_after
+            changed = True
+        return changed
+
+    def adopt(self, other: ThrottleState) -> bool:
+        """Take on another replica's back-off: its pause if longer, its rate curve if lower
+        now. Idempotent, and never reported to listeners. True if this slowed us down."""
+        now = self.clock()
+        changed = False
+        if other.blocked_until > self.blocked_until and other.blocked_until > now:
+            self.blocked_until = other.blocked_until
+            changed = True
+        if other.curve.factor(now) < self.factor(now) - 1e-9:
+            self._curve = other.curve
+            changed = True
+        if changed:
+            self.events_applied += 1
+        return changed
 
     async def wait(self) -> None:
-        """Hold a call while the provider asked this process to wait (Retry-After)."""
+        """Hold a call while the provider asked this process (or another replica) to wait
+        (Retry-After), and until the other replicas' back-off has been read at start."""
+        if self._ready is not None and not self._ready.is_set():
+            await self._ready.wait()
         while (delay := self.blocked_until - self.clock()) > 0:
             await asyncio.sleep(delay)
+
+
+# (provider, model, throttle, the Retry-After the provider asked for)
+Listener = Callable[[str, str, Throttle, "float | None"], None]
 
 
 class Throttles:
@@ -138,8 +201,16 @@ class Throttles:
 
     def __init__(self, providers: dict[str, ProviderSettings], clock: Clock = time.monotonic) -> None:
         self._providers = providers
-        self._clock = clock
+        self.clock = clock
         self._by_model: dict[tuple[str, str], Throttle] = {}
+        # Told when a 429 here changed a back-off.
+        self.listeners: list[Listener] = []
+        # Cleared by a feed of the other replicas' back-off until it has read it.
+        self.ready = asyncio.Event()
+        self.ready.set()
+
+    def knows(self, provider: str) -> bool:
+        return provider in self._providers
 
     def get(self, provider: str, model: str) -> Throttle:
         key = (provider, model)
@@ -147,9 +218,16 @@ class Throttles:
         if throttle is None:
             conf = self._providers[provider]  # type: ignore[index]
             throttle = self._by_model[key] = Throttle(
-                conf.rate_limit_backoff_factor, conf.rate_limit_recovery_seconds, self._clock
+                conf.rate_limit_backoff_factor, conf.rate_limit_recovery_seconds, self.clock, self.ready
             )
         return throttle
+
+    def on_rate_limited(self, provider: str, model: str, retry_after: float | None) -> None:
+        """A 429 from ``provider`` for ``model`` in this process."""
+        throttle = self.get(provider, model)
+        if throttle.on_rate_limited(retry_after):
+            for listener in self.listeners:
+                listener(provider, model, throttle, retry_after)
 
     def items(self) -> Iterator[tuple[tuple[str, str], Throttle]]:
         return iter(list(self._by_model.items()))

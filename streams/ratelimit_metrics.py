@@ -36,12 +36,28 @@ class RateLimitCollector(Collector):
         throttled = CounterMetricFamily(
             "tierstream_ratelimit_provider_429", "429 answers seen by this process.", labels=["provider", "model"],
         )
+        pause = GaugeMetricFamily(
+            "tierstream_ratelimit_throttle_pause_seconds",
+            "Seconds left of the Retry-After pause (from a 429 here or in another replica).",
+            labels=["provider", "model"],
+        )
+        sent = CounterMetricFamily(
+            "tierstream_ratelimit_throttle_events_sent",
+            "429 back-off changes this process published to the other replicas.", labels=["provider", "model"],
+        )
+        applied = CounterMetricFamily(
+            "tierstream_ratelimit_throttle_events_applied",
+            "Other replicas' 429 back-off that paused or slowed this process.", labels=["provider", "model"],
+        )
         for providers, _ in self._sources:
             for (provider, model), throttle in providers.throttles.items():
-                factor.add_metric([provider, model], throttle.factor())
-                throttled.add_metric([provider, model], throttle.rate_limited)
-        yield factor
-        yield throttled
+                labels = [provider, model]
+                factor.add_metric(labels, throttle.factor())
+                throttled.add_metric(labels, throttle.rate_limited)
+                pause.add_metric(labels, throttle.pause_remaining())
+                sent.add_metric(labels, throttle.events_sent)
+                applied.add_metric(labels, throttle.events_applied)
+        yield from (factor, throttled, pause, sent, applied)
         share = GaugeMetricFamily(
             "tierstream_ratelimit_share", "This process's share of the cluster-wide limit.", labels=_LIMIT_LABELS
         )
@@ -79,6 +95,10 @@ STATUS_FAMILIES = {
     "tierstream_client_pool_in_use": "pool_in_use",
     "tierstream_client_pool_max_size": "pool_max_size",
     "tierstream_client_pool_calls": "pool_calls",
+    "tierstream_client_pool_min_size": "pool_min_size",
+    "tierstream_client_pool_max_calls_per_client": "pool_max_calls_per_client",
+    "tierstream_client_pool_recycle_after_calls": "pool_recycle_after_calls",
+    "tierstream_client_pool_idle_timeout_seconds": "pool_idle_timeout_seconds",
     "tierstream_ratelimit_share": "share",
     "tierstream_ratelimit_requests_per_minute": "requests_per_minute",
     "tierstream_ratelimit_tokens_per_minute": "tokens_per_minute",
@@ -86,6 +106,9 @@ STATUS_FAMILIES = {
     "tierstream_ratelimit_admitted": "admitted",
     "tierstream_ratelimit_throttle_factor": "throttle_factor",
     "tierstream_ratelimit_provider_429": "provider_429",
+    "tierstream_ratelimit_throttle_pause_seconds": "pause_seconds",
+    "tierstream_ratelimit_throttle_events_sent": "events_sent",
+    "tierstream_ratelimit_throttle_events_applied": "events_applied",
 }
 
 

@@ -13,8 +13,9 @@ import logging
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+import mode
 import stamina
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -129,6 +130,27 @@ class TopicTail:
                 pass
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+class Follower(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class FollowerService(mode.Service):
+    """Runs a follower of topics (something built on a :class:`TopicTail`) inside a Faust
+    worker: started and stopped with it."""
+
+    def __init__(self, follower: Follower, **kwargs: object) -> None:
+        self.follower = follower
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        await self.follower.start()
+
+    async def on_stop(self) -> None:
+        await self.follower.stop()
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:

@@ -80,7 +80,7 @@ def exercised_metrics() -> Metrics:
     metrics.record_dead_letter("tier-premium", "premium", "provider_error")
     with metrics.track_in_flight("tier-nano"):
         pass
-    metrics.pools.watch(lambda: [PoolStats("openai", 1, 0, 2, 5, 1, 0)])
+    metrics.pools.watch(lambda: [PoolStats("openai", 1, 0, 2, 5, 1, 0, 1, 256, 100_000, 300.0)])
     view = GuardrailView(load_settings(environ={}))
     spend(view, "global", 1.5)
     spend(view, "tier:nano", 1.5)

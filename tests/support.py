@@ -8,7 +8,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,14 +49,18 @@ class Pipeline:
         password looked up as the workers see it: this process's environment plus ``env``."""
         return aiokafka_kwargs(self.settings.kafka, {**os.environ, **self.env})
 
-    async def start_workers(self, *role_specs: str) -> None:
+    async def start_workers(self, *role_specs: str, health_ports: Sequence[int] = ()) -> None:
         """Create the topics (so producers cannot auto-create them with one partition),
-        then start one ``tierstream worker --roles <spec>`` process per spec."""
+        then start one ``tierstream worker --roles <spec>`` process per spec (the i-th on
+        ``health_ports[i]`` when given, else on a free port)."""
         await ensure_topics(self.settings)
-        for spec in role_specs:
+        for i, spec in enumerate(role_specs):
             name = spec.replace(":", "-").replace(",", "+")
+            env = dict(self.env)
+            if i < len(health_ports):
+                env["TIERSTREAM__WORKER__HEALTH_PORT"] = str(health_ports[i])
             self.workers.append(
-                processes.spawn(["worker", "--roles", spec], self.env, self.log_dir / f"worker-{name}.log")
+                processes.spawn(["worker", "--roles", spec], env, self.log_dir / f"worker-{name}.log")
             )
 
     def stop_workers(self) -> list[int]:

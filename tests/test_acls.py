@@ -44,6 +44,16 @@ def test_examples_of_what_roles_may_not_do() -> None:
     assert "Write" not in grants("tier-nano").get(TOPOLOGY.spend.name, set()), "only the cost role writes spend"
 
 
+def test_the_roles_that_call_models_share_the_throttles_topic() -> None:
+    throttles = TOPOLOGY.throttles.name
+    for role in ("tier-nano", "tier-standard", "tier-premium"):
+        assert grants(role)[throttles] == {"Describe", "Read", "Write"}, role
+    assert throttles not in grants("cost") and throttles not in grants("classifier")  # no model calls
+    llm = Topology(load_settings(environ={"TIERSTREAM__CLASSIFIER__STRATEGY": "llm"}))
+    classifier = {a.resource: set(a.operations) for a in role_acls(llm, "tierstream") if a.principal == "User:tierstream-classifier"}
+    assert classifier[throttles] == {"Describe", "Read", "Write"}  # its routing calls back off too
+
+
 def test_each_role_has_its_own_group_and_faust_internal_topics() -> None:
     acls = role_acls(TOPOLOGY, "tierstream")
     for role in ALL_ROLES:

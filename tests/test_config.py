@@ -15,6 +15,7 @@ from schemas.models import (
     DeadLetter,
     GuardrailEvent,
     SpendSnapshot,
+    ThrottleEvent,
     Tier,
     TieredRequest,
 )
@@ -395,6 +396,7 @@ def test_topic_names_follow_the_prefix() -> None:
         "team-a.costs",
         "team-a.guardrails",
         "team-a.spend",
+        "team-a.throttles",
         "team-a.dlq",
     ]
     default = topology()
@@ -416,18 +418,20 @@ def test_partitions_and_replication_come_from_config() -> None:
     assert topo.costs.partitions == 7
     assert topo.guardrails.partitions == 2
     assert topo.spend.partitions == 1  # always one: readers rely on its total order
+    assert topo.throttles.partitions == 1  # a key per provider model, read whole by every worker
     assert topo.dead_letters.partitions == 9
     assert {spec.replication_factor for spec in topo.all()} == {3}
     assert {spec.config["max.message.bytes"] for spec in topo.all()} == {"2048"}
 
 
-def test_only_the_guardrails_and_spend_topics_are_compacted() -> None:
+def test_only_the_state_topics_are_compacted() -> None:
     topo = topology()
-    for spec in (topo.guardrails, topo.spend):
+    for spec in (topo.guardrails, topo.spend, topo.throttles):
         assert spec.compacted is True, spec.name
         assert spec.config["cleanup.policy"] == "compact", spec.name
         assert "retention.ms" not in spec.config, spec.name
-    assert [s.name for s in topo.all() if s.compacted] == ["agent.guardrails", "agent.spend"]
+    assert [s.name for s in topo.all() if s.compacted] == ["agent.guardrails", "agent.spend", "agent.throttles"]
+    assert topo.throttles.config["segment.ms"] == "3600000"  # compaction can act within the hour
 
 
 def test_topic_keys_and_value_models() -> None:
@@ -437,6 +441,7 @@ def test_topic_keys_and_value_models() -> None:
     assert (topo.costs.key, topo.costs.value) == ("workflow_id", CostEvent)
     assert (topo.guardrails.key, topo.guardrails.value) == ("scope", GuardrailEvent)
     assert (topo.spend.key, topo.spend.value) == ("scope", SpendSnapshot)
+    assert (topo.throttles.key, topo.throttles.value) == ("scope", ThrottleEvent)
     assert (topo.dead_letters.key, topo.dead_letters.value) == ("source_key", DeadLetter)
 
 
@@ -456,15 +461,19 @@ def test_every_flow_topic_exists() -> None:
         "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.dlq"
     )
     premium = next(f for f in flows if f.role == "tier-premium")
-    assert premium.reads == ("agent.requests.premium", "agent.spend", "agent.guardrails")
-    assert premium.writes == ("agent.results", "agent.costs", "agent.dlq")
+    assert premium.reads == (
+        "agent.requests.premium", "agent.results", "agent.spend", "agent.guardrails", "agent.throttles"
+    )
+    assert premium.writes == ("agent.results", "agent.costs", "agent.throttles", "agent.dlq")
     cost = flows[-1]
     assert cost.role == "cost"
     assert cost.reads == ("agent.costs", "agent.spend", "agent.guardrails")
     assert cost.writes == ("agent.spend", "agent.guardrails", "agent.dlq")
     llm = Topology(load_settings(environ={"TIERSTREAM__CLASSIFIER__STRATEGY": "llm"})).flows()[0]
+    assert llm.reads == ("agent.requests", "agent.throttles")  # its routing calls back off with the tiers
     assert llm.writes == (
-        "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.costs", "agent.dlq"
+        "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.costs",
+        "agent.throttles", "agent.dlq",
     )
 
 

@@ -117,6 +117,16 @@ def test_one_deployment_and_pdb_per_role() -> None:
         assert selector.items() <= labels.items(), name
 
 
+def test_each_deployment_lists_the_topics_of_its_role() -> None:
+    """The topic list in each Deployment's header comment is the role's flow."""
+    for flow in TOPOLOGY.flows():
+        text = (BASE / f"deployment-{flow.role}.yaml").read_text()
+        assert f"#   consumes {flow.reads[0]} in its consumer group\n" in text, flow.role
+        assert f"#   writes   {', '.join(flow.writes)}\n" in text, flow.role
+        follows = f"#   follows  {', '.join(flow.reads[1:])} without a group\n"
+        assert (follows in text) == bool(flow.reads[1:]) and text.count("#   follows") <= 1, flow.role
+
+
 def test_deployments_run_one_accepted_role_with_probes_on_the_health_server() -> None:
     routes = _health_routes()
     default_port = WorkerSettings().health_port

@@ -124,13 +124,18 @@ def test_in_flight_gauge_returns_to_zero_on_error(metrics: Metrics) -> None:
     assert _value(reg, "tierstream_calls_in_flight", role="tier-nano") == 0
 
 
+POOL_CONFIG = {"min_size": 1, "max_calls_per_client": 256, "recycle_after": 1000, "idle_timeout": 30.0}
+
+
 def test_pool_stats_are_read_at_scrape_time(metrics: Metrics) -> None:
-    stats = [PoolStats("openai", size=1, in_use=0, max_size=2, total_calls=0, created=1, retired=0)]
+    stats = [PoolStats("openai", size=1, in_use=0, max_size=2, total_calls=0, created=1, retired=0, **POOL_CONFIG)]
     metrics.pools.watch(lambda: stats)
     assert _value(metrics.registry, "tierstream_client_pool_size", provider="openai") == 1
-    stats[0] = PoolStats("openai", size=2, in_use=3, max_size=2, total_calls=9, created=2, retired=0)
+    stats[0] = PoolStats("openai", size=2, in_use=3, max_size=2, total_calls=9, created=2, retired=0, **POOL_CONFIG)
     assert _value(metrics.registry, "tierstream_client_pool_size", provider="openai") == 2
     assert _value(metrics.registry, "tierstream_client_pool_in_use", provider="openai") == 3
+    assert _value(metrics.registry, "tierstream_client_pool_recycle_after_calls", provider="openai") == 1000
+    assert _value(metrics.registry, "tierstream_client_pool_idle_timeout_seconds", provider="openai") == 30
 
 
 def test_supervisor_gives_each_child_its_own_health_port() -> None:
@@ -232,7 +237,7 @@ async def test_a_busy_port_does_not_stop_the_worker(metrics: Metrics) -> None:
 
 
 def test_pool_counters_are_read_at_scrape_time(metrics: Metrics) -> None:
-    stats = [PoolStats("anthropic", size=1, in_use=0, max_size=2, total_calls=7, created=3, retired=2)]
+    stats = [PoolStats("anthropic", size=1, in_use=0, max_size=2, total_calls=7, created=3, retired=2, **POOL_CONFIG)]
     metrics.pools.watch(lambda: stats)
     reg = metrics.registry
     assert _value(reg, "tierstream_client_pool_calls_total", provider="anthropic") == 7

@@ -1,4 +1,5 @@
-"""Unit tests for streams/providers/pool.py with a fake client (the pool is generic).
+"""Unit tests for streams/providers/pool.py with a fake client (the pool is generic), and
+for its configuration (``providers.<name>.pool``) reaching each provider's pool.
 
 Waiting is proven with asyncio events and task states, never with sleeps.
 """
@@ -11,7 +12,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from streams.providers import ProviderRegistry
 from streams.providers.pool import ClientPool, PoolStats
+from topologies.config import ConfigError, load_settings
 
 
 @dataclass(eq=False)
@@ -405,3 +408,71 @@ async def test_close_closes_every_client_once() -> None:
     stats(pool, size=0, in_use=0, created=3, retired=3)
     await pool.close()  # a second close does nothing
     assert [c.closed for c in factory.made] == [1, 1, 1]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _registry(**env: str) -> ProviderRegistry:
+    return ProviderRegistry(load_settings(environ={"TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always", **env}))
+
+
+async def test_configured_pool_settings_reach_each_providers_pool() -> None:
+    registry = _registry(
+        TIERSTREAM__PROVIDERS__OPENAI__POOL__MIN_SIZE="2",
+        TIERSTREAM__PROVIDERS__OPENAI__POOL__MAX_SIZE="3",
+        TIERSTREAM__PROVIDERS__OPENAI__POOL__MAX_CALLS_PER_CLIENT="8",
+        TIERSTREAM__PROVIDERS__OPENAI__POOL__RECYCLE_AFTER_CALLS="500",
+        TIERSTREAM__PROVIDERS__OPENAI__POOL__IDLE_TIMEOUT_SECONDS="12",
+    )
+    try:
+        await registry.start()  # pre-warms min_size clients per provider
+        openai, anthropic = registry.pools["openai"], registry.pools["anthropic"]
+        assert (openai.min_size, openai.max_size, openai.max_calls_per_client) == (2, 3, 8)
+        assert (openai.recycle_after, openai.idle_timeout) == (500, 12)
+        assert openai.stats().size == 2
+        # the other provider keeps the documented defaults; max_size follows the concurrency
+        assert (anthropic.min_size, anthropic.max_calls_per_client, anthropic.recycle_after) == (1, 256, 100_000)
+        assert (anthropic.max_size, anthropic.idle_timeout) == (1, 300)
+        assert registry.idle_check_seconds == 3  # a quarter of the shortest idle timeout
+    finally:
+        await registry.close()
+
+
+@pytest.mark.parametrize(
+    ("tasks", "per_client", "min_size", "expected"),
+    [(64, 256, 1, 1), (600, 256, 1, 3), (100, 10, 0, 10), (4, 256, 5, 5)],
+)
+def test_unset_max_size_fits_the_concurrency(tasks: int, per_client: int, min_size: int, expected: int) -> None:
+    registry = _registry(
+        MAX_CONCURRENT_TASKS=str(tasks),
+        TIERSTREAM__PROVIDERS__OPENAI__POOL__MAX_CALLS_PER_CLIENT=str(per_client),
+        TIERSTREAM__PROVIDERS__OPENAI__POOL__MIN_SIZE=str(min_size),
+    )
+    assert registry.pools["openai"].max_size == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("MIN_SIZE", "-1", "providers.openai.pool.min_size: Input should be greater than or equal to 0"),
+        ("MAX_SIZE", "0", "providers.openai.pool.max_size: Input should be greater than or equal to 1"),
+        ("MAX_CALLS_PER_CLIENT", "0", "providers.openai.pool.max_calls_per_client: Input should be greater"),
+        ("RECYCLE_AFTER_CALLS", "zero", "providers.openai.pool.recycle_after_calls: Input should be a valid integer"),
+        ("IDLE_TIMEOUT_SECONDS", "0", "providers.openai.pool.idle_timeout_seconds: Input should be greater than 0"),
+        ("PREWARM", "true", "providers.openai.pool.prewarm: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_pool_settings_are_refused_naming_the_field(field: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={f"TIERSTREAM__PROVIDERS__OPENAI__POOL__{field}": value})
+    assert message in str(info.value)
+
+
+def test_min_size_above_max_size_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={
+            "TIERSTREAM__PROVIDERS__ANTHROPIC__POOL__MIN_SIZE": "3",
+            "TIERSTREAM__PROVIDERS__ANTHROPIC__POOL__MAX_SIZE": "2",
+        })
+    assert "providers.anthropic.pool: Value error, min_size (3) must not exceed max_size (2)" in str(info.value)

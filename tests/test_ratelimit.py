@@ -328,6 +328,10 @@ def test_status_reads_pools_limits_and_throttles_from_metrics() -> None:
     metrics.rate_limits.watch(registry, limiter)
     status = parse_status(generate_latest(metrics.registry).decode())
     assert status["pools"]["openai"]["pool_calls"] == 0 and status["pools"]["openai"]["pool_max_size"] >= 1
+    assert {k: v for k, v in status["pools"]["anthropic"].items() if k not in ("pool_size", "pool_in_use", "pool_calls")} == {
+        "pool_min_size": 1, "pool_max_size": 1, "pool_max_calls_per_client": 256,
+        "pool_recycle_after_calls": 100_000, "pool_idle_timeout_seconds": 300,
+    }
     researcher = status["rate_limits"]["premium/researcher/*"]
     assert researcher["share"] == pytest.approx(0.5)
     assert researcher["requests_per_minute"] == pytest.approx(0.5 * (600 - 30) * 60 / 61 * 0.5, rel=0.01)  # halved by the 429

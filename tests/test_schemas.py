@@ -23,6 +23,7 @@ from schemas.models import (
     DeadLetter,
     GuardrailEvent,
     SpendSnapshot,
+    ThrottleEvent,
     Tier,
     TieredRequest,
     Timings,
@@ -118,6 +119,18 @@ def realistic(name: str) -> WireModel:
             last_offset=98_765,
             updated_at=T0,
         ),
+        "throttle_event": ThrottleEvent(
+            scope="openai/o3",
+            provider="openai",
+            model="o3",
+            pause_until=T0 + timedelta(seconds=8),
+            rate_factor=0.5,
+            cut_at=T0,
+            recovery_seconds=30,
+            retry_after_seconds=8,
+            origin="tier-premium/worker-7/4242/1f2e3d4c",
+            emitted_at=T0,
+        ),
         "dead_letter": DeadLetter(
             code="invalid_json",
             reason="not valid UTF-8 JSON",
@@ -182,8 +195,16 @@ def test_round_trip_every_wire_model(name: str) -> None:
 def test_realistic_instances_cover_every_wire_model() -> None:
     assert sorted(WIRE_MODELS) == [
         "agent_request", "agent_result", "cost_event", "dead_letter", "guardrail_event",
-        "spend_snapshot", "tiered_request",
+        "spend_snapshot", "throttle_event", "tiered_request",
     ]
+
+
+def test_throttle_event_scope_must_name_its_model() -> None:
+    event = realistic("throttle_event").model_dump(mode="json")
+    error = decode_error(orjson.dumps({**event, "scope": "openai/gpt-4o-mini"}), ThrottleEvent)
+    assert error.code == "schema_invalid" and "scope must be '<provider>/<model>'" in error.reason
+    error = decode_error(orjson.dumps({**event, "rate_factor": 0}), ThrottleEvent)
+    assert "rate_factor: Input should be greater than 0" in error.reason
 
 
 def test_dead_letter_bytes_survive_as_base64() -> None:

@@ -452,6 +452,15 @@ async def test_sdk_retry_honours_retry_after(sim: ProviderSimulator) -> None:
     await client.close()
 
 
+async def test_a_429_directive_can_ask_for_a_longer_retry_after(sim: ProviderSimulator) -> None:
+    client = oai(sim)
+    with pytest.raises(openai.RateLimitError) as limited:
+        await client.chat.completions.create(model="m", messages=user("#sim:status=429 #sim:retry_after=7.5"))
+    assert limited.value.response.headers["retry-after-ms"] == "7500"
+    assert limited.value.response.headers["retry-after"] == "8"
+    await client.close()
+
+
 # -- faults, latency, stats --------------------------------------------------------
 
 

@@ -121,6 +121,35 @@ class TierModel(Section):
     model: str = Field(min_length=1)
 
 
+class ClientPoolSettings(Section):
+    """The provider's pool of SDK clients (``streams.providers.pool``), one per process."""
+
+    # Clients made at start (pre-warm) and kept however idle the process is.
+    min_size: int = Field(default=1, ge=0, le=64)
+    # Most clients open at once; null: enough for worker.max_concurrent_tasks calls at
+    # max_calls_per_client each (at least min_size).
+    max_size: int | None = Field(default=None, ge=1, le=256)
+    # Calls that share one client (an SDK client multiplexes them over its connection pool).
+    max_calls_per_client: int = Field(default=256, ge=1, le=10_000)
+    # A client is closed and replaced after this many calls (bounds what a long-lived
+    # connection pool accumulates).
+    recycle_after_calls: int = Field(default=100_000, ge=1)
+    # Clients idle this long are closed, down to min_size.
+    idle_timeout_seconds: float = Field(default=300, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> ClientPoolSettings:
+        if self.max_size is not None and self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        return self
+
+    def size_limit(self, max_concurrent_tasks: int) -> int:
+        """max_size, or the clients that ``max_concurrent_tasks`` calls need."""
+        if self.max_size is not None:
+            return self.max_size
+        return max(1, self.min_size, -(-max_concurrent_tasks // self.max_calls_per_client))
+
+
 class ProviderSettings(Section):
     api_key_env: str = Field(min_length=1)
     api_key_file: Path | None = None
@@ -134,6 +163,7 @@ class ProviderSettings(Section):
     rate_limit_backoff_factor: float = Field(default=0.5, gt=0, le=1)
     rate_limit_recovery_seconds: float = Field(default=30, gt=0)
     use_simulator: Literal["auto", "always", "never"] = "auto"
+    pool: ClientPoolSettings = ClientPoolSettings()
 
 
 class SimulatorSettings(Section):

@@ -16,6 +16,7 @@ from schemas.models import (
     DeadLetter,
     GuardrailEvent,
     SpendSnapshot,
+    ThrottleEvent,
     Tier,
     TieredRequest,
     WireModel,
@@ -24,7 +25,8 @@ from topologies.config import Settings
 
 MessageKey = Literal["workflow_id", "scope", "source_key"]
 
-WEEK_MS = 7 * 24 * 3600 * 1000
+HOUR_MS = 3600 * 1000
+WEEK_MS = 7 * 24 * HOUR_MS
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,13 @@ class Topology:
             "running spend totals per hour and per workflow (compacted: latest per key)",
             {**common, "cleanup.policy": "compact"},
         )
+        # One partition: a handful of keys (one per provider model), read whole by every
+        # process that calls models. Hourly segments let compaction keep it that small.
+        self.throttles = TopicSpec(
+            f"{prefix}.throttles", 1, rf, "scope", ThrottleEvent,
+            "429 back-off per provider model, shared by every replica (compacted: latest per model)",
+            {**common, "cleanup.policy": "compact", "segment.ms": str(HOUR_MS)},
+        )
         self.dead_letters = TopicSpec(
             f"{prefix}.dlq", parts.dead_letters, rf, "source_key", DeadLetter,
             "messages that could not be processed, with the reason and original bytes",
@@ -139,26 +148,30 @@ class Topology:
     def all(self) -> list[TopicSpec]:
         return [
             self.requests, *self.tiers.values(), self.results, self.costs,
-            self.guardrails, self.spend, self.dead_letters,
+            self.guardrails, self.spend, self.throttles, self.dead_letters,
         ]
 
     def flows(self) -> list[Flow]:
         tier_names = tuple(spec.name for spec in self.tiers.values())
         # The llm strategy's routing call is a model call, costed like any other.
-        routing_costs = (self.costs.name,) if self.settings.classifier.strategy == "llm" else ()
+        llm = self.settings.classifier.strategy == "llm"
+        routing_costs = (self.costs.name,) if llm else ()
+        # Every process that calls models follows the 429 back-off and publishes its own.
+        routing_throttles = (self.throttles.name,) if llm else ()
         flows = [
             Flow(
                 CLASSIFIER_ROLE,
-                reads=(self.requests.name,),
-                writes=(*tier_names, *routing_costs, self.dead_letters.name),
+                reads=(self.requests.name, *routing_throttles),
+                writes=(*tier_names, *routing_costs, *routing_throttles, self.dead_letters.name),
             )
         ]
         for tier, spec in self.tiers.items():
             flows.append(
                 Flow(
                     tier_role(tier),
-                    reads=(spec.name, self.spend.name, self.guardrails.name),
-                    writes=(self.results.name, self.costs.name, self.dead_letters.name),
+                    # results: the last dedupe window, to skip requests already answered
+                    reads=(spec.name, self.results.name, self.spend.name, self.guardrails.name, self.throttles.name),
+                    writes=(self.results.name, self.costs.name, self.throttles.name, self.dead_letters.name),
                 )
             )
         flows.append(

@@ -17,9 +17,10 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 
 # User:tierstream-tier-nano
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --topic agent.requests.nano
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --operation Write --topic agent.results
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --topic agent.spend
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --topic agent.guardrails
-kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Write --topic agent.results
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Read --operation Write --topic agent.throttles
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Write --topic agent.costs
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Describe --operation Write --topic agent.dlq
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-nano --operation Read --group tierstream-tier-nano
@@ -27,9 +28,10 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 
 # User:tierstream-tier-standard
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --topic agent.requests.standard
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --operation Write --topic agent.results
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --topic agent.spend
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --topic agent.guardrails
-kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Write --topic agent.results
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Read --operation Write --topic agent.throttles
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Write --topic agent.costs
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Describe --operation Write --topic agent.dlq
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-standard --operation Read --group tierstream-tier-standard
@@ -37,9 +39,10 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 
 # User:tierstream-tier-premium
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --topic agent.requests.premium
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --operation Write --topic agent.results
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --topic agent.spend
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --topic agent.guardrails
-kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Write --topic agent.results
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Read --operation Write --topic agent.throttles
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Write --topic agent.costs
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Describe --operation Write --topic agent.dlq
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-tier-premium --operation Read --group tierstream-tier-premium

@@ -13,23 +13,18 @@ import logging
 import mode
 
 from streams.guardrails.view import GuardrailView
+from streams.tail import FollowerService
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 0.2
 
 
-class GuardrailService(mode.Service):
+class GuardrailService(FollowerService):
     def __init__(self, view: GuardrailView, source_topic: str | None, **kwargs: object) -> None:
         self.view = view
         self.source_topic = source_topic
         self.paused = False
-        super().__init__(**kwargs)
-
-    async def on_start(self) -> None:
-        await self.view.start()
-
-    async def on_stop(self) -> None:
-        await self.view.stop()
+        super().__init__(view, **kwargs)
 
     @mode.Service.timer(CHECK_SECONDS)
     async def _report_pause(self) -> None:

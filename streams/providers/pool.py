@@ -40,6 +40,11 @@ class PoolStats:
     total_calls: int
     created: int
     retired: int
+    # The pool's configuration, for `tierstream status`.
+    min_size: int
+    max_calls_per_client: int
+    recycle_after: int
+    idle_timeout: float
 
 
 class ClientPool(Generic[T]):
@@ -148,4 +153,8 @@ class ClientPool(Generic[T]):
             total_calls=self._total_calls,
             created=self._created,
             retired=self._retired,
+            min_size=self.min_size,
+            max_calls_per_client=self.max_calls_per_client,
+            recycle_after=self.recycle_after,
+            idle_timeout=self.idle_timeout,
         )

@@ -99,14 +99,24 @@ class ProviderRegistry:
                     endpoint.api_key, endpoint.base_url, conf.timeout_seconds, 0
                 )
 
+            pool = conf.pool
             self.pools[provider] = ClientPool(
                 provider,
                 factory,
                 lambda client: client.close(),
-                min_size=1,
-                max_size=max(1, -(-max_in_flight // 256)),
-                max_calls_per_client=256,
+                min_size=pool.min_size,
+                max_size=pool.size_limit(max_in_flight),
+                max_calls_per_client=pool.max_calls_per_client,
+                recycle_after=pool.recycle_after_calls,
+                idle_timeout=pool.idle_timeout_seconds,
             )
+
+    @property
+    def idle_check_seconds(self) -> float:
+        """How often idle clients are looked for: a quarter of the shortest idle timeout,
+        at most every minute."""
+        timeouts = [pool.idle_timeout for pool in self.pools.values()]
+        return min([60.0, *(max(0.5, t / 4) for t in timeouts)])
 
     async def start(self) -> None:
         for pool in self.pools.values():
@@ -151,8 +161,8 @@ class ProviderRegistry:
                         async with self.pools[provider].acquire() as client:
                             completion = await client.complete(model, messages, max_output_tokens)
                     except ProviderError as exc:
-                        if exc.status == 429:  # slow this whole process down, not one call
-                            throttle.on_rate_limited(exc.retry_after)
+                        if exc.status == 429:  # slow every call down, here and in every replica
+                            self.throttles.on_rate_limited(provider, model, exc.retry_after)
                         raise
                     return Attempted(completion, attempts)
         except ProviderError as exc:

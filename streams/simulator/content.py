@@ -36,6 +36,7 @@ _NANO_KEYWORDS = (
 
 _REPLY_RE = re.compile(r"#sim:reply=([^\r\n]*)")
 _STATUS_RE = re.compile(r"#sim:status=(\d{3})\b")
+_RETRY_AFTER_RE = re.compile(r"#sim:retry_after=(\d{1,4}(?:\.\d{1,3})?)")
 _NON_TEXT_PART_TYPES = frozenset(
     {"image", "image_url", "input_image", "input_audio", "audio", "document", "file"}
 )
@@ -115,6 +116,14 @@ def find_status_directive(text: str) -> int | None:
         return None
     code = int(match.group(1))
     return code if 400 <= code <= 599 else None
+
+
+def find_retry_after_directive(text: str) -> float | None:
+    """The seconds of a ``#sim:retry_after=<s>`` directive (a 429 directive's Retry-After)."""
+    if "#sim:" not in text:
+        return None
+    match = _RETRY_AFTER_RE.search(text)
+    return None if match is None else float(match.group(1))
 
 
 def find_reply_directive(text: str) -> str | None:

@@ -26,7 +26,7 @@ import orjson
 from aiohttp import web
 
 from .config import SimulatorConfig
-from .content import AnswerMaker, find_status_directive
+from .content import AnswerMaker, find_retry_after_directive, find_status_directive
 from .limiter import ModelWindow, Quota, Rejection, retry_after_header
 from .stats import SimulatorStats
 from .wire import AnthropicWire, OpenAIWire, ParsedRequest, RequestError, Wire, format_duration
@@ -216,7 +216,8 @@ class ProviderSimulator:
         directive = find_status_directive(parsed.user_text)
         if directive is not None:
             self._stats.status_directives += 1
-            return self._directive_error(wire, request_id, directive)
+            retry_after = find_retry_after_directive(parsed.user_text)
+            return self._directive_error(wire, request_id, directive, 1.0 if retry_after is None else retry_after)
         config = self.config
         if config.error_rate and self._rng.random() < config.error_rate:
             self._stats.errors_injected += 1
@@ -292,11 +293,11 @@ class ProviderSimulator:
             self.config.burst_429_retry_after_seconds,
         )
 
-    def _directive_error(self, wire: Wire, request_id: str, status: int) -> web.Response:
+    def _directive_error(self, wire: Wire, request_id: str, status: int, retry_after: float) -> web.Response:
         message = f"Simulated HTTP {status} (#sim:status directive)."
         if status != 429:
             return self._error(wire, request_id, status, message)
-        return self._too_many(wire, request_id, message, 1.0)
+        return self._too_many(wire, request_id, message, retry_after)
 
     def _too_many(self, wire: Wire, request_id: str, message: str, retry_after: float) -> web.Response:
         seconds, millis = retry_after_header(retry_after)
