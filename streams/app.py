@@ -37,6 +37,7 @@ from streams.observability import OutgoingObserver, default_metrics, worker_serv
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
+from streams.tasks import BoundedTasks
 from streams.ratelimit import RateLimiter
 from streams.tier_worker import TierHandler
 from topologies.config import Settings
@@ -217,62 +218,84 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     async def drain_in_flight(sender: faust.App, **kwargs: object) -> None:
         await in_flight.drain(settings.worker.shutdown_grace_seconds)
 
+    async def handle_event(event: faust.EventT, request_id: str | None, claimed: contextlib.ExitStack) -> None:
+        """One event, from the handler to its ack. ``claimed`` holds its in-flight and
+        dedupe claims, taken before the next event was read."""
+        message = event.message
+        source = Source(
+            message.topic, message.partition, message.offset, message.key,
+            message.value, message.timestamp,
+        )
+        with claimed, metrics.track_in_flight(role):
+            try:
+                outgoing = await handler(source)
+            except Rewound:
+                return  # not handled: read again after the seek
+            # A rebalance since this event was fetched means the partition's owner (maybe
+            # this worker again) reads it again from the committed offset and answers it.
+            owned = answered is None or (
+                message.generation_id == app.consumer_generation_id
+                and not app.rebalancing
+                and message.tp in app.consumer.assignment()
+            )
+            if not owned:
+                # The call was made, so its cost still counts.
+                outgoing = [out for out in outgoing if out.topic == costs_topic]
+            # Every handler's output passes here, so metrics need no code in the handlers.
+            observe(role, outgoing)
+            # Tier roles write a call's cost before its result and wait for it: a worker
+            # killed between the two would otherwise leave an answered request (skipped
+            # when read again) whose call was never costed.
+            first = [o for o in outgoing if o.topic == costs_topic] if answered is not None else []
+            for out in first:
+                await _send(outputs, out, wait=True)
+            for out in outgoing:
+                if out not in first:
+                    # Faust flushes the producer before it commits the source offset, so
+                    # an offset is committed only after everything it caused is in Kafka.
+                    await _send(outputs, out)
+            if not owned:
+                return
+            if answered is not None and request_id is not None:
+                answered.mark_answered(request_id)
+        _ack(app, event)
+
     async def process(stream: faust.StreamT) -> None:
         # Acked by hand once its output is handed to the producer: Faust's own ack runs
         # in a finally block, so an agent cancelled mid-call (shutdown) would commit a
         # request nobody answered.
-        async for event in stream.noack().events():
-            message = event.message
-            source = Source(
-                message.topic, message.partition, message.offset, message.key,
-                message.value, message.timestamp,
-            )
-            request_id = request_id_of(message.value) if answered is not None else None
-            if answered is not None:
-                await answered.ready.wait()  # the results written before this assignment
-                if request_id is not None:
-                    await answered.settled(request_id)  # a copy in progress here ends first
-                if request_id is not None and answered.answered(request_id):
-                    answered.skipped += 1
-                    log.info("request %s is already answered: skipped", request_id)
-                    _ack(app, event)
-                    continue
-            with in_flight.track(), _answering(answered, request_id):
-                with metrics.track_in_flight(role):
-                    try:
-                        outgoing = await handler(source)
-                    except Rewound:
-                        continue  # not handled: read again after the seek
-                # A rebalance since this event was fetched means the partition's owner (maybe
-                # this worker again) reads it again from the committed offset and answers it.
-                owned = answered is None or (
-                    message.generation_id == app.consumer_generation_id
-                    and not app.rebalancing
-                    and message.tp in app.consumer.assignment()
-                )
-                if not owned:
-                    # The call was made, so its cost still counts.
-                    outgoing = [out for out in outgoing if out.topic == costs_topic]
-                # Every handler's output passes here, so metrics need no code in the handlers.
-                observe(role, outgoing)
-                # Tier roles write a call's cost before its result and wait for it: a worker
-                # killed between the two would otherwise leave an answered request (skipped
-                # when read again) whose call was never costed.
-                first = [o for o in outgoing if o.topic == costs_topic] if answered is not None else []
-                for out in first:
-                    await _send(outputs, out, wait=True)
-                for out in outgoing:
-                    if out not in first:
-                        # Faust flushes the producer before it commits the source offset, so
-                        # an offset is committed only after everything it caused is in Kafka.
-                        await _send(outputs, out)
-                if not owned:
-                    continue
-                if answered is not None and request_id is not None:
-                    answered.mark_answered(request_id)
-            _ack(app, event)
+        # Roles with concurrency (tier roles) start a task per event, at most
+        # `concurrency` at once (see streams.tasks); the others handle events in order.
+        tasks = BoundedTasks(concurrency)
+        try:
+            if concurrency > 1:
+                await tasks.slot()
+            async for event in stream.noack().events():
+                request_id = request_id_of(event.message.value) if answered is not None else None
+                if answered is not None:
+                    await answered.ready.wait()  # the results written before this assignment
+                    if request_id is not None:
+                        # A copy in progress here ends first. This holds the reader (one
+                        # actor) for at most one call, and only for a copy read again
+                        # after a rebalance.
+                        await answered.settled(request_id)
+                    if request_id is not None and answered.answered(request_id):
+                        answered.skipped += 1
+                        log.info("request %s is already answered: skipped", request_id)
+                        _ack(app, event)
+                        continue
+                claimed = contextlib.ExitStack()
+                claimed.enter_context(in_flight.track())
+                claimed.enter_context(_answering(answered, request_id))
+                if concurrency == 1:
+                    await handle_event(event, request_id, claimed)  # in offset order
+                else:
+                    tasks.start(handle_event(event, request_id, claimed), claimed.close)
+                    await tasks.slot()
+        finally:
+            await tasks.close()  # an actor stopped (shutdown) stops its calls: not acked
 
-    app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
+    app.agent(_faust_topic(app, source), name=role)(process)
     return app
 
 
