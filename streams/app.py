@@ -121,7 +121,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         broker_session_timeout=settings.worker.session_timeout_seconds,
         producer_acks=-1,
         producer_max_request_size=settings.kafka.max_message_bytes,
-        producer_linger=0.005,
+        producer_linger=producer_linger_seconds(),
         producer_max_batch_size=producer_max_batch_bytes(settings),
         web_enabled=False,
         # Tier agents can be held by the budget gate for the rest of an hour; a rebalance
@@ -301,6 +301,13 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
 
 EVENT_LOOP_ENV = "TIERSTREAM_EVENT_LOOP"
 PRODUCER_BATCH_ENV = "TIERSTREAM_PRODUCER_MAX_BATCH_BYTES"
+PRODUCER_LINGER_ENV = "TIERSTREAM_PRODUCER_LINGER_MS"
+
+
+def producer_linger_seconds() -> float:
+    """How long the workers' producers wait to fill a batch: 5 ms;
+    ``TIERSTREAM_PRODUCER_LINGER_MS`` overrides it, for measurements (README, "Benchmarks")."""
+    return max(0.0, float(os.environ.get(PRODUCER_LINGER_ENV, 5))) / 1000
 
 
 def producer_max_batch_bytes(settings: Settings) -> int:
