@@ -28,7 +28,7 @@ from streams.dedupe import AnsweredIndex, DedupeService, request_id_of
 from streams.envelope import Outgoing, Source
 from streams.faust_transport import Transport
 from streams.guardrails.budget import BudgetGate
-from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, cost_tables
+from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, SpendBatch, cost_tables
 from streams.guardrails.service import GuardrailService
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import faust_settings
@@ -214,9 +214,40 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     in_flight = InFlight()
     costs_topic = topology.costs.name
 
+    # The cost role publishes its snapshots per batch of events (see SpendBatch): a batch
+    # goes out when it holds COST_BATCH_EVENTS events or COST_BATCH_SECONDS after its first,
+    # and its events are acked only then. Faust waits for those acks before a rebalance
+    # completes (stream_wait_empty), so no batch is published after its partitions moved.
+    batch = SpendBatch(topology.spend.name) if role == COST_ROLE else None
+    batched: list[faust.EventT] = []
+    batch_started = asyncio.Event()
+    publishing = asyncio.Lock()
+
+    async def publish_batch() -> None:
+        async with publishing:
+            if batch is None or not batched:
+                return
+            outgoing, events = batch.take(), list(batched)
+            batched.clear()
+            for out in outgoing:
+                await _send(outputs, out)
+            for event in events:
+                _ack(app, event)
+
+    if batch is not None:
+
+        @app.task
+        async def publish_batches() -> None:
+            while True:
+                await batch_started.wait()
+                await asyncio.sleep(COST_BATCH_SECONDS)
+                batch_started.clear()
+                await publish_batch()
+
     @app.on_before_shutdown.connect
     async def drain_in_flight(sender: faust.App, **kwargs: object) -> None:
         await in_flight.drain(settings.worker.shutdown_grace_seconds)
+        await publish_batch()
 
     async def handle_event(event: faust.EventT, request_id: str | None, claimed: contextlib.ExitStack) -> None:
         """One event, from the handler to its ack. ``claimed`` holds its in-flight and
@@ -243,6 +274,13 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                 outgoing = [out for out in outgoing if out.topic == costs_topic]
             # Every handler's output passes here, so metrics need no code in the handlers.
             observe(role, outgoing)
+            if batch is not None:  # the cost role: sent and acked with its batch
+                batch.add(outgoing)
+                batched.append(event)
+                batch_started.set()
+                if len(batch) >= COST_BATCH_EVENTS:
+                    await publish_batch()
+                return
             # Tier roles write a call's cost before its result and wait for it: a worker
             # killed between the two would otherwise leave an answered request (skipped
             # when read again) whose call was never costed.
@@ -299,6 +337,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     return app
 
 
+COST_BATCH_EVENTS = 500
+COST_BATCH_SECONDS = 0.02
 EVENT_LOOP_ENV = "TIERSTREAM_EVENT_LOOP"
 PRODUCER_BATCH_ENV = "TIERSTREAM_PRODUCER_MAX_BATCH_BYTES"
 PRODUCER_LINGER_ENV = "TIERSTREAM_PRODUCER_LINGER_MS"
