@@ -2,8 +2,8 @@
 
 Tables (Faust, changelog-backed, so they survive restarts and move with partitions):
 hourly spend, a tumbling one-hour window keyed ``<scope>|p<partition>`` for the global and
-per-tier scopes, and per-workflow spend keyed by workflow_id. Every update is published
-to the compacted spend topic, from which every worker derives its pauses (see
+per-tier scopes, and per-workflow spend keyed by workflow_id. The totals are published,
+per batch of cost events (:class:`SpendBatch`), to the compacted spend topic, from which every worker derives its pauses (see
 :mod:`streams.guardrails.view`); threshold crossings are published as GuardrailEvents for
 people and alerting. Nothing here depends on window-close callbacks, which Faust fires
 late or not at all for windows restored from the changelog.
