@@ -11,7 +11,7 @@
 
    * ``tierstream``: N x ``tierstream worker --roles all`` (Faust, one process per role);
    * ``tierstream-guarded`` (scenario 4): the same with the guardrails engaged, see
-     :data:`GUARDED_ENV`, and the rate limits once they exist (:data:`RATE_LIMIT_ENV`);
+     :data:`GUARDED_ENV`, and rate limits that never bind (:data:`RATE_LIMIT_ENV`);
    * ``raw-fake``: N x the request-path roles as plain aiokafka loops that make NO model
      call (a local fake completion of the simulator's shape), see :mod:`benchmarks.baseline`;
    * ``raw-sdk``: the same loops calling the simulator through the same SDK clients;
@@ -83,10 +83,19 @@ GUARDED_ENV = {
     "TIERSTREAM__COST_GUARDRAILS__DOWNGRADE_PREMIUM_ABOVE_ALERT": "true",
     "TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD": "0.15",
 }
-# Hook for the cluster-wide rate limits (issue 4, being built): once `rate_limits` is
-# enforced, put the settings that switch it on here (TIERSTREAM__RATE_LIMITS__... in the
-# environment form load_settings reads) and scenario 4 measures them with the guardrails.
-RATE_LIMIT_ENV: dict[str, str] = {}
+# Scenario 4 also switches the cluster-wide rate limits on, for every agent type the
+# workload uses that has a limit in the default configuration, far above what a run can
+# reach (6 million requests a minute, a burst of a million): the limiter does all its
+# work on every call (share, buckets, reconciliation) but never holds one, so the figure
+# is its overhead. Every other pipeline runs with `rate_limits: null`.
+RATE_LIMIT_ENV: dict[str, str] = {
+    "TIERSTREAM__RATE_LIMITS": "{"
+    + ", ".join(
+        f"{agent}: {{requests_per_minute: 6000000, tokens_per_minute: 60000000000, burst: 1000000}}"
+        for agent in ("researcher", "analyst", "writer")
+    )
+    + "}",
+}
 PIPELINE_ENV = {"tierstream-guarded": {**GUARDED_ENV, **RATE_LIMIT_ENV}}
 NOTES = [
     "raw-fake skips the HTTP model call: tierstream/raw-fake includes the SDK + simulator cost, not only Faust's.",
@@ -214,8 +223,8 @@ def pipeline_env(kind: str, run: str, bootstrap: str, sim_port: int, max_in_flig
         "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
         "TIERSTREAM__WORKER__LOG_LEVEL": "warning",
         "TIERSTREAM__WORKER__HEALTH_PORT": "0",
+        "TIERSTREAM__RATE_LIMITS": "null",  # unless the pipeline's settings say otherwise
         **PIPELINE_ENV.get(kind, {}),
-        "TIERSTREAM__RATE_LIMITS": "null",  # throughput, not the rate limiter (bench-ratelimit)
     }
     if max_in_flight is not None:
         env["MAX_CONCURRENT_TASKS"] = str(max_in_flight)

@@ -28,7 +28,7 @@ from streams.dedupe import AnsweredIndex, DedupeService, request_id_of
 from streams.envelope import Outgoing, Source
 from streams.faust_transport import Transport
 from streams.guardrails.budget import BudgetGate
-from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, cost_tables
+from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, SpendBatch, cost_tables
 from streams.guardrails.service import GuardrailService
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import faust_settings
@@ -37,6 +37,7 @@ from streams.observability import OutgoingObserver, default_metrics, worker_serv
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
+from streams.tasks import BoundedTasks
 from streams.ratelimit import RateLimiter
 from streams.tail import FollowerService
 from streams.throttle_feed import ThrottleFeed, process_origin
@@ -126,7 +127,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         broker_session_timeout=settings.worker.session_timeout_seconds,
         producer_acks=-1,
         producer_max_request_size=settings.kafka.max_message_bytes,
-        producer_linger=0.005,
+        producer_linger=producer_linger_seconds(),
         producer_max_batch_size=producer_max_batch_bytes(settings),
         web_enabled=False,
         # Tier agents can be held by the budget gate for the rest of an hour; a rebalance
@@ -227,71 +228,140 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     in_flight = InFlight()
     costs_topic = topology.costs.name
 
+    # The cost role publishes its snapshots per batch of events (see SpendBatch): a batch
+    # goes out when it holds COST_BATCH_EVENTS events or COST_BATCH_SECONDS after its first,
+    # and its events are acked only then. Faust waits for those acks before a rebalance
+    # completes (stream_wait_empty), so no batch is published after its partitions moved.
+    batch = SpendBatch(topology.spend.name) if role == COST_ROLE else None
+    batched: list[faust.EventT] = []
+    batch_started = asyncio.Event()
+    publishing = asyncio.Lock()
+
+    async def publish_batch() -> None:
+        async with publishing:
+            if batch is None or not batched:
+                return
+            outgoing, events = batch.take(), list(batched)
+            batched.clear()
+            for out in outgoing:
+                await _send(outputs, out)
+            for event in events:
+                _ack(app, event)
+
+    if batch is not None:
+
+        @app.task
+        async def publish_batches() -> None:
+            while True:
+                await batch_started.wait()
+                await asyncio.sleep(COST_BATCH_SECONDS)
+                batch_started.clear()
+                await publish_batch()
+
     @app.on_before_shutdown.connect
     async def drain_in_flight(sender: faust.App, **kwargs: object) -> None:
         await in_flight.drain(settings.worker.shutdown_grace_seconds)
+        await publish_batch()
+
+    async def handle_event(event: faust.EventT, request_id: str | None, claimed: contextlib.ExitStack) -> None:
+        """One event, from the handler to its ack. ``claimed`` holds its in-flight and
+        dedupe claims, taken before the next event was read."""
+        message = event.message
+        source = Source(
+            message.topic, message.partition, message.offset, message.key,
+            message.value, message.timestamp,
+        )
+        with claimed, metrics.track_in_flight(role):
+            try:
+                outgoing = await handler(source)
+            except Rewound:
+                return  # not handled: read again after the seek
+            # A rebalance since this event was fetched means the partition's owner (maybe
+            # this worker again) reads it again from the committed offset and answers it.
+            owned = answered is None or (
+                message.generation_id == app.consumer_generation_id
+                and not app.rebalancing
+                and message.tp in app.consumer.assignment()
+            )
+            if not owned:
+                # The call was made, so its cost still counts.
+                outgoing = [out for out in outgoing if out.topic == costs_topic]
+            # Every handler's output passes here, so metrics need no code in the handlers.
+            observe(role, outgoing)
+            if batch is not None:  # the cost role: sent and acked with its batch
+                batch.add(outgoing)
+                batched.append(event)
+                batch_started.set()
+                if len(batch) >= COST_BATCH_EVENTS:
+                    await publish_batch()
+                return
+            # Tier roles write a call's cost before its result and wait for it: a worker
+            # killed between the two would otherwise leave an answered request (skipped
+            # when read again) whose call was never costed.
+            first = [o for o in outgoing if o.topic == costs_topic] if answered is not None else []
+            for out in first:
+                await _send(outputs, out, wait=True)
+            for out in outgoing:
+                if out not in first:
+                    # Faust flushes the producer before it commits the source offset, so
+                    # an offset is committed only after everything it caused is in Kafka.
+                    await _send(outputs, out)
+            if not owned:
+                return
+            if answered is not None and request_id is not None:
+                answered.mark_answered(request_id)
+        _ack(app, event)
 
     async def process(stream: faust.StreamT) -> None:
         # Acked by hand once its output is handed to the producer: Faust's own ack runs
         # in a finally block, so an agent cancelled mid-call (shutdown) would commit a
         # request nobody answered.
-        async for event in stream.noack().events():
-            message = event.message
-            source = Source(
-                message.topic, message.partition, message.offset, message.key,
-                message.value, message.timestamp,
-            )
-            request_id = request_id_of(message.value) if answered is not None else None
-            if answered is not None:
-                await answered.ready.wait()  # the results written before this assignment
-                if request_id is not None:
-                    await answered.settled(request_id)  # a copy in progress here ends first
-                if request_id is not None and answered.answered(request_id):
-                    answered.skipped += 1
-                    log.info("request %s is already answered: skipped", request_id)
-                    _ack(app, event)
-                    continue
-            with in_flight.track(), _answering(answered, request_id):
-                with metrics.track_in_flight(role):
-                    try:
-                        outgoing = await handler(source)
-                    except Rewound:
-                        continue  # not handled: read again after the seek
-                # A rebalance since this event was fetched means the partition's owner (maybe
-                # this worker again) reads it again from the committed offset and answers it.
-                owned = answered is None or (
-                    message.generation_id == app.consumer_generation_id
-                    and not app.rebalancing
-                    and message.tp in app.consumer.assignment()
-                )
-                if not owned:
-                    # The call was made, so its cost still counts.
-                    outgoing = [out for out in outgoing if out.topic == costs_topic]
-                # Every handler's output passes here, so metrics need no code in the handlers.
-                observe(role, outgoing)
-                # Tier roles write a call's cost before its result and wait for it: a worker
-                # killed between the two would otherwise leave an answered request (skipped
-                # when read again) whose call was never costed.
-                first = [o for o in outgoing if o.topic == costs_topic] if answered is not None else []
-                for out in first:
-                    await _send(outputs, out, wait=True)
-                for out in outgoing:
-                    if out not in first:
-                        # Faust flushes the producer before it commits the source offset, so
-                        # an offset is committed only after everything it caused is in Kafka.
-                        await _send(outputs, out)
-                if not owned:
-                    continue
-                if answered is not None and request_id is not None:
-                    answered.mark_answered(request_id)
-            _ack(app, event)
+        # Roles with concurrency (tier roles) start a task per event, at most
+        # `concurrency` at once (see streams.tasks); the others handle events in order.
+        tasks = BoundedTasks(concurrency)
+        try:
+            if concurrency > 1:
+                await tasks.slot()
+            async for event in stream.noack().events():
+                request_id = request_id_of(event.message.value) if answered is not None else None
+                if answered is not None:
+                    await answered.ready.wait()  # the results written before this assignment
+                    if request_id is not None:
+                        # A copy in progress here ends first. This holds the reader (one
+                        # actor) for at most one call, and only for a copy read again
+                        # after a rebalance.
+                        await answered.settled(request_id)
+                    if request_id is not None and answered.answered(request_id):
+                        answered.skipped += 1
+                        log.info("request %s is already answered: skipped", request_id)
+                        _ack(app, event)
+                        continue
+                claimed = contextlib.ExitStack()
+                claimed.enter_context(in_flight.track())
+                claimed.enter_context(_answering(answered, request_id))
+                if concurrency == 1:
+                    await handle_event(event, request_id, claimed)  # in offset order
+                else:
+                    tasks.start(handle_event(event, request_id, claimed), claimed.close)
+                    await tasks.slot()
+        finally:
+            await tasks.close()  # an actor stopped (shutdown) stops its calls: not acked
 
-    app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
+    app.agent(_faust_topic(app, source), name=role)(process)
     return app
 
 
+COST_BATCH_EVENTS = 500
+COST_BATCH_SECONDS = 0.02
 EVENT_LOOP_ENV = "TIERSTREAM_EVENT_LOOP"
 PRODUCER_BATCH_ENV = "TIERSTREAM_PRODUCER_MAX_BATCH_BYTES"
+PRODUCER_LINGER_ENV = "TIERSTREAM_PRODUCER_LINGER_MS"
+
+
+def producer_linger_seconds() -> float:
+    """How long the workers' producers wait to fill a batch: 5 ms;
+    ``TIERSTREAM_PRODUCER_LINGER_MS`` overrides it, for measurements (README, "Benchmarks")."""
+    return max(0.0, float(os.environ.get(PRODUCER_LINGER_ENV, 5))) / 1000
 
 
 def producer_max_batch_bytes(settings: Settings) -> int:
@@ -350,4 +420,8 @@ def run_role(settings: Settings, role: Role) -> None:
         logging_config=logging_config(settings.worker.log_level, role),
         redirect_stdouts=False,
     )
+    # Faust's terminal spinner sets the root logger to DEBUG (its handler counts every
+    # record), so every library's logger.debug built a LogRecord: 4 % of the cost role's
+    # samples. A headless worker has no use for it.
+    worker.spinner = None
     worker.execute_from_commandline()

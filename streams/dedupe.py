@@ -16,6 +16,7 @@ more than the window is answered again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -62,8 +63,10 @@ class AnsweredIndex:
         now = time.monotonic()
         self._answered.pop(request_id, None)
         self._answered[request_id] = now
-        # Forget what is older than the window (the dict is in insertion order).
-        for old, seen in list(self._answered.items())[:64]:
+        # Forget what is older than the window (the dict is in insertion order). islice,
+        # not list(...)[:64]: copying the whole window on every result was 5 % of a tier
+        # worker's samples at 5,000 results.
+        for old, seen in list(itertools.islice(self._answered.items(), 64)):
             if now - seen <= self.window:
                 break
             del self._answered[old]

@@ -59,6 +59,7 @@ def _rates_from_library(model: str, provider: str) -> Rates:
 class PriceBook:
     def __init__(self, settings: Settings) -> None:
         self._overrides = settings.prices
+        self._windows: dict[tuple[str, str], int | None] = {}
         self._rates: dict[tuple[str, str], Rates] = {}
         for tier, choice in settings.tiers.items():
             try:
@@ -102,7 +103,14 @@ class PriceBook:
         return total.quantize(USD_PLACES)
 
     def context_window(self, provider: str, model: str) -> int | None:
-        """Tokens (input and output together) the model accepts, if known."""
+        """Tokens (input and output together) the model accepts, if known. Cached: the
+        classifier asks for every request, and genai-prices computes a price to answer."""
+        key = (provider, model)
+        if key not in self._windows:
+            self._windows[key] = self._context_window(provider, model)
+        return self._windows[key]
+
+    def _context_window(self, provider: str, model: str) -> int | None:
         override = self._overrides.get(model)
         if override is not None and override.context_window_tokens is not None:
             return override.context_window_tokens

@@ -97,3 +97,17 @@ def test_a_variant_is_tierstream_with_its_environment_compared_with_tierstream()
     assert out["tierstream-b16k/tierstream"]["results_per_s"] == 0.8
     with pytest.raises(SystemExit):
         parse_args(["--variant", "no-assignments"])
+
+
+def test_scenario_4_guarded_pipeline_has_rate_limits_that_the_others_do_not() -> None:
+    from benchmarks.harness import pipeline_env
+    from topologies.config import load_settings
+
+    def limits(kind: str) -> dict:
+        env = pipeline_env(kind, "run", "127.0.0.1:9092", 8700, None)
+        return load_settings(environ=env).rate_limits
+
+    guarded = limits("tierstream-guarded")
+    assert set(guarded) == {"researcher", "analyst", "writer"}
+    assert all(limit.burst >= 100_000 for limit in guarded.values())  # never binds on a run
+    assert limits("tierstream") == {}

@@ -712,3 +712,21 @@ def test_cost_offsets_resume_after_the_published_totals_and_catch_holes() -> Non
     assert offsets.in_order(1, 0) and not offsets.in_order(1, 1), "an unseen partition starts at 0"
     offsets.on_assigned()
     assert offsets.expected(0) == 10, "after an assignment, the published totals decide again"
+
+
+def test_a_spend_batch_publishes_the_latest_snapshot_per_key_hours_first() -> None:
+    from streams.envelope import Outgoing
+    from streams.guardrails.cost_role import SpendBatch
+
+    def out(topic: str, key: str, value: str) -> Outgoing:
+        return Outgoing(topic, key.encode(), value.encode())
+
+    batch = SpendBatch("spend")
+    batch.add([out("spend", "hour|0|global|p0", "h1"), out("spend", "workflow|a", "a1"),
+               out("guardrails", "hour", "alert")])
+    batch.add([out("spend", "hour|0|global|p0", "h2"), out("spend", "hour|0|global|p1", "k1"),
+               out("spend", "workflow|b", "b1")])
+    batch.add([out("spend", "workflow|a", "a2"), out("dlq", "x", "bad")])
+    assert len(batch) == 3
+    assert [o.value.decode() for o in batch.take()] == ["h2", "k1", "a2", "b1", "alert", "bad"]
+    assert (len(batch), batch.take()) == (0, [])

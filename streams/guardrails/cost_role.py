@@ -2,8 +2,8 @@
 
 Tables (Faust, changelog-backed, so they survive restarts and move with partitions):
 hourly spend, a tumbling one-hour window keyed ``<scope>|p<partition>`` for the global and
-per-tier scopes, and per-workflow spend keyed by workflow_id. Every update is published
-to the compacted spend topic, from which every worker derives its pauses (see
+per-tier scopes, and per-workflow spend keyed by workflow_id. The totals are published,
+per batch of cost events (:class:`SpendBatch`), to the compacted spend topic, from which every worker derives its pauses (see
 :mod:`streams.guardrails.view`); threshold crossings are published as GuardrailEvents for
 people and alerting. Nothing here depends on window-close callbacks, which Faust fires
 late or not at all for windows restored from the changelog.
@@ -222,3 +222,44 @@ def cost_tables(app: faust.App, topology: Topology) -> tuple[faust.Table, faust.
 
 
 
+
+
+class SpendBatch:
+    """The cost role's output for several cost events, published together.
+
+    Each cost event updates three running totals (its partition's hour, global and per
+    tier, and its workflow's), and each update used to be published as a snapshot: three
+    records on the spend topic per call, each read back by every worker's view. A batch
+    publishes the latest snapshot of each key once. The totals are cumulative, so the
+    latest snapshot says everything the earlier ones did; every hour snapshot goes before
+    every workflow snapshot (one spend partition), so a reader that has seen a workflow
+    total has seen the hour totals of the same events. Guardrail events and dead letters
+    are kept, in order, after the snapshots.
+    """
+
+    def __init__(self, spend_topic: str) -> None:
+        self.spend_topic = spend_topic
+        self._hours: dict[bytes | None, Outgoing] = {}
+        self._workflows: dict[bytes | None, Outgoing] = {}
+        self._others: list[Outgoing] = []
+        self.events = 0
+
+    def __len__(self) -> int:
+        return self.events
+
+    def add(self, outgoing: list[Outgoing]) -> None:
+        """One cost event's output, in order."""
+        self.events += 1
+        for out in outgoing:
+            if out.topic != self.spend_topic or out.key is None:
+                self._others.append(out)
+            elif out.key.startswith(b"hour|"):
+                self._hours[out.key] = out
+            else:
+                self._workflows[out.key] = out
+
+    def take(self) -> list[Outgoing]:
+        """What to publish for every event added since the last take, and start anew."""
+        out = [*self._hours.values(), *self._workflows.values(), *self._others]
+        self._hours, self._workflows, self._others, self.events = {}, {}, [], 0
+        return out
