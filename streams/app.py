@@ -37,7 +37,6 @@ from streams.observability import OutgoingObserver, default_metrics, worker_serv
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.shutdown import InFlight
-from streams.tasks import BoundedTasks
 from streams.ratelimit import RateLimiter
 from streams.tail import FollowerService
 from streams.throttle_feed import ThrottleFeed, process_origin
@@ -149,7 +148,6 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     limiter: RateLimiter | None = None
     view: GuardrailView | None = None
     answered: AnsweredIndex | None = None
-    limiter: RateLimiter | None = None
     if role == CLASSIFIER_ROLE:
         needs_models = settings.classifier.strategy == "llm"
         providers = ProviderRegistry(settings) if needs_models else None
@@ -265,7 +263,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
 
     async def handle_event(event: faust.EventT, request_id: str | None, claimed: contextlib.ExitStack) -> None:
         """One event, from the handler to its ack. ``claimed`` holds its in-flight and
-        dedupe claims, taken before the next event was read."""
+        dedupe claims, released when it ends."""
         message = event.message
         source = Source(
             message.topic, message.partition, message.offset, message.key,
@@ -315,39 +313,24 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     async def process(stream: faust.StreamT) -> None:
         # Acked by hand once its output is handed to the producer: Faust's own ack runs
         # in a finally block, so an agent cancelled mid-call (shutdown) would commit a
-        # request nobody answered.
-        # Roles with concurrency (tier roles) start a task per event, at most
-        # `concurrency` at once (see streams.tasks); the others handle events in order.
-        tasks = BoundedTasks(concurrency)
-        try:
-            if concurrency > 1:
-                await tasks.slot()
-            async for event in stream.noack().events():
-                request_id = request_id_of(event.message.value) if answered is not None else None
-                if answered is not None:
-                    await answered.ready.wait()  # the results written before this assignment
-                    if request_id is not None:
-                        # A copy in progress here ends first. This holds the reader (one
-                        # actor) for at most one call, and only for a copy read again
-                        # after a rebalance.
-                        await answered.settled(request_id)
-                    if request_id is not None and answered.answered(request_id):
-                        answered.skipped += 1
-                        log.info("request %s is already answered: skipped", request_id)
-                        _ack(app, event)
-                        continue
-                claimed = contextlib.ExitStack()
-                claimed.enter_context(in_flight.track())
-                claimed.enter_context(_answering(answered, request_id))
-                if concurrency == 1:
-                    await handle_event(event, request_id, claimed)  # in offset order
-                else:
-                    tasks.start(handle_event(event, request_id, claimed), claimed.close)
-                    await tasks.slot()
-        finally:
-            await tasks.close()  # an actor stopped (shutdown) stops its calls: not acked
+        # request nobody answered. Tier roles run `concurrency` of these actors.
+        async for event in stream.noack().events():
+            request_id = request_id_of(event.message.value) if answered is not None else None
+            if answered is not None:
+                await answered.ready.wait()  # the results written before this assignment
+                if request_id is not None:
+                    await answered.settled(request_id)  # a copy in progress here ends first
+                if request_id is not None and answered.answered(request_id):
+                    answered.skipped += 1
+                    log.info("request %s is already answered: skipped", request_id)
+                    _ack(app, event)
+                    continue
+            claimed = contextlib.ExitStack()
+            claimed.enter_context(in_flight.track())
+            claimed.enter_context(_answering(answered, request_id))
+            await handle_event(event, request_id, claimed)
 
-    app.agent(_faust_topic(app, source), name=role)(process)
+    app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
     return app
 
 
