@@ -261,15 +261,14 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         await in_flight.drain(settings.worker.shutdown_grace_seconds)
         await publish_batch()
 
-    async def handle_event(event: faust.EventT, request_id: str | None, claimed: contextlib.ExitStack) -> None:
-        """One event, from the handler to its ack. ``claimed`` holds its in-flight and
-        dedupe claims, released when it ends."""
+    async def handle_event(event: faust.EventT, request_id: str | None) -> None:
+        """One event, from the handler to its ack."""
         message = event.message
         source = Source(
             message.topic, message.partition, message.offset, message.key,
             message.value, message.timestamp,
         )
-        with claimed, metrics.track_in_flight(role):
+        with in_flight.track(), _answering(answered, request_id), metrics.track_in_flight(role):
             try:
                 outgoing = await handler(source)
             except Rewound:
@@ -325,10 +324,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                     log.info("request %s is already answered: skipped", request_id)
                     _ack(app, event)
                     continue
-            claimed = contextlib.ExitStack()
-            claimed.enter_context(in_flight.track())
-            claimed.enter_context(_answering(answered, request_id))
-            await handle_event(event, request_id, claimed)
+            await handle_event(event, request_id)
 
     app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
     return app

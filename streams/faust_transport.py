@@ -97,9 +97,7 @@ class DeliveryOrder:
                 self._next[tp] = offset
 
     def forget(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            self._next.pop(tp, None)
-            self._rewound_in.pop(tp, None)
+        self.reset(dict.fromkeys(tps))
 
     def expected(self, tp: TP) -> int | None:
         return self._next.get(tp)
