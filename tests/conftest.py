@@ -8,13 +8,14 @@ Docker engine answers; else a local KRaft broker started from the Maven Central 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from streams import processes
 from streams.broker import LocalBroker, free_ports
+from streams.simulator import ProviderSimulator, SimulatorConfig
 from tests.support import Pipeline, new_pipeline
 
 
@@ -59,6 +60,13 @@ def simulator_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         yield port
     finally:
         processes.stop(proc)
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[ProviderSimulator]:
+    """An in-process provider simulator for one test: zero latency, no rate limits."""
+    async with ProviderSimulator(SimulatorConfig(port=0, latency_ms_median=0)) as sim:
+        yield sim
 
 
 @pytest.fixture

@@ -74,17 +74,24 @@ class Pipeline:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
 
 
+def simulator_env(port: int) -> dict[str, str]:
+    """Settings that send both providers to the simulator on ``port``: keys in the test
+    environment must not send tests to a real provider."""
+    return {
+        "TIERSTREAM__SIMULATOR__PORT": str(port),
+        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
+        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+    }
+
+
 def new_pipeline(bootstrap: str, simulator_port: int, log_dir: Path, **overrides: str) -> Pipeline:
     run = uuid.uuid4().hex[:10]
     env = {
         "TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "TIERSTREAM__KAFKA__TOPIC_PREFIX": f"t{run}",
         "TIERSTREAM__APP_ID": f"ts-{run}",
-        "TIERSTREAM__SIMULATOR__PORT": str(simulator_port),
         "TIERSTREAM__WORKER__HEALTH_PORT": "0",  # several workers per host: free ports
-        # Keys in the test environment must not send tests to a real provider.
-        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
-        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+        **simulator_env(simulator_port),
         # Rate limits would pace these workloads; tests/test_ratelimit_e2e.py tests them.
         "TIERSTREAM__RATE_LIMITS": "null",
         **overrides,

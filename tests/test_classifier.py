@@ -3,7 +3,6 @@ fallback to STANDARD, tier hints and agent-type floors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -20,7 +19,8 @@ from streams.classifier import (
 from streams.envelope import Source
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
-from streams.simulator import ProviderSimulator, SimulatorConfig
+from streams.simulator import ProviderSimulator
+from tests.support import simulator_env
 from topologies import Settings, Topology, load_settings
 
 
@@ -70,19 +70,11 @@ def test_parse_tier_word(answer: str, tier: Tier | None) -> None:
     assert parse_tier_word(answer) is tier
 
 
-@pytest.fixture
-async def simulator() -> AsyncIterator[ProviderSimulator]:
-    async with ProviderSimulator(SimulatorConfig(port=0, latency_ms_median=0)) as sim:
-        yield sim
-
-
 def llm_settings(sim: ProviderSimulator) -> Settings:
     return load_settings(
         environ={
             "TIERSTREAM__CLASSIFIER__STRATEGY": "llm",
-            "TIERSTREAM__SIMULATOR__PORT": str(sim.port),
-            "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
-            "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+            **simulator_env(sim.port),
             "TIERSTREAM__PROVIDERS__OPENAI__RETRY_INITIAL_SECONDS": "0.01",
         }
     )

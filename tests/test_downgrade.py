@@ -4,7 +4,6 @@ the STANDARD model and the result says so. Off by default."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import orjson
@@ -18,22 +17,15 @@ from streams.guardrails.money import hour_window
 from streams.guardrails.view import GuardrailView
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
-from streams.simulator import ProviderSimulator, SimulatorConfig
+from streams.simulator import ProviderSimulator
 from streams.tier_worker import TierHandler
+from tests.support import simulator_env
 from topologies import Settings, Topology, load_settings
-
-
-@pytest.fixture
-async def simulator() -> AsyncIterator[ProviderSimulator]:
-    async with ProviderSimulator(SimulatorConfig(port=0, latency_ms_median=0)) as sim:
-        yield sim
 
 
 def settings_for(sim: ProviderSimulator, downgrade: bool) -> Settings:
     return load_settings(environ={
-        "TIERSTREAM__SIMULATOR__PORT": str(sim.port),
-        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
-        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+        **simulator_env(sim.port),
         "TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD": "1",
         "TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_HOUR_USD": "100",
         "TIERSTREAM__COST_GUARDRAILS__DOWNGRADE_PREMIUM_ABOVE_ALERT": str(downgrade).lower(),

@@ -36,7 +36,7 @@ from streams.kafka_security import (
     faust_settings,
     read_sasl_password,
 )
-from tests.support import Pipeline, collect
+from tests.support import Pipeline, collect, simulator_env
 from topologies.config import ConfigError, KafkaSettings, load_settings
 
 SECRET = "s3cr3t-Pa55w0rd-do-not-leak"
@@ -416,10 +416,8 @@ def sasl_worker_env(broker: LocalBroker, simulator_port: int, password: str) -> 
         "KAFKA_SASL_PASSWORD": password,
         "TIERSTREAM__KAFKA__TOPIC_PREFIX": f"sasl{run}",
         "TIERSTREAM__APP_ID": f"ts-sasl-{run}",
-        "TIERSTREAM__SIMULATOR__PORT": str(simulator_port),
         "TIERSTREAM__WORKER__HEALTH_PORT": "0",
-        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
-        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+        **simulator_env(simulator_port),
     }
 
 

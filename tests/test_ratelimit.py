@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -20,8 +19,9 @@ from streams.envelope import Source
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.ratelimit import RateLimiter, Throttle, Throttles, bucket_sizes
-from streams.simulator import ProviderSimulator, SimulatorConfig
+from streams.simulator import ProviderSimulator
 from streams.tier_worker import TierHandler, estimate_input_tokens
+from tests.support import simulator_env
 from topologies import Settings, Topology, load_settings
 from topologies.config import ConfigError
 
@@ -216,18 +216,10 @@ def test_bucket_sizes_keep_burst_plus_refill_at_the_limit() -> None:
 # -- the tier worker against the simulator (real SDKs) ------------------------------------
 
 
-@pytest.fixture
-async def simulator() -> AsyncIterator[ProviderSimulator]:
-    async with ProviderSimulator(SimulatorConfig(port=0, latency_ms_median=0)) as sim:
-        yield sim
-
-
 def sim_settings(sim: ProviderSimulator) -> Settings:
     return load_settings(
         environ={
-            "TIERSTREAM__SIMULATOR__PORT": str(sim.port),
-            "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
-            "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+            **simulator_env(sim.port),
             "TIERSTREAM__PROVIDERS__OPENAI__RETRY_INITIAL_SECONDS": "0.01",
             "TIERSTREAM__PROVIDERS__OPENAI__RETRY_MAX_SECONDS": "0.02",
             "TIERSTREAM__PROVIDERS__OPENAI__MAX_RETRIES": "2",
