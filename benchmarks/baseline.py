@@ -19,6 +19,13 @@ Modes of the tier roles:
   standard, per ``topologies/default.yaml``) against the same simulator.
   tierstream / this = Faust overhead alone.
 
+The cost role is the same hop too: it reads the costs topic and applies each event with
+tierstream's :class:`streams.guardrails.cost_role.CostAccountant`, publishing the spend
+snapshots of each poll's events together (:class:`SpendBatch`, as tierstream does per
+batch), and follows the spend topic with a :class:`GuardrailView`. Its totals live in
+plain dicts (:class:`HourWindows`, a dict of lists) instead of Faust's changelog-backed
+tables: durable state is part of what Faust costs.
+
 Delivery matches tierstream's: at least once, an offset is committed only after
 everything its message caused was acknowledged by the broker. Concurrency matches too:
 the classifier handles one message at a time, a tier role keeps up to
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -38,6 +46,9 @@ from schemas.models import ChatMessage, Tier
 from streams.app import producer_max_batch_bytes, use_event_loop
 from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
+from streams.guardrails.cost_role import CostAccountant, SpendBatch
+from streams.guardrails.money import hour_window
+from streams.guardrails.view import GuardrailView
 from streams.kafka_security import aiokafka_kwargs
 from streams.pricing import PriceBook
 from streams.providers import Completion, ProviderRegistry
@@ -46,10 +57,11 @@ from streams.simulator import SimulatorConfig
 from streams.simulator.content import AnswerMaker, content_text, estimate_text_tokens
 from streams.tier_worker import TierHandler
 from topologies.config import Settings, load_settings
-from topologies.topics import ALL_ROLES, CLASSIFIER_ROLE, Topology, tier_role
+from topologies.topics import ALL_ROLES, CLASSIFIER_ROLE, COST_ROLE, Topology, tier_role
 
 Handler = Callable[[Source], Awaitable[list[Outgoing]]]
 COMMIT_INTERVAL_S = 0.5
+COST_BATCH_EVENTS = 500  # as tierstream's cost role (streams.app.COST_BATCH_EVENTS)
 
 
 class FakeProviders:
@@ -90,6 +102,30 @@ class FakeProviders:
         return Attempted(completion, 1)
 
 
+class HourWindows:
+    """A plain stand-in for the cost role's hourly tumbling table: the window read and
+    written is the one holding ``at``, the timestamp of the event being applied (Faust
+    takes it from the current event)."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, int], list[float | int]] = {}
+        self.at = 0.0
+
+    def __getitem__(self, key: str) -> _CurrentWindow:
+        return _CurrentWindow(self.data.get((key, hour_window(self.at)), []))
+
+    def __setitem__(self, key: str, value: list[float | int]) -> None:
+        self.data[(key, hour_window(self.at))] = value
+
+
+class _CurrentWindow:
+    def __init__(self, value: list[float | int]) -> None:
+        self.value = value
+
+    def current(self) -> list[float | int]:
+        return self.value
+
+
 class OffsetTracker:
     """The highest offset per partition below which every message is done."""
 
@@ -118,6 +154,9 @@ class OffsetTracker:
 
 async def run_role(settings: Settings, role: str, mode: str, stop: asyncio.Event) -> None:
     topology = Topology(settings)
+    if role == COST_ROLE:
+        await run_cost_role(settings, topology, stop)
+        return
     prices = PriceBook(settings)
     providers: ProviderRegistry | FakeProviders | None = None
     if role == CLASSIFIER_ROLE:
@@ -196,9 +235,52 @@ async def run_role(settings: Settings, role: str, mode: str, stop: asyncio.Event
             await providers.close()
 
 
+async def run_cost_role(settings: Settings, topology: Topology, stop: asyncio.Event) -> None:
+    """The cost hop: each poll's cost events applied in offset order, their latest spend
+    snapshots (and any guardrail events) published together, offsets committed once the
+    broker has them all."""
+    view = GuardrailView(settings)
+    hourly = HourWindows()
+    accountant = CostAccountant(settings, topology, hourly, defaultdict(list), view)  # type: ignore[arg-type]
+    batch = SpendBatch(topology.spend.name)
+    kafka_kwargs = aiokafka_kwargs(settings.kafka)
+    producer = AIOKafkaProducer(
+        acks="all", linger_ms=5, max_request_size=settings.kafka.max_message_bytes,
+        max_batch_size=producer_max_batch_bytes(settings), **kafka_kwargs,
+    )
+    consumer = AIOKafkaConsumer(
+        topology.costs.name, group_id=topology.consumer_group(settings.app_id, COST_ROLE),
+        enable_auto_commit=False, auto_offset_reset="earliest", **kafka_kwargs,
+    )
+    await view.start()
+    await producer.start()
+    await consumer.start()
+    try:
+        await view.caught_up.wait()  # as tierstream: the published totals first
+        while not stop.is_set():
+            polled = await consumer.getmany(timeout_ms=200, max_records=COST_BATCH_EVENTS)
+            if not polled:
+                continue
+            for records in polled.values():
+                for record in records:
+                    hourly.at = record.timestamp / 1000
+                    batch.add(accountant.apply(
+                        Source(record.topic, record.partition, record.offset, record.key, record.value,
+                               hourly.at),
+                        hourly.at,
+                    ))
+            sent = [await producer.send(o.topic, o.value, key=o.key) for o in batch.take()]
+            await asyncio.gather(*sent)
+            await consumer.commit({tp: records[-1].offset + 1 for tp, records in polled.items()})
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await view.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline", description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=[r for r in ALL_ROLES if r != "cost"], required=True)
+    parser.add_argument("--role", choices=ALL_ROLES, required=True)
     parser.add_argument("--mode", choices=("fake", "sdk"), default="fake")
     args = parser.parse_args(argv)
     settings = load_settings()

@@ -12,7 +12,7 @@
    * ``tierstream``: N x ``tierstream worker --roles all`` (Faust, one process per role);
    * ``tierstream-guarded`` (scenario 4): the same with the guardrails engaged, see
      :data:`GUARDED_ENV`, and rate limits that never bind (:data:`RATE_LIMIT_ENV`);
-   * ``raw-fake``: N x the request-path roles as plain aiokafka loops that make NO model
+   * ``raw-fake``: N x every role as a plain aiokafka loop; the tier roles make NO model
      call (a local fake completion of the simulator's shape), see :mod:`benchmarks.baseline`;
    * ``raw-sdk``: the same loops calling the simulator through the same SDK clients;
 
@@ -57,10 +57,11 @@ from benchmarks.procstats import TreeSampler
 from streams import processes
 from streams.admin import ensure_topics, wait_for_roles
 from topologies.config import load_settings
-from topologies.topics import ALL_ROLES, COST_ROLE
+from topologies.topics import ALL_ROLES
 
-# The raw baselines do the request path only; tierstream's cost role is part of its figures.
-BASELINE_ROLES = [role for role in ALL_ROLES if role != COST_ROLE]
+# The raw baselines run every hop tierstream does, the cost role's included (with plain
+# dicts for its totals, see benchmarks.baseline).
+BASELINE_ROLES = list(ALL_ROLES)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PIPELINES = ("tierstream", "raw-fake", "raw-sdk", "tierstream-guarded")
@@ -101,7 +102,9 @@ NOTES = [
     "raw-fake skips the HTTP model call: tierstream/raw-fake includes the SDK + simulator cost, not only Faust's.",
     "tierstream/raw-sdk compares like with like (same SDK calls to the same simulator): it isolates the Faust overhead.",
     "raw-sdk/raw-fake is the cost of the SDK + simulator round trip in the plain aiokafka pipeline.",
-    "tierstream also runs the cost role (Faust tables, spend topic) and the budget gate; the raw pipelines do not.",
+    "Both run the cost hop (costs -> spend snapshots per batch); tierstream keeps its totals in Faust's "
+    "changelog-backed tables, the raw pipelines in dicts. Only tierstream runs the budget gate and the "
+    "answered-requests index (dedupe).",
     "All requests are produced in one burst; latencies include queueing behind the burst.",
     "overhead = end-to-end - model call latency, per result (queueing included).",
     "calls_in_flight_peak: most model calls open at one instant, from the results' started_at/finished_at.",
@@ -140,6 +143,7 @@ FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kb_per_in_flight_call", ("resources", "workers", "kb_per_in_flight_call")),
     ("lag_peak_total", ("lag", "peak_total")),
     ("simulator_cpu_s", ("resources", "simulator", "cpu_s")),
+    ("broker_cpu_s", ("resources", "broker", "cpu_s")),
     ("startup_ready_s", ("startup_ready_s",)),
 )
 # Ratios printed and stored: numerator pipeline over denominator pipeline, every figure.
@@ -190,11 +194,15 @@ def machine_info(external: bool) -> dict[str, object]:
 
 def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) -> list[list[subprocess.Popen[bytes]]]:
     """The processes of each worker set: one ``worker --roles all`` tree, or one plain
-    process per request-path role for the raw pipelines."""
+    process per request-path role for the raw pipelines.
+
+    They run in the logs directory, not the checkout: ``python -m`` puts its working
+    directory first on ``sys.path``, which would shadow a ``--variant``'s PYTHONPATH (the
+    code under test) with the checkout's."""
     sets: list[list[subprocess.Popen[bytes]]] = []
     for w in range(workers):
         if kind.startswith("tierstream"):
-            sets.append([processes.spawn(["worker", "--roles", "all"], env, logs / f"{kind}-worker{w}.log")])
+            sets.append([processes.spawn(["worker", "--roles", "all"], env, logs / f"{kind}-worker{w}.log", cwd=logs)])
             continue
         mode = kind.split("-", 1)[1]
         procs = []
@@ -204,6 +212,7 @@ def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) ->
                 subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.baseline", "--role", role, "--mode", mode],
                     env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    cwd=logs,
                 )
             )
             out.close()
@@ -233,7 +242,7 @@ def pipeline_env(kind: str, run: str, bootstrap: str, sim_port: int, max_in_flig
 
 def run_pipeline(
     kind: str, workers_n: int, bootstrap: str, sim_port: int, sim_pid: int, args: argparse.Namespace,
-    logs: Path, progress: Progress, stoppers: list[threading.Thread],
+    logs: Path, progress: Progress, stoppers: list[threading.Thread], broker_pid: int | None = None,
 ) -> dict[str, object]:
     run = uuid.uuid4().hex[:8]
     env = pipeline_env(kind, run, bootstrap, sim_port, args.max_in_flight)
@@ -257,7 +266,10 @@ def run_pipeline(
         everything = TreeSampler([p.pid for p in procs])
         per_worker = [TreeSampler([p.pid for p in procs]) for procs in sets]
         simulator = TreeSampler([sim_pid])
-        samplers = [everything, *per_worker, simulator]
+        # The broker's CPU over the burst: what a pipeline's records, fetches and commits
+        # cost it (a pipeline that writes more records per request makes it work harder).
+        broker = TreeSampler([broker_pid] if broker_pid is not None else [])
+        samplers = [everything, *per_worker, simulator, broker]
         label = f"{kind} x{workers_n}"
         produced = progress.add_task(f"{label} produced", total=args.requests, info="")
         answered = progress.add_task(f"{label} answered", total=args.requests, info="")
@@ -313,6 +325,7 @@ def run_pipeline(
             "workers": workers,
             "per_worker": [_worker_figures(s, None) for s in per_worker],
             "simulator": simulator.figures(),
+            "broker": broker.figures() if broker_pid is not None else None,
         }
         out["topic_prefix"] = env["TIERSTREAM__KAFKA__TOPIC_PREFIX"]
         out["pipeline_env"] = PIPELINE_ENV.get(kind, {})
@@ -493,6 +506,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
     logs = Path(tempfile.mkdtemp(prefix="tierstream-bench-"))
     external = bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     with contextlib.ExitStack() as cleanup:
+        broker_pid: int | None = None  # an external broker's CPU is not ours to sample
         if external:
             bootstrap = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         else:
@@ -500,6 +514,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
             console.print(f"broker: starting Apache Kafka (KRaft) on {broker.bootstrap_servers} ...")
             bootstrap = broker.start(timeout=120)
             cleanup.callback(broker.stop)
+            broker_pid = broker.pid()
         console.print(f"broker: {bootstrap}")
         ceiling: dict[str, object] = {"skipped": "--broker-perf-records 0"}
         if args.broker_perf_records > 0:
@@ -529,7 +544,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
                 for workers_n in args.workers:
                     pipelines = {
                         kind: run_pipeline(kind, workers_n, bootstrap, sim_port, sim.pid, args, logs, progress,
-                                           stoppers)
+                                           stoppers, broker_pid)
                         for kind in args.pipelines
                     }
                     runs.append({"workers": workers_n, "pipelines": pipelines, "ratios": ratios(pipelines)})

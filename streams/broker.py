@@ -274,6 +274,16 @@ class LocalBroker:
         """True if the broker process for this port/data dir is alive."""
         return self._run("status", timeout=30).returncode == 0
 
+    def pid(self) -> int | None:
+        """The broker JVM's pid (from the script's pid file), None if unknown; with a
+        ``data_dir`` only (the script's default directory is its own business)."""
+        if self.data_dir is None:
+            return None
+        try:
+            return int((Path(self.data_dir) / "kafka.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def clean(self) -> None:
         """Stop the broker and delete its data dir."""
         proc = self._run("clean", timeout=120)

@@ -19,7 +19,8 @@ def cli_command(*args: str) -> list[str]:
 
 
 def spawn(
-    args: list[str], env: Mapping[str, str] | None = None, log_path: Path | None = None
+    args: list[str], env: Mapping[str, str] | None = None, log_path: Path | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``tierstream <args>`` in its own process group, output to ``log_path``."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -29,6 +30,7 @@ def spawn(
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        cwd=cwd,
     )
 
 
