@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -116,6 +117,12 @@ class HourWindows:
 
     def __setitem__(self, key: str, value: list[float | int]) -> None:
         self.data[(key, hour_window(self.at))] = value
+
+    def relative_to(self, timestamp: float) -> HourWindows:
+        """Writes into the window holding ``timestamp`` (as Faust's ``relative_to``)."""
+        view = HourWindows()
+        view.data, view.at = self.data, timestamp
+        return view
 
 
 class _CurrentWindow:
@@ -269,6 +276,7 @@ async def run_cost_role(settings: Settings, topology: Topology, stop: asyncio.Ev
                                hourly.at),
                         hourly.at,
                     ))
+            accountant.tables.write(lambda partition: contextlib.nullcontext())
             sent = [await producer.send(o.topic, o.value, key=o.key) for o in batch.take()]
             await asyncio.gather(*sent)
             await consumer.commit({tp: records[-1].offset + 1 for tp, records in polled.items()})

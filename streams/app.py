@@ -26,7 +26,7 @@ from streams.admin import ensure_topics
 from streams.classifier import Classifier, ClassifierHandler
 from streams.dedupe import AnsweredIndex, DedupeService, request_id_of
 from streams.envelope import Outgoing, Source
-from streams.faust_transport import Transport
+from streams.faust_transport import Transport, as_current_event
 from streams.guardrails.budget import BudgetGate
 from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, SpendBatch, cost_tables
 from streams.guardrails.service import GuardrailService
@@ -147,6 +147,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     providers: ProviderRegistry | None = None
     limiter: RateLimiter | None = None
     view: GuardrailView | None = None
+    accountant: CostAccountant | None = None
     answered: AnsweredIndex | None = None
     if role == CLASSIFIER_ROLE:
         needs_models = settings.classifier.strategy == "llm"
@@ -241,6 +242,9 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                 return
             outgoing, events = batch.take(), list(batched)
             batched.clear()
+            if accountant is not None:  # the batch's table updates, then its snapshots
+                last_of = {event.message.partition: event for event in events}
+                accountant.tables.write(lambda partition: as_current_event(last_of[partition]))
             for out in outgoing:
                 await _send(outputs, out)
             for event in events:

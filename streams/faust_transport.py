@@ -42,13 +42,15 @@ import asyncio
 import enum
 import logging
 import weakref
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.consumer import CONSUMER_FETCHING
+from faust import streams as faust_streams
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP, Message
+from faust.types import TP, EventT, Message
 from faust.utils.functional import consecutive_numbers
 
 log = logging.getLogger(__name__)
@@ -263,3 +265,17 @@ class _Producer(faust_aiokafka.Producer):
 class Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
     Producer = _Producer
+
+
+@contextmanager
+def as_current_event(event: EventT) -> Iterator[None]:
+    """Run as if the agent were handling ``event``. Faust takes a table write's changelog
+    partition from the task-local event its stream set;
+    writes made for a batch of events, outside the handling of any one of them, name
+    theirs this way. ``faust.streams._current_event`` is the variable Faust sets per event
+    (faust-streaming is pinned below 0.16, see the module docstring)."""
+    token = faust_streams._current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_streams._current_event.reset(token)

@@ -730,3 +730,89 @@ def test_a_spend_batch_publishes_the_latest_snapshot_per_key_hours_first() -> No
     assert len(batch) == 3
     assert [o.value.decode() for o in batch.take()] == ["h2", "k1", "a2", "b1", "alert", "bad"]
     assert (len(batch), batch.take()) == (0, [])
+
+
+class _Event:
+    def __init__(self, partition: int) -> None:
+        self.message = SimpleNamespace(partition=partition)
+
+
+class _RecordingTables:
+    """Stand-ins for the cost role's two Faust tables that record each write with the
+    partition of Faust's current event (where Faust takes a changelog partition from)."""
+
+    def __init__(self) -> None:
+        import faust
+
+        self.current_event = faust.current_event
+        self.hours: dict[tuple[str, int], list[float | int]] = {}
+        self.workflows: dict[str, list[float | int]] = {}
+        self.writes: list[tuple[str, object, int]] = []
+        self.at = 0.0
+
+    # the windowed table
+    def relative_to(self, timestamp: float) -> _RecordingTables:
+        self.at = timestamp
+        return self
+
+    def __getitem__(self, key: str) -> SimpleNamespace:
+        return SimpleNamespace(current=lambda: self.hours.get((key, hour_window(self.at)), []))
+
+    def __setitem__(self, key: str, value: list[float | int]) -> None:
+        event = self.current_event()
+        assert event is not None, "a table write outside any event"
+        self.hours[(key, hour_window(self.at))] = value
+        self.writes.append(("hour", key, event.message.partition))
+
+
+class _RecordingWorkflows(dict):  # type: ignore[type-arg]
+    def __init__(self, log: list[tuple[str, object, int]]) -> None:
+        import faust
+
+        super().__init__()
+        self.log, self.current_event = log, faust.current_event
+
+    def __setitem__(self, key: str, value: object) -> None:
+        self.log.append(("workflow", key, self.current_event().message.partition))
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.log.append(("delete", key, self.current_event().message.partition))
+        super().__delitem__(key)
+
+
+def test_pending_writes_reach_each_table_once_per_batch_in_their_partitions() -> None:
+    import faust
+
+    from streams.faust_transport import as_current_event
+    from streams.guardrails.cost_role import PendingWrites
+
+    hourly = _RecordingTables()
+    workflows = _RecordingWorkflows(hourly.writes)
+    dict.__setitem__(workflows, "old", Total(5, 1, 10.0).to_list())  # restored, not written
+    pending = PendingWrites(hourly, workflows)  # type: ignore[arg-type]
+    ts, window = 7200.0 + 30, 7200
+    key0, key1 = hour_key("global", 0), hour_key("global", 1)
+
+    # Three events' updates of two hour keys and a workflow: reads see the latest.
+    pending.set_hour(key0, window, Total(10, 0, ts), 0, ts)
+    pending.set_hour(key0, window, Total(25, 1, ts), 0, ts)
+    pending.set_hour(key1, window, Total(7, 0, ts), 1, ts)
+    pending.set_workflow("wf", Total(25, 1, ts), 0)
+    pending.forget_workflow("old", 1)
+    hourly.at = ts
+    assert pending.hour(key0, window) == Total(25, 1, ts)
+    assert pending.workflow("wf") == Total(25, 1, ts)
+    assert pending.workflow("old") == Total(), "forgotten, though still in the table"
+    assert hourly.writes == [] and len(pending) == 4
+
+    events = {0: _Event(0), 1: _Event(1)}
+    pending.write(lambda p: as_current_event(events[p]))  # type: ignore[arg-type]
+    assert faust.current_event() is None, "the event context ends with the writes"
+    assert sorted(hourly.writes) == sorted([
+        ("hour", key0, 0), ("hour", key1, 1), ("workflow", "wf", 0), ("delete", "old", 1),
+    ]), "one write per key, in the partition of the events that made it"
+    assert hourly.hours[(key0, window)] == [25, 1, ts] and "old" not in workflows
+    assert len(pending) == 0 and pending.hour(key0, window) == Total(25, 1, ts), "read back from the table"
+    pending.write(lambda p: as_current_event(events[p]))  # type: ignore[arg-type]
+    assert len(hourly.writes) == 4, "nothing pending, nothing written"

@@ -11,7 +11,10 @@ late or not at all for windows restored from the changelog.
 
 from __future__ import annotations
 
+import functools
 import heapq
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 
 import faust
@@ -94,6 +97,76 @@ def _newest(table: Total, published: PartTotal | WorkflowTotal | None) -> Total:
     return table
 
 
+class PendingWrites:
+    """The cost role's table updates, written to the tables once per key and batch.
+
+    Each cost event updates three totals (its partition's hour, global and per tier, and
+    its workflow's); written at once, that was three table writes, so three changelog
+    records, per event: about half of the cost role's CPU (a 5,000-request run: 3.5 s
+    with them, 1.7 s without). Updates wait here, where reads find them, until the batch
+    they belong to is published (:meth:`write`); the spend snapshots of the same batch
+    carry the same totals and are sent after them, before any offset is committed. A
+    worker killed before that loses the batch's table updates and its commits alike: the
+    events are read again.
+    """
+
+    def __init__(self, hourly: faust.Table, workflows: faust.Table) -> None:
+        self.hourly = hourly  # tumbling windows: written relative to an event's timestamp
+        self.workflows = workflows
+        # (hour key, window) -> (total, costs partition, timestamp of its last event)
+        self._hours: dict[tuple[str, int], tuple[Total, int, float]] = {}
+        # workflow -> (total, or None to delete it; costs partition)
+        self._workflows: dict[str, tuple[Total | None, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._hours) + len(self._workflows)
+
+    def hour(self, key: str, window: int) -> Total:
+        """The total of ``key`` in the hour ``window`` (that of the event being applied)."""
+        pending = self._hours.get((key, window))
+        return pending[0] if pending is not None else Total.from_list(self.hourly[key].current())
+
+    def set_hour(self, key: str, window: int, total: Total, partition: int, timestamp: float) -> None:
+        self._hours[(key, window)] = (total, partition, timestamp)
+
+    def workflow(self, wf: str) -> Total:
+        pending = self._workflows.get(wf)
+        if pending is None:
+            return Total.from_list(self.workflows.get(wf))
+        return pending[0] or Total()
+
+    def set_workflow(self, wf: str, total: Total, partition: int) -> None:
+        self._workflows[wf] = (total, partition)
+
+    def forget_workflow(self, wf: str, partition: int) -> None:
+        self._workflows[wf] = (None, partition)
+
+    def write(self, as_event_of: Callable[[int], AbstractContextManager[object]]) -> None:
+        """Write what is pending. ``as_event_of(partition)``: a context in which a table
+        write goes to that partition's changelog (Faust takes it from the current event)."""
+        by_partition: dict[int, list[Callable[[], None]]] = {}
+        for (key, _window), (total, p, timestamp) in self._hours.items():
+            by_partition.setdefault(p, []).append(functools.partial(
+                self.hourly.relative_to(timestamp).__setitem__, key, total.to_list()
+            ))
+        for wf, (maybe_total, p) in self._workflows.items():
+            if maybe_total is not None:
+                write = functools.partial(self.workflows.__setitem__, wf, maybe_total.to_list())
+            else:
+                write = functools.partial(self._delete_workflow, wf)
+            by_partition.setdefault(p, []).append(write)
+        self._hours.clear()
+        self._workflows.clear()
+        for p, writes in by_partition.items():
+            with as_event_of(p):
+                for write in writes:
+                    write()
+
+    def _delete_workflow(self, wf: str) -> None:
+        if wf in self.workflows:
+            del self.workflows[wf]
+
+
 class CostAccountant:
     """Applies one cost event to the tables and says what to publish."""
 
@@ -102,8 +175,7 @@ class CostAccountant:
         view: GuardrailView,
     ) -> None:
         self.topology = topology
-        self.hourly = hourly
-        self.workflows = workflows
+        self.tables = PendingWrites(hourly, workflows)
         self.view = view
         self.idle_seconds = settings.cost_guardrails.workflow_idle_expiry_seconds
         # per costs partition: (last_seen, workflow_id), to forget idle workflows
@@ -121,22 +193,20 @@ class CostAccountant:
         out: list[Outgoing] = []
         for scope in ("global", f"tier:{event.tier.value}"):
             key = hour_key(scope, p)
-            current = _newest(
-                Total.from_list(self.hourly[key].current()), self.view.hour_part(window, p, scope)
-            )
+            current = _newest(self.tables.hour(key, window), self.view.hour_part(window, p, scope))
             updated = current.add(nanos, offset, timestamp)
             if updated is not None:
-                self.hourly[key] = updated.to_list()
+                self.tables.set_hour(key, window, updated, p, timestamp)
                 current = updated
             out.append(self._snapshot("hour", scope, p, current, window))
 
         wf = event.workflow_id
-        total = _newest(Total.from_list(self.workflows[wf]), self.view.workflow_spend(wf))
+        total = _newest(self.tables.workflow(wf), self.view.workflow_spend(wf))
         if expired(total, timestamp, self.idle_seconds):
             total = Total(last_offset=total.last_offset)  # a new budget period
         updated = total.add(nanos, offset, timestamp)
         if updated is not None:
-            self.workflows[wf] = updated.to_list()
+            self.tables.set_workflow(wf, updated, p)
             total = updated
             heapq.heappush(self._idle.setdefault(p, []), (timestamp, wf))
         # Written after the hour snapshots, on the same spend partition: a reader that has
@@ -170,7 +240,7 @@ class CostAccountant:
                 workflow_id=event.workflow_id,
             ))
         # This process knows its own partitions first-hand and the others through the view.
-        own = Total.from_list(self.hourly[hour_key("global", p)].current()).nanos
+        own = self.tables.hour(hour_key("global", p), window).nanos
         seen = view.hour_part(window, p)
         hour_total = view.hour_spend(window) - (seen.nanos if seen else 0) + own
         for threshold, kind, action, label in (
@@ -203,9 +273,8 @@ class CostAccountant:
         heap = self._idle.get(p)
         while heap and now - heap[0][0] > self.idle_seconds:
             _, wf = heapq.heappop(heap)
-            total = Total.from_list(self.workflows.get(wf))
-            if expired(total, now, self.idle_seconds):
-                del self.workflows[wf]
+            if expired(self.tables.workflow(wf), now, self.idle_seconds):
+                self.tables.forget_workflow(wf, p)
 
 
 def cost_tables(app: faust.App, topology: Topology) -> tuple[faust.Table, faust.Table]:
