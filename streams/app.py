@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import tempfile
@@ -407,4 +408,8 @@ def run_role(settings: Settings, role: Role) -> None:
     # record), so every library's logger.debug built a LogRecord: 4 % of the cost role's
     # samples. A headless worker has no use for it.
     worker.spinner = None
+    # What is alive now (the SDKs' and Faust's modules and types: most of the heap) lives
+    # as long as the process; frozen, the collector's full passes stop walking it.
+    gc.collect()
+    gc.freeze()
     worker.execute_from_commandline()
