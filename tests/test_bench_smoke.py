@@ -25,12 +25,13 @@ pytestmark = pytest.mark.e2e
 PIPELINES = ("tierstream", "raw-fake", "raw-sdk")
 REQUESTS = 200
 PERF_RECORDS = 5000
+WARMUP = 50
 
 
 def _harness(kafka_bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.harness", "--requests", str(REQUESTS), "--workers", "1",
-         "--latency-ms", "0", "--timeout", "120", "--idle-window", "0.5", *args],
+         "--latency-ms", "0", "--timeout", "120", "--idle-window", "0.5", "--warmup", "0", *args],
         cwd=REPO_ROOT,
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
         capture_output=True, text=True, timeout=230, check=False,
@@ -40,7 +41,8 @@ def _harness(kafka_bootstrap: str, *args: str) -> subprocess.CompletedProcess[st
 @pytest.fixture(scope="module")
 def small_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = _harness(kafka_bootstrap, "--broker-perf-records", str(PERF_RECORDS), "--output", str(output))
+    proc = _harness(kafka_bootstrap, "--broker-perf-records", str(PERF_RECORDS), "--warmup", str(WARMUP),
+                    "--output", str(output))
     assert proc.returncode == 0, f"harness failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     assert "tierstream/raw-sdk" in proc.stdout
     return output
@@ -50,6 +52,7 @@ def small_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) ->
 def test_bench_harness_small_run(small_run: Path) -> None:
     report = orjson.loads(small_run.read_bytes())
     assert report["config"]["requests"] == REQUESTS
+    assert report["config"]["warmup_requests"] == WARMUP
     for key in ("nproc", "memory_gb", "python", "kafka", "packages", "loadavg_1_5_15_at_start"):
         assert key in report["machine"], key
 
