@@ -21,7 +21,7 @@ Modes of the tier roles:
 
 The cost role is the same hop too: it reads the costs topic and applies each event with
 tierstream's :class:`streams.guardrails.cost_role.CostAccountant`, publishing the spend
-snapshots of each poll's events together (:class:`SpendBatch`, as tierstream does per
+snapshots of each poll's events together (its ``SpendBatch``, as tierstream does per
 batch), and follows the spend topic with a :class:`GuardrailView`. Its totals live in
 plain dicts (:class:`HourWindows`, a dict of lists) instead of Faust's changelog-backed
 tables: durable state is part of what Faust costs.
@@ -47,7 +47,7 @@ from schemas.models import ChatMessage, Tier
 from streams.app import producer_max_batch_bytes, use_event_loop
 from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
-from streams.guardrails.cost_role import CostAccountant, SpendBatch
+from streams.guardrails.cost_role import CostAccountant
 from streams.guardrails.money import hour_window
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import aiokafka_kwargs
@@ -249,7 +249,7 @@ async def run_cost_role(settings: Settings, topology: Topology, stop: asyncio.Ev
     view = GuardrailView(settings)
     hourly = HourWindows()
     accountant = CostAccountant(settings, topology, hourly, defaultdict(list), view)  # type: ignore[arg-type]
-    batch = SpendBatch(topology.spend.name)
+    batch = accountant.batch
     kafka_kwargs = aiokafka_kwargs(settings.kafka)
     producer = AIOKafkaProducer(
         acks="all", linger_ms=5, max_request_size=settings.kafka.max_message_bytes,

@@ -29,7 +29,7 @@ from streams.dedupe import AnsweredIndex, DedupeService, request_id_of
 from streams.envelope import Outgoing, Source
 from streams.faust_transport import Transport, as_current_event
 from streams.guardrails.budget import BudgetGate
-from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, SpendBatch, cost_tables
+from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, cost_tables
 from streams.guardrails.service import GuardrailService
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import faust_settings
@@ -232,7 +232,7 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     # goes out when it holds COST_BATCH_EVENTS events or COST_BATCH_SECONDS after its first,
     # and its events are acked only then. Faust waits for those acks before a rebalance
     # completes (stream_wait_empty), so no batch is published after its partitions moved.
-    batch = SpendBatch(topology.spend.name) if role == COST_ROLE else None
+    batch = accountant.batch if accountant is not None else None
     batched: list[faust.EventT] = []
     batch_started = asyncio.Event()
     publishing = asyncio.Lock()

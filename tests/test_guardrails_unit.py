@@ -718,17 +718,28 @@ def test_a_spend_batch_publishes_the_latest_snapshot_per_key_hours_first() -> No
     from streams.envelope import Outgoing
     from streams.guardrails.cost_role import SpendBatch
 
-    def out(topic: str, key: str, value: str) -> Outgoing:
-        return Outgoing(topic, key.encode(), value.encode())
+    built: list[tuple[str, str, int, int]] = []
 
-    batch = SpendBatch("spend")
-    batch.add([out("spend", "hour|0|global|p0", "h1"), out("spend", "workflow|a", "a1"),
-               out("guardrails", "hour", "alert")])
-    batch.add([out("spend", "hour|0|global|p0", "h2"), out("spend", "hour|0|global|p1", "k1"),
-               out("spend", "workflow|b", "b1")])
-    batch.add([out("spend", "workflow|a", "a2"), out("dlq", "x", "bad")])
-    assert len(batch) == 3
-    assert [o.value.decode() for o in batch.take()] == ["h2", "k1", "a2", "b1", "alert", "bad"]
+    def build(kind: str, scope: str, p: int, total: Total, window: int | None) -> Outgoing:
+        built.append((kind, scope, p, total.nanos))
+        return Outgoing("spend", f"{kind}|{scope}|p{p}".encode(), str(total.nanos).encode())
+
+    def other(topic: str, value: str) -> Outgoing:
+        return Outgoing(topic, b"k", value.encode())
+
+    batch = SpendBatch(build)
+    batch.snapshot("hour", "global", 0, Total(1), 0)
+    batch.snapshot("workflow", "a", 0, Total(10), None)
+    batch.add([other("guardrails", "alert")])
+    batch.snapshot("hour", "global", 0, Total(2), 0)
+    batch.snapshot("hour", "global", 1, Total(5), 0)
+    batch.snapshot("workflow", "b", 1, Total(20), None)
+    batch.add([])
+    batch.snapshot("workflow", "a", 0, Total(11), None)
+    batch.add([other("dlq", "bad")])
+    assert len(batch) == 3 and built == [], "nothing is built before the batch is taken"
+    assert [o.value.decode() for o in batch.take()] == ["2", "5", "11", "20", "alert", "bad"]
+    assert len(built) == 4, "one snapshot built per key"
     assert (len(batch), batch.take()) == (0, [])
 
 
