@@ -473,7 +473,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                         help="also run tierstream-NAME, tierstream with these environment settings, in the "
                              "same run (an A/B of a change: e.g. httpx:TIERSTREAM_HTTP_TRANSPORT=httpx)")
-    parser.add_argument("--warmup", type=int, default=2000,
+    parser.add_argument("--warmup", type=int, default=5000,
                         help="requests through one unmeasured tierstream worker first (0: none): the broker's "
                              "JVM warms up on whichever pipeline runs first, so without it the first "
                              "measured one pays for that")

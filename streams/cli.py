@@ -190,7 +190,7 @@ def bench(
     timeout: Annotated[float, typer.Option(help="Per pipeline, seconds to wait for answers.")] = 900.0,
     pipelines: Annotated[Optional[str], typer.Option(help="Comma-separated: tierstream, raw-fake, raw-sdk, tierstream-guarded.")] = None,
     broker_perf_records: Annotated[int, typer.Option(help="Records for Kafka's own perf tools (0: skip).")] = 200_000,
-    warmup: Annotated[int, typer.Option(help="Requests through one unmeasured tierstream worker first, to warm the broker up (0: none).")] = 2000,
+    warmup: Annotated[int, typer.Option(help="Requests through one unmeasured tierstream worker first, to warm the broker up (0: none).")] = 5000,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Write the JSON only.")] = False,
     variant: Annotated[Optional[list[str]], typer.Option(help="NAME:VAR=VALUE[,VAR=VALUE]: also run tierstream with these environment settings, in the same run (repeatable).")] = None,
 ) -> None:
