@@ -139,6 +139,10 @@ class _Consumer(faust_aiokafka.Consumer):
         self._handled: weakref.WeakSet[Message] = weakref.WeakSet()
         self.delivery = DeliveryOrder()
         self._fetches = 0
+        # While a seek to the committed offsets is under way, records of the new positions
+        # can arrive before the stream knows them; they are held back and read again.
+        self._seeking = False
+        self._fetched_while_seeking: set[TP] = set()
 
     def mark_handled(self, message: Message) -> None:
         """The agent is done with ``message``: its ack may now count towards a commit."""
@@ -171,10 +175,27 @@ class _Consumer(faust_aiokafka.Consumer):
         return batch[-1] + 1
 
     async def perform_seek(self) -> None:
-        positions = await self.seek_to_committed()
-        self._read_offset.update({tp: o if o is not None and o >= 0 else None for tp, o in positions.items()})
-        self._committed_offset.update({tp: o for tp, o in positions.items() if o is not None})
-        self.delivery.reset(positions)
+        # Faust seeks after every assignment (the committed offsets take 1-2 s to come
+        # back) and resumes its streams only afterwards. Records fetched meanwhile were
+        # delivered before the positions were known, and lost: a restarted cost role
+        # whose partitions were all fetched in that window processed nothing (the test
+        # that SIGKILLs the cost worker, about one run in ten). They are held back now,
+        # and their partitions sought again once the positions are known.
+        self._seeking = True
+        self._fetched_while_seeking.clear()
+        try:
+            positions = await self.seek_to_committed()
+            self._read_offset.update({tp: o if o is not None and o >= 0 else None for tp, o in positions.items()})
+            self._committed_offset.update({tp: o for tp, o in positions.items() if o is not None})
+            self.delivery.reset(positions)
+            while self._fetched_while_seeking:  # (more may be held back during these seeks)
+                tp = self._fetched_while_seeking.pop()
+                offset = positions.get(tp)
+                if offset is not None and tp in self.assignment():
+                    log.info("%s: records fetched during the seek: reading them again from %d", tp, offset)
+                    await super().seek(tp, offset)
+        finally:
+            self._seeking = False
 
     async def seek(self, partition: TP, offset: int) -> None:
         await super().seek(partition, offset)
@@ -211,6 +232,9 @@ class _Consumer(faust_aiokafka.Consumer):
                             await self.commit()
                         tracked = acks_enabled_for(message.topic)
                         if tracked:
+                            if self._seeking:
+                                self._fetched_while_seeking.add(tp)
+                                continue  # read again once the seek has set the positions
                             if message.generation_id != self.app.consumer_generation_id:
                                 continue  # fetched before a rebalance, whose seek reads it again
                             if not await self._admit(tp, message.offset, fetch):

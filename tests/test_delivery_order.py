@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from types import SimpleNamespace
 
+import pytest
 from faust.types import TP
 from hypothesis import given
 from hypothesis import strategies as st
@@ -118,3 +119,33 @@ def test_commits_stop_at_the_first_offset_not_acked() -> None:
 def test_acks_below_the_committed_offset_do_not_hold_a_commit_back() -> None:
     assert _commit_offset([3, 4, 10, 11], committed=10) == 12
     assert _commit_offset([3, 4], committed=10) is None
+
+
+async def test_partitions_fetched_while_seeking_are_sought_again_once_positions_are_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records that arrive while the committed offsets are being fetched (held back by the
+    fetch loop) are read again: their partitions are sought to the positions found."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    tpb = TP("requests.tier.standard", 1)
+    consumer = object.__new__(_Consumer)
+    consumer.delivery = DeliveryOrder()
+    consumer._seeking, consumer._fetched_while_seeking = False, set()
+    consumer._read_offset, consumer._committed_offset = defaultdict(lambda: None), defaultdict(lambda: None)
+    consumer.assignment = lambda: {TPA, tpb}  # type: ignore[method-assign]
+    sought: list[tuple[TP, int]] = []
+
+    async def parent_seek(self: object, tp: TP, offset: int) -> None:
+        sought.append((tp, offset))
+
+    async def seek_to_committed() -> dict[TP, int]:
+        assert consumer._seeking, "records arriving now are held back"
+        consumer._fetched_while_seeking.add(TPA)  # what the fetch loop does with one of TPA's
+        return {TPA: 5, tpb: 7}
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "seek", parent_seek)
+    consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
+    await consumer.perform_seek()
+    assert sought == [(TPA, 5)], "only the partition that had records held back"
+    assert not consumer._seeking and consumer.delivery.expected(TPA) == 5 and consumer.delivery.expected(tpb) == 7
