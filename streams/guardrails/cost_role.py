@@ -2,10 +2,11 @@
 
 Tables (Faust, changelog-backed, so they survive restarts and move with partitions):
 hourly spend, a tumbling one-hour window keyed ``<scope>|p<partition>`` for the global and
-per-tier scopes, and per-workflow spend keyed by workflow_id. The totals are published,
-per batch of cost events (:class:`SpendBatch`, which :meth:`CostAccountant.apply` fills), to the compacted spend topic, from which every worker derives its pauses (see
-:mod:`streams.guardrails.view`); threshold crossings are published as GuardrailEvents for
-people and alerting. Nothing here depends on window-close callbacks, which Faust fires
+per-tier scopes, and per-workflow spend keyed by workflow_id, written once per key and
+batch of cost events (:class:`PendingWrites`). The totals are published per batch
+(:class:`SpendBatch`, which :meth:`CostAccountant.apply` fills) to the compacted spend
+topic, from which every worker derives its pauses (see :mod:`streams.guardrails.view`);
+threshold crossings are published as GuardrailEvents for people and alerting. Nothing here depends on window-close callbacks, which Faust fires
 late or not at all for windows restored from the changelog.
 """
 
