@@ -159,6 +159,23 @@ class OffsetTracker:
             self.done.pop(tp, None)
 
 
+def _clients(
+    settings: Settings, topology: Topology, source: str, role: str
+) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+    """A role's producer (configured as tierstream's workers') and its group's consumer of
+    ``source``, committing by hand."""
+    kafka_kwargs = aiokafka_kwargs(settings.kafka)
+    producer = AIOKafkaProducer(
+        acks="all", linger_ms=5, max_request_size=settings.kafka.max_message_bytes,
+        max_batch_size=producer_max_batch_bytes(settings), **kafka_kwargs,
+    )
+    consumer = AIOKafkaConsumer(
+        source, group_id=topology.consumer_group(settings.app_id, role),
+        enable_auto_commit=False, auto_offset_reset="earliest", **kafka_kwargs,
+    )
+    return producer, consumer
+
+
 async def run_role(settings: Settings, role: str, mode: str, stop: asyncio.Event) -> None:
     topology = Topology(settings)
     if role == COST_ROLE:
@@ -178,19 +195,7 @@ async def run_role(settings: Settings, role: str, mode: str, stop: asyncio.Event
         handler = TierHandler(tier, settings, topology, providers, prices).handle  # type: ignore[arg-type]
         source, concurrency = topology.tiers[tier].name, settings.worker.max_concurrent_tasks
 
-    kafka_kwargs = aiokafka_kwargs(settings.kafka)
-    producer = AIOKafkaProducer(
-        acks="all", linger_ms=5, max_request_size=settings.kafka.max_message_bytes,
-        max_batch_size=producer_max_batch_bytes(settings),  # as tierstream's workers
-        **kafka_kwargs,
-    )
-    consumer = AIOKafkaConsumer(
-        source,
-        group_id=topology.consumer_group(settings.app_id, role),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        **kafka_kwargs,
-    )
+    producer, consumer = _clients(settings, topology, source, role)
     offsets = OffsetTracker()
     slots = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
@@ -250,15 +255,7 @@ async def run_cost_role(settings: Settings, topology: Topology, stop: asyncio.Ev
     hourly = HourWindows()
     accountant = CostAccountant(settings, topology, hourly, defaultdict(list), view)  # type: ignore[arg-type]
     batch = accountant.batch
-    kafka_kwargs = aiokafka_kwargs(settings.kafka)
-    producer = AIOKafkaProducer(
-        acks="all", linger_ms=5, max_request_size=settings.kafka.max_message_bytes,
-        max_batch_size=producer_max_batch_bytes(settings), **kafka_kwargs,
-    )
-    consumer = AIOKafkaConsumer(
-        topology.costs.name, group_id=topology.consumer_group(settings.app_id, COST_ROLE),
-        enable_auto_commit=False, auto_offset_reset="earliest", **kafka_kwargs,
-    )
+    producer, consumer = _clients(settings, topology, topology.costs.name, COST_ROLE)
     await view.start()
     await producer.start()
     await consumer.start()
