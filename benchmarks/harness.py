@@ -196,7 +196,7 @@ def machine_info(external: bool) -> dict[str, object]:
 
 def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) -> list[list[subprocess.Popen[bytes]]]:
     """The processes of each worker set: one ``worker --roles all`` tree, or one plain
-    process per request-path role for the raw pipelines.
+    process per role for the raw pipelines.
 
     They run in the logs directory, not the checkout: ``python -m`` puts its working
     directory first on ``sys.path``, which would shadow a ``--variant``'s PYTHONPATH (the

@@ -1,4 +1,4 @@
-"""Faust's aiokafka transport, with four fixes.
+"""Faust's aiokafka transport, with five fixes.
 
 Idempotent producers. Faust turns idempotence on only in exactly-once mode; without it a
 produce request that the broker wrote but could not acknowledge (a broker restart) is
@@ -34,6 +34,13 @@ jumps ahead on a topic whose records are acked sends the consumer back to the fi
 missing offset; and a commit never moves past an offset that was not acked
 (:class:`DeliveryOrder`, ``_Consumer._new_offset``). These topics have no gaps of their
 own: they are not compacted and their producers are not transactional.
+
+The seek window. After every assignment Faust resumes the stream partitions and then
+seeks to the committed offsets, which take 1-2 s to come back; records fetched meanwhile
+were handed on before their positions were known, and lost. A restarted cost role whose
+partitions were fetched whole in that window processed nothing (the test that SIGKILLs
+the cost worker: 2 of 15 runs, 4 of 10 under load). Such records are held back and
+their partitions sought again once the positions are known (``_Consumer.perform_seek``).
 """
 
 from __future__ import annotations
@@ -175,12 +182,8 @@ class _Consumer(faust_aiokafka.Consumer):
         return batch[-1] + 1
 
     async def perform_seek(self) -> None:
-        # Faust seeks after every assignment (the committed offsets take 1-2 s to come
-        # back) and resumes its streams only afterwards. Records fetched meanwhile were
-        # delivered before the positions were known, and lost: a restarted cost role
-        # whose partitions were all fetched in that window processed nothing (the test
-        # that SIGKILLs the cost worker, about one run in ten). They are held back now,
-        # and their partitions sought again once the positions are known.
+        # Records fetched until the positions are known are held back by the fetch loop
+        # and read again here (the seek window, see the module docstring).
         self._seeking = True
         self._fetched_while_seeking.clear()
         try:
@@ -294,9 +297,8 @@ class Transport(faust_aiokafka.Transport):
 @contextmanager
 def as_current_event(event: EventT) -> Iterator[None]:
     """Run as if the agent were handling ``event``. Faust takes a table write's changelog
-    partition from the task-local event its stream set;
-    writes made for a batch of events, outside the handling of any one of them, name
-    theirs this way. ``faust.streams._current_event`` is the variable Faust sets per event
+    partition from the task-local event its stream set; writes made for a batch of events,
+    outside the handling of any one of them, name theirs this way. ``faust.streams._current_event`` is the variable Faust sets per event
     (faust-streaming is pinned below 0.16, see the module docstring)."""
     token = faust_streams._current_event.set(weakref.ref(event))
     try:

@@ -6,8 +6,9 @@ per-tier scopes, and per-workflow spend keyed by workflow_id, written once per k
 batch of cost events (:class:`PendingWrites`). The totals are published per batch
 (:class:`SpendBatch`, which :meth:`CostAccountant.apply` fills) to the compacted spend
 topic, from which every worker derives its pauses (see :mod:`streams.guardrails.view`);
-threshold crossings are published as GuardrailEvents for people and alerting. Nothing here depends on window-close callbacks, which Faust fires
-late or not at all for windows restored from the changelog.
+threshold crossings are published as GuardrailEvents for people and alerting. Nothing
+here depends on window-close callbacks, which Faust fires late or not at all for windows
+restored from the changelog.
 """
 
 from __future__ import annotations
