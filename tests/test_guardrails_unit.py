@@ -8,6 +8,7 @@ The gate's clock is pinned to a fixed instant so no test depends on the wall-clo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -827,3 +828,52 @@ def test_pending_writes_reach_each_table_once_per_batch_in_their_partitions() ->
     assert len(pending) == 0 and pending.hour(key0, window) == Total(25, 1, ts), "read back from the table"
     pending.write(lambda p: as_current_event(events[p]))  # type: ignore[arg-type]
     assert len(hourly.writes) == 4, "nothing pending, nothing written"
+
+
+def test_idle_workflows_are_forgotten_with_one_watch_each_and_announce_again() -> None:
+    """Each workflow is watched once, however many events it has (the watch list grew by
+    one entry per event before, for a day's worth of events), and one forgotten as idle
+    starts a new budget that can reach its limit, and be announced, again."""
+    from collections import defaultdict
+
+    from benchmarks.baseline import HourWindows
+    from schemas.models import CostEvent, Tier
+    from streams.envelope import Source
+    from streams.guardrails.cost_role import CostAccountant
+
+    settings = load_settings(environ={}, overrides={"cost_guardrails": {
+        "max_cost_per_workflow_usd": 0.05, "workflow_idle_expiry_seconds": 60,
+    }})
+    topology = Topology(settings)
+    hourly, workflows = HourWindows(), defaultdict(list)
+    accountant = CostAccountant(settings, topology, hourly, workflows, GuardrailView(settings))  # type: ignore[arg-type]
+    offsets = iter(range(1_000))
+
+    def spend(wf: str, usd: float, at: float) -> list[str]:
+        event = CostEvent(
+            request_id=f"r{at}", workflow_id=wf, agent_type="researcher", tier=Tier.NANO,
+            provider="openai", model="gpt-5-nano", attempt=1, input_tokens=1, output_tokens=1,
+            cost_usd=usd,
+        )
+        hourly.at = at
+        source = Source(topology.costs.name, 0, next(offsets), wf.encode(), encode(event), at)
+        out = accountant.apply(source, at)
+        accountant.tables.write(lambda p: contextlib.nullcontext())  # type: ignore[arg-type]
+        accountant.batch.take()
+        return [GuardrailEvent.model_validate_json(o.value).kind for o in out
+                if o.topic == topology.guardrails.name and o.value and b'"workflow:' in o.value]
+
+    t0 = 7_200.0
+    kinds = [k for i in range(30) for k in spend("wf-a", 0.01, t0 + i)]  # 30 events in 30 s
+    assert kinds == ["limit_reached"], "announced once"
+    spend("wf-b", 0.001, t0 + 30)
+    assert sum(len(heap) for heap in accountant._idle.values()) == 2, "one watch per workflow"
+
+    spend("wf-b", 0.001, t0 + 75)  # wf-a, last seen at t0+29, is idle from t0+89
+    assert "wf-a" in workflows, "not idle yet: watched again from its last event"
+    spend("wf-b", 0.001, t0 + 100)
+    assert "wf-a" not in workflows and "wf-b" in workflows
+    assert sum(len(heap) for heap in accountant._idle.values()) == 1
+
+    again = [k for i in range(6) for k in spend("wf-a", 0.01, t0 + 200 + i)]
+    assert again == ["limit_reached"], "a new budget period reaches its limit and says so"

@@ -182,8 +182,10 @@ class CostAccountant:
         self.batch = SpendBatch(self._snapshot)  # the snapshots, per batch of events
         self.view = view
         self.idle_seconds = settings.cost_guardrails.workflow_idle_expiry_seconds
-        # per costs partition: (last_seen, workflow_id), to forget idle workflows
+        # Idle workflows are forgotten: per costs partition, a heap of (when to look again,
+        # workflow_id) with one entry per workflow; its table total says when it was last seen.
         self._idle: dict[int, list[tuple[float, str]]] = {}
+        self._watched: set[str] = set()
         self._announced: set[str] = set()
 
     def apply(self, source: Source, timestamp: float) -> list[Outgoing]:
@@ -208,11 +210,14 @@ class CostAccountant:
         total = _newest(self.tables.workflow(wf), self.view.workflow_spend(wf))
         if expired(total, timestamp, self.idle_seconds):
             total = Total(last_offset=total.last_offset)  # a new budget period
+            self._announced.discard(f"wf|{wf}")
         updated = total.add(nanos, offset, timestamp)
         if updated is not None:
             self.tables.set_workflow(wf, updated, p)
             total = updated
-            heapq.heappush(self._idle.setdefault(p, []), (timestamp, wf))
+            if wf not in self._watched:
+                self._watched.add(wf)
+                heapq.heappush(self._idle.setdefault(p, []), (timestamp, wf))
         # Written after the hour snapshots, on the same spend partition: a reader that has
         # seen this workflow total has seen the hour totals of the same event.
         self.batch.snapshot("workflow", wf, p, total, None)
@@ -277,7 +282,13 @@ class CostAccountant:
         heap = self._idle.get(p)
         while heap and now - heap[0][0] > self.idle_seconds:
             _, wf = heapq.heappop(heap)
-            if expired(self.tables.workflow(wf), now, self.idle_seconds):
+            total = self.tables.workflow(wf)
+            if total.last_seen and not expired(total, now, self.idle_seconds):
+                heapq.heappush(heap, (total.last_seen, wf))  # seen since: look again later
+                continue
+            self._watched.discard(wf)
+            self._announced.discard(f"wf|{wf}")
+            if total.last_seen:
                 self.tables.forget_workflow(wf, p)
 
 
