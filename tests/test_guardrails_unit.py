@@ -657,6 +657,58 @@ async def test_gate_delivered_after_the_view_already_includes_it(pinned_clock: N
     assert gate.hour_committed(WINDOW) == 400_000_000
 
 
+async def test_gate_unreflected_sums_match_a_rescan_of_every_settled_call(pinned_clock: None) -> None:
+    """The gate keeps unreflected spend as running sums (a rescan per call was quadratic in
+    a burst); after every step of a random run they equal a rescan of all settled calls."""
+    import random
+
+    rng = random.Random(11)
+    view = make_view(hour_usd="1000", workflow_usd="1000", alert_usd="999")
+    gate = ready_gate(view)
+    spend = spend_topic(view)
+    home = {"wf-a": 0, "wf-b": 1, "wf-c": 1}  # each workflow's costs partition
+    next_offset = {0: 0, 1: 0, 2: 0}
+    settled: list[Reservation] = []  # every settled call, reflected or not
+    reflected: set[int] = set()  # ids of calls a snapshot has shown included, once and for all
+
+    def rescan(workflow_id: str | None) -> int:
+        for r in settled:
+            total = view.workflow_spend(r.workflow_id)
+            if (
+                r.cost_offset is not None and total is not None
+                and total.partition == r.cost_partition and total.last_offset >= r.cost_offset
+            ):
+                reflected.add(id(r))
+        return sum(
+            r.actual_nanos for r in settled
+            if id(r) not in reflected and workflow_id in (None, r.workflow_id)
+        )
+
+    for _ in range(600):
+        step = rng.random()
+        undelivered = [r for r in settled if r.cost_offset is None]
+        if step < 0.45:
+            wf = rng.choice(list(home))
+            r = await gate.admit(wf, 1_000)
+            gate.settle(r, rng.randrange(0, 1_000))
+            settled.append(r)
+        elif step < 0.8 and undelivered:
+            r = rng.choice(undelivered)
+            p = home[r.workflow_id]
+            gate.delivered(r, p, next_offset[p])
+            next_offset[p] += 1
+        else:  # the cost role reports a workflow's total, now and then from a stray partition
+            wf = rng.choice(list(home))
+            p = home[wf] if rng.random() < 0.9 else 2
+            if next_offset[p]:
+                feed(view, spend, wf_snap(wf, rng.randrange(10**6), p, rng.randrange(next_offset[p])))
+        for wf in home:
+            known = view.workflow_spend(wf)
+            assert gate.workflow_committed(wf) == ((known.nanos if known else 0) + rescan(wf), 0)
+        assert gate.hour_committed(WINDOW) == view.hour_spend(WINDOW) + rescan(None)
+    assert reflected and len(reflected) < len(settled), "the run covered both cases"
+
+
 async def test_gate_admit_waits_for_view_caught_up(pinned_clock: None) -> None:
     view = make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1")
     gate = BudgetGate(view)

@@ -17,6 +17,8 @@ cluster can overspend by what the *other* processes had reserved or not yet repo
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -38,10 +40,21 @@ class Reservation:
     settled: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Book:
     reserved: int = 0
-    entries: list[Reservation] = field(default_factory=list)
+    calls: int = 0
+
+
+@dataclass(slots=True)
+class _Unreflected:
+    """One workflow's spend settled here that the view's total does not include yet. The
+    view includes a delivered cost event once the workflow's total, from the same costs
+    partition, reaches its offset: per partition, a heap by offset finds those."""
+
+    nanos: int = 0
+    calls: int = 0
+    delivered: dict[int, list[tuple[int, int, Reservation]]] = field(default_factory=dict)
 
 
 class BudgetExceeded(Exception):
@@ -53,8 +66,11 @@ class BudgetGate:
         self.view = view
         self._reserved_hour: dict[int, int] = {}
         self._workflows: dict[str, _Book] = {}
-        # spent by this process, not yet included in the view's totals
-        self._unreflected: list[Reservation] = []
+        # spent by this process, not yet included in the view's totals: per workflow, and
+        # summed per hour window (kept as sums: a burst can leave thousands unreflected)
+        self._unreflected: dict[str, _Unreflected] = {}
+        self._unreflected_hour: dict[int, int] = {}
+        self._order = itertools.count()  # ties in a heap never compare reservations
         # Replaced on every change: waiters hold the one that was current when they looked.
         # (No Condition: on Python 3.11, wait_for() timing out a Condition.wait() can leave
         # its lock released, and the next wait fails.)
@@ -63,33 +79,46 @@ class BudgetGate:
         self.waiting = 0
 
     def _on_view_update(self) -> None:
-        self._prune_reflected()
+        for workflow_id in list(self._unreflected):
+            self._prune_reflected(workflow_id)
         self._notify()
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _reflected(self, r: Reservation) -> bool:
-        if r.cost_partition is None or r.cost_offset is None:
-            return False
-        total = self.view.workflow_spend(r.workflow_id)
+    def _prune_reflected(self, workflow_id: str) -> None:
+        entry = self._unreflected.get(workflow_id)
+        total = self.view.workflow_spend(workflow_id)
+        if entry is None or total is None:
+            return
         # hour and workflow snapshots of one event are written in that order to one partition
-        return total is not None and total.partition == r.cost_partition and total.last_offset >= r.cost_offset
-
-    def _prune_reflected(self) -> None:
-        self._unreflected = [r for r in self._unreflected if not self._reflected(r)]
+        heap = entry.delivered.get(total.partition)
+        while heap and heap[0][0] <= total.last_offset:
+            r = heapq.heappop(heap)[2]
+            entry.nanos -= r.actual_nanos
+            entry.calls -= 1
+            left = self._unreflected_hour[r.window] - r.actual_nanos
+            if left:
+                self._unreflected_hour[r.window] = left
+            else:
+                del self._unreflected_hour[r.window]
+        if heap is not None and not heap:
+            del entry.delivered[total.partition]
+        if not entry.calls:
+            del self._unreflected[workflow_id]
 
     def hour_committed(self, window: int) -> int:
-        unreflected = sum(r.actual_nanos for r in self._unreflected if r.window == window)
+        unreflected = self._unreflected_hour.get(window, 0)
         return self.view.hour_spend(window) + unreflected + self._reserved_hour.get(window, 0)
 
     def workflow_committed(self, workflow_id: str) -> tuple[int, int]:
         """(spent as far as known, reserved in flight here) for a workflow."""
         known = self.view.workflow_spend(workflow_id)
-        unreflected = sum(r.actual_nanos for r in self._unreflected if r.workflow_id == workflow_id)
+        entry = self._unreflected.get(workflow_id)
         book = self._workflows.get(workflow_id)
-        return (known.nanos if known else 0) + unreflected, book.reserved if book else 0
+        spent = (known.nanos if known else 0) + (entry.nanos if entry else 0)
+        return spent, book.reserved if book else 0
 
     def _try_reserve(self, workflow_id: str, worst: int, now: float) -> Reservation | None:
         view = self.view
@@ -107,7 +136,7 @@ class BudgetGate:
         self._reserved_hour[window] = self._reserved_hour.get(window, 0) + worst
         book = self._workflows.setdefault(workflow_id, _Book())
         book.reserved += worst
-        book.entries.append(reservation)
+        book.calls += 1
         return reservation
 
     async def admit(self, workflow_id: str, worst_nanos: int) -> Reservation:
@@ -133,8 +162,8 @@ class BudgetGate:
             del self._reserved_hour[r.window]
         book = self._workflows[r.workflow_id]
         book.reserved -= r.worst_nanos
-        book.entries.remove(r)
-        if not book.entries:
+        book.calls -= 1
+        if not book.calls:
             del self._workflows[r.workflow_id]
 
     def release(self, r: Reservation) -> None:
@@ -147,13 +176,19 @@ class BudgetGate:
         self._unreserve(r)
         r.actual_nanos = actual_nanos
         r.settled = True
-        self._unreflected.append(r)
+        entry = self._unreflected.setdefault(r.workflow_id, _Unreflected())
+        entry.nanos += actual_nanos
+        entry.calls += 1
+        self._unreflected_hour[r.window] = self._unreflected_hour.get(r.window, 0) + actual_nanos
         self._notify()
 
     def delivered(self, r: Reservation, partition: int, offset: int) -> None:
         """The call's cost event is in the costs topic at ``partition``/``offset``."""
         r.cost_partition, r.cost_offset = partition, offset
-        self._prune_reflected()
+        entry = self._unreflected.get(r.workflow_id)
+        if entry is not None:  # (always: settled before its cost event is sent)
+            heapq.heappush(entry.delivered.setdefault(partition, []), (offset, next(self._order), r))
+            self._prune_reflected(r.workflow_id)
         self._notify()
 
     def in_flight_nanos(self) -> int:
