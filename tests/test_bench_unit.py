@@ -19,6 +19,8 @@ def test_scenarios_set_defaults_and_explicit_options_win() -> None:
     assert parse_args(["--scenario", "4"]).pipelines == ["tierstream", "tierstream-guarded"]
     plain = parse_args([])
     assert (plain.requests, plain.workers, plain.max_in_flight) == (20000, [1], None)
+    assert (plain.warmup, plain.repeats) == (20000, 1), "the warm-up is as large as the burst"
+    assert parse_args(["--scenario", "1", "--warmup", "0"]).warmup == 0
     with pytest.raises(SystemExit):
         parse_args(["--workers", "1,x"])
     with pytest.raises(SystemExit):
@@ -97,6 +99,23 @@ def test_a_variant_is_tierstream_with_its_environment_compared_with_tierstream()
     assert out["tierstream-b16k/tierstream"]["results_per_s"] == 0.8
     with pytest.raises(SystemExit):
         parse_args(["--variant", "no-assignments"])
+    # a comma inside a value stays in it: only ",NAME=" starts the next assignment
+    parse_args(["--variant", "gc:TIERSTREAM__WORKER__X=[700,10,10],Y=2"])
+    assert PIPELINE_ENV["tierstream-gc"] == {"TIERSTREAM__WORKER__X": "[700,10,10]", "Y": "2"}
+
+
+def test_repeats_report_the_median_round_and_list_every_round() -> None:
+    from benchmarks.harness import median_run
+
+    def round_(rps: float, lost: int = 0) -> dict:
+        return {**_pipeline(rps), "counts": {"lost": lost, "duplicates": 0}}
+
+    assert median_run([round_(7.0)]) == round_(7.0), "one round: reported as it is"
+    chosen = median_run([round_(600.0), round_(350.0, lost=1), round_(500.0)])
+    assert chosen["throughput"]["results_per_s"] == 500.0
+    assert [r["results_per_s"] for r in chosen["repeats"]] == [600.0, 350.0, 500.0]
+    assert [r["counts"]["lost"] for r in chosen["repeats"]] == [0, 1, 0], "every round's counts kept"
+    assert median_run([round_(2.0), round_(1.0)])["throughput"]["results_per_s"] == 1.0, "lower middle"
 
 
 def test_scenario_4_guarded_pipeline_has_rate_limits_that_the_others_do_not() -> None:
