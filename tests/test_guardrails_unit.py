@@ -690,7 +690,7 @@ async def test_gate_unreflected_sums_match_a_rescan_of_every_settled_call(pinned
         if step < 0.45:
             wf = rng.choice(list(home))
             r = await gate.admit(wf, 1_000)
-            gate.settle(r, rng.randrange(0, 1_000))
+            gate.settle(r, rng.randrange(1_000) if rng.random() < 0.7 else 0)  # some calls cost nothing
             settled.append(r)
         elif step < 0.8 and undelivered:
             r = rng.choice(undelivered)
@@ -707,6 +707,18 @@ async def test_gate_unreflected_sums_match_a_rescan_of_every_settled_call(pinned
             assert gate.workflow_committed(wf) == ((known.nanos if known else 0) + rescan(wf), 0)
         assert gate.hour_committed(WINDOW) == view.hour_spend(WINDOW) + rescan(None)
     assert reflected and len(reflected) < len(settled), "the run covered both cases"
+
+
+async def test_gate_calls_that_cost_nothing_leave_no_trace(pinned_clock: None) -> None:
+    view = make_view(hour_usd="10", workflow_usd="1.0", alert_usd="5")
+    gate = ready_gate(view)
+    free = [await gate.admit("wf-a", 100) for _ in range(2)]
+    for offset, r in enumerate(free):
+        gate.settle(r, 0)
+        gate.delivered(r, partition=0, offset=offset)
+    feed(view, spend_topic(view), wf_snap("wf-a", 0, 0, 1))  # includes both
+    assert gate.workflow_committed("wf-a") == (0, 0) and gate.hour_committed(WINDOW) == 0
+    assert not gate._unreflected and not gate._unreflected_hour
 
 
 async def test_gate_admit_waits_for_view_caught_up(pinned_clock: None) -> None:

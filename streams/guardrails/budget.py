@@ -98,11 +98,11 @@ class BudgetGate:
             r = heapq.heappop(heap)[2]
             entry.nanos -= r.actual_nanos
             entry.calls -= 1
-            left = self._unreflected_hour[r.window] - r.actual_nanos
+            left = self._unreflected_hour.get(r.window, 0) - r.actual_nanos
             if left:
                 self._unreflected_hour[r.window] = left
-            else:
-                del self._unreflected_hour[r.window]
+            else:  # (calls that cost nothing may still be in it: they add nothing)
+                self._unreflected_hour.pop(r.window, None)
         if heap is not None and not heap:
             del entry.delivered[total.partition]
         if not entry.calls:
