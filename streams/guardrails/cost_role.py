@@ -86,6 +86,11 @@ def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
+def _limit_tag(workflow_id: str) -> str:
+    """What ``CostAccountant._announced`` holds once a workflow's limit was announced."""
+    return f"wf|{workflow_id}"
+
+
 def _newest(table: Total, published: PartTotal | WorkflowTotal | None) -> Total:
     """The table's total, or the one last published to the spend topic if that includes
     more. The spend topic is written before each offset commit; a table's changelog is
@@ -210,7 +215,7 @@ class CostAccountant:
         total = _newest(self.tables.workflow(wf), self.view.workflow_spend(wf))
         if expired(total, timestamp, self.idle_seconds):
             total = Total(last_offset=total.last_offset)  # a new budget period
-            self._announced.discard(f"wf|{wf}")
+            self._announced.discard(_limit_tag(wf))
         updated = total.add(nanos, offset, timestamp)
         if updated is not None:
             self.tables.set_workflow(wf, updated, p)
@@ -239,8 +244,9 @@ class CostAccountant:
     ) -> list[Outgoing]:
         view = self.view
         out = []
-        if wf_total.nanos >= view.workflow_limit and f"wf|{event.workflow_id}" not in self._announced:
-            self._announced.add(f"wf|{event.workflow_id}")
+        wf_tag = _limit_tag(event.workflow_id)
+        if wf_total.nanos >= view.workflow_limit and wf_tag not in self._announced:
+            self._announced.add(wf_tag)
             out.append(self._event(
                 f"workflow:{event.workflow_id}", "limit_reached", "block_workflow",
                 wf_total.nanos, view.workflow_limit, None,
@@ -287,7 +293,7 @@ class CostAccountant:
                 heapq.heappush(heap, (total.last_seen, wf))  # seen since: look again later
                 continue
             self._watched.discard(wf)
-            self._announced.discard(f"wf|{wf}")
+            self._announced.discard(_limit_tag(wf))
             if total.last_seen:
                 self.tables.forget_workflow(wf, p)
 
