@@ -381,10 +381,11 @@ def median_run(rounds: list[dict]) -> dict:
     code, three rounds in one harness run: 575, 575 and 347 results/s)."""
     if len(rounds) == 1:
         return rounds[0]
-    ordered = sorted(rounds, key=lambda r: flat(r)["results_per_s"] or 0.0)
-    chosen = ordered[(len(ordered) - 1) // 2]
+    figures = [flat(r) for r in rounds]
+    order = sorted(range(len(rounds)), key=lambda i: figures[i]["results_per_s"] or 0.0)
+    chosen = rounds[order[(len(order) - 1) // 2]]
     return {**chosen, "repeats": [
-        {**{k: flat(r)[k] for k in REPEAT_FIGURES}, "counts": r["counts"]} for r in rounds
+        {**{k: f[k] for k in REPEAT_FIGURES}, "counts": r["counts"]} for r, f in zip(rounds, figures)
     ]}
 
 
