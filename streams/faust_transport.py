@@ -298,8 +298,9 @@ class Transport(faust_aiokafka.Transport):
 def as_current_event(event: EventT) -> Iterator[None]:
     """Run as if the agent were handling ``event``. Faust takes a table write's changelog
     partition from the task-local event its stream set; writes made for a batch of events,
-    outside the handling of any one of them, name theirs this way. ``faust.streams._current_event`` is the variable Faust sets per event
-    (faust-streaming is pinned below 0.16, see the module docstring)."""
+    outside the handling of any one of them, name theirs this way.
+    ``faust.streams._current_event`` is the variable Faust sets per event (faust-streaming
+    is pinned below 0.16, see the module docstring)."""
     token = faust_streams._current_event.set(weakref.ref(event))
     try:
         yield
