@@ -32,6 +32,23 @@ def role_partitions(settings: Settings, roles: list[str]) -> dict[str, list[Topi
     }
 
 
+async def committed_lag(
+    admin: AIOKafkaAdminClient, consumer: AIOKafkaConsumer, group: str, partitions: list[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """Per partition: log end offset - ``group``'s committed offset (0 if none committed).
+
+    The committed offsets are read first: the end offsets, read after, can only have grown,
+    so no partition comes out negative. Read the other way round, a commit landing between
+    the two reads can pass the end offset already read.
+    """
+    committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+    ends = await consumer.end_offsets(partitions)
+    return {
+        tp: ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+        for tp in partitions
+    }
+
+
 class LagSampler:
     def __init__(self, settings: Settings, roles: list[str], interval: float = 0.5) -> None:
         self.settings = settings
@@ -43,17 +60,11 @@ class LagSampler:
         self.latest: dict[str, int] = {}
 
     async def _sample(self, admin: AIOKafkaAdminClient, consumer: AIOKafkaConsumer, t0: float) -> None:
-        partitions = self.partitions
-        ends = await consumer.end_offsets([tp for tps in partitions.values() for tp in tps])
         sample: dict[str, float | int] = {"t_s": round(time.time() - t0, 3)}
-        for role, tps in partitions.items():
-            committed = await admin.list_consumer_group_offsets(self.groups[role], partitions=tps)
-            sample[role] = sum(
-                ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
-                for tp in tps
-            )
-        sample["total"] = sum(int(sample[r]) for r in partitions)
-        self.latest = {r: int(sample[r]) for r in partitions}
+        for role, tps in self.partitions.items():
+            sample[role] = sum((await committed_lag(admin, consumer, self.groups[role], tps)).values())
+        sample["total"] = sum(int(sample[r]) for r in self.partitions)
+        self.latest = {r: int(sample[r]) for r in self.partitions}
         self.samples.append(sample)
 
     async def run(self, stop: asyncio.Event, t0: float, on_sample: Callable[[], None] = lambda: None) -> None:

@@ -136,30 +136,10 @@ async def costs_exact(pipeline: Pipeline, timeout: float) -> tuple[int, bool, di
         last = {"workflows (cost role, cost events)": differ,
                 "hours (cost role, cost events)": {str(w): (hours[w], by_hour[w]) for w in by_hour}}
         if time.monotonic() > deadline:
-            last["cost role lag by partition"] = await _cost_role_lag(pipeline)
+            costs = pipeline.topology.costs.name
+            last["cost role lag by partition"] = await pipeline.committed_lag("cost", costs)
             return count, False, last
         await asyncio.sleep(1.0)
-
-
-async def _cost_role_lag(pipeline: Pipeline) -> dict[str, int | None]:
-    """End offset minus the cost role's committed offset, per costs partition."""
-    from aiokafka import TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    group = pipeline.topology.consumer_group(pipeline.settings.app_id, "cost")
-    admin = AIOKafkaAdminClient(**pipeline.kafka_kwargs())
-    consumer = AIOKafkaConsumer(group_id=None, **pipeline.kafka_kwargs())
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-        topic = pipeline.topology.costs.name
-        tps = [TopicPartition(topic, p) for p in range(pipeline.topology.costs.partitions)]
-        ends = await consumer.end_offsets(tps)
-        return {str(tp.partition): ends[tp] - committed[tp].offset if tp in committed else None for tp in tps}
-    finally:
-        await consumer.stop()
-        await admin.close()
 
 
 def _ready_roles(log_path: Path) -> int:

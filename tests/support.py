@@ -49,6 +49,25 @@ class Pipeline:
         password looked up as the workers see it: this process's environment plus ``env``."""
         return aiokafka_kwargs(self.settings.kafka, {**os.environ, **self.env})
 
+    async def committed_lag(self, role: str, topic: str) -> dict[int, int]:
+        """Per partition of ``topic``: messages not yet committed by ``role``'s consumer group."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        from benchmarks.lag import committed_lag
+
+        group = self.topology.consumer_group(self.settings.app_id, role)
+        spec = next(t for t in self.topology.all() if t.name == topic)
+        admin = AIOKafkaAdminClient(**self.kafka_kwargs())
+        consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **self.kafka_kwargs())
+        await admin.start()
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(spec.partitions)]
+            return {tp.partition: lag for tp, lag in (await committed_lag(admin, consumer, group, tps)).items()}
+        finally:
+            await consumer.stop()
+            await admin.close()
+
     async def start_workers(self, *role_specs: str, health_ports: Sequence[int] = ()) -> None:
         """Create the topics (so producers cannot auto-create them with one partition),
         then start one ``tierstream worker --roles <spec>`` process per spec (the i-th on

@@ -130,3 +130,33 @@ def test_scenario_4_guarded_pipeline_has_rate_limits_that_the_others_do_not() ->
     assert set(guarded) == {"researcher", "analyst", "writer"}
     assert all(limit.burst >= 100_000 for limit in guarded.values())  # never binds on a run
     assert limits("tierstream") == {}
+
+
+async def test_lag_is_never_negative_while_the_group_commits_between_the_reads() -> None:
+    """A group that keeps up with a growing log: every read of either offset finds 10 more
+    messages produced, consumed and committed. Reading the end offset before the committed
+    offset would give -10."""
+    from aiokafka import TopicPartition
+    from aiokafka.structs import OffsetAndMetadata
+
+    from benchmarks.lag import committed_lag
+
+    tps = [TopicPartition("t", 0), TopicPartition("t", 1)]
+    log_end = dict.fromkeys(tps, 0)
+
+    def traffic() -> None:
+        for tp in tps:
+            log_end[tp] += 10
+
+    class Admin:
+        async def list_consumer_group_offsets(self, group, partitions):
+            traffic()
+            return {tp: OffsetAndMetadata(log_end[tp], "") for tp in partitions if tp.partition == 0}
+
+    class Consumer:
+        async def end_offsets(self, partitions):
+            traffic()
+            return {tp: log_end[tp] for tp in partitions}
+
+    lag = await committed_lag(Admin(), Consumer(), "g", tps)
+    assert lag == {tps[0]: 10, tps[1]: 20}  # partition 1 has nothing committed: all of it is lag

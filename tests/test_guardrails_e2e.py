@@ -67,27 +67,6 @@ async def test_runaway_workflow_is_stopped_at_its_limit(pipeline_factory) -> Non
     assert total is not None and total.nanos == expected_total
 
 
-async def committed_lag(pipeline, role: str, topic: str) -> int:
-    """Messages of ``topic`` not yet committed by the role's consumer group."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    bootstrap = pipeline.settings.kafka.bootstrap_servers
-    group = pipeline.topology.consumer_group(pipeline.settings.app_id, role)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-        partitions = [TopicPartition(topic, p) for p in range(pipeline.topology.tiers["standard"].partitions)]
-        ends = await consumer.end_offsets(partitions)
-        return sum(end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
-    finally:
-        await consumer.stop()
-        await admin.close()
-
-
 async def pause_reaction(pipeline, limit: float) -> list[float]:
     """Seconds from the cost event that took the hour over ``limit`` (its record time)
     to each tier worker's log line saying it paused. A figure, not an assertion."""
@@ -160,7 +139,8 @@ async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipe
             break
         seen = len(collected.results)
     assert 0 < seen < total
-    backlog = await committed_lag(pipeline, "tier-standard", pipeline.topology.tiers["standard"].name)
+    standard = pipeline.topology.tiers["standard"].name
+    backlog = sum((await pipeline.committed_lag("tier-standard", standard)).values())
     answered = len((await collect(pipeline, expected=total, timeout=2, settle=0)).result_ids())
     # The unanswered requests wait in Kafka, uncommitted; nothing committed lacks its result.
     assert backlog >= total - answered and backlog > total // 2, (backlog, answered)
