@@ -20,14 +20,14 @@
    * ``raw-sdk``: the same loops calling the simulator through the same SDK clients;
 
    wait until every role's consumer group is Stable, produce the workload in one burst
-   (aiokafka, each request stamped as it is sent) and measure from the consumer side,
+   or at ``--rate`` a second (aiokafka, each request stamped as it is sent) and measure from the consumer side,
    sampling consumer lag and the workers' CPU and memory while it runs;
 5. print a table with every tierstream figure's ratio to the raw pipelines', write every
    figure and the machine to ``benchmarks/results/<ts>.json`` and PNG plots beside it,
    and with ``--baseline old.json`` print the ratios to a saved run.
 
-All requests are produced in one burst, so latencies include queueing: they describe
-this burst, not a service level at a given arrival rate.
+By default all requests are produced in one burst, so latencies include queueing: they
+describe this burst, not a service level at a given arrival rate; ``--rate`` measures one.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchmarks import plots
+from benchmarks import plots, sdk_memory
 from benchmarks.kafka_perf import broker_ceiling
 from benchmarks.lag import LagSampler
 from benchmarks.measure import drive, figures
@@ -109,10 +109,13 @@ NOTES = [
     "Both run the cost hop (costs -> spend snapshots per batch); tierstream keeps its totals in Faust's "
     "changelog-backed tables, the raw pipelines in dicts. Only tierstream runs the budget gate and the "
     "answered-requests index (dedupe).",
-    "All requests are produced in one burst; latencies include queueing behind the burst.",
+    "All requests are produced in one burst (unless config.rate_per_s: then at that rate); "
+    "latencies include queueing behind the burst.",
     "overhead = end-to-end - model call latency, per result (queueing included).",
     "calls_in_flight_peak: most model calls open at one instant, from the results' started_at/finished_at.",
     "kb_per_in_flight_call = (largest sampled worker RSS - RSS when the burst started) / calls_in_flight_peak.",
+    "sdk_alone (scenario 2): the same SDK calls held open in one process with no Kafka: the SDKs' own "
+    "KB per in-flight call, under every pipeline's.",
     "worker_idle_cpu_s_per_s: CPU the idle workers burn (timers, commits, fetch loops), measured for "
     "--idle-window s before the burst; cpu_ms_per_result_net_of_idle subtracts it over the burst.",
     "The simulator and the broker share the machine's cores with the workers.",
@@ -121,12 +124,13 @@ NOTES = [
 SCENARIOS: dict[int, dict[str, object]] = {
     1: {"requests": 5000, "workers": "1", "latency_ms": 0.0, "pipelines": "tierstream,raw-fake,raw-sdk"},
     2: {"requests": 4000, "workers": "1", "latency_ms": 2000.0, "pipelines": "tierstream,raw-sdk",
-        "max_in_flight": 4000},
+        "max_in_flight": 4000, "sdk_alone": 4000},
     3: {"requests": 5000, "workers": "1,2,4", "latency_ms": 0.0, "pipelines": "tierstream,raw-sdk"},
     4: {"requests": 3000, "workers": "1", "latency_ms": 0.0, "pipelines": "tierstream,tierstream-guarded"},
 }
 DEFAULTS: dict[str, object] = {"requests": 20000, "workers": "1", "latency_ms": 0.0,
-                               "pipelines": ",".join(DEFAULT_PIPELINES), "max_in_flight": None}
+                               "pipelines": ",".join(DEFAULT_PIPELINES), "max_in_flight": None,
+                               "sdk_alone": 0}
 # Every figure a pipeline reports, as (name, path in its JSON); ratios and --baseline use them.
 FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("results_per_s", ("throughput", "results_per_s")),
@@ -300,6 +304,7 @@ def run_pipeline(
                     on_answered=lambda n: progress.update(answered, completed=n),
                     on_complete=complete,
                     check_alive=check_alive,
+                    rate=args.rate,
                 )
             finally:
                 stop.set()
@@ -408,7 +413,8 @@ def print_report(console: Console, report: dict) -> None:
     config = report["config"]
     for run in report["runs"]:
         pipelines, pair_ratios = run["pipelines"], run["ratios"]
-        table = Table(title=f"{config['requests']} requests, {run['workers']} worker(s), "
+        arrival = f" at {config['rate_per_s']}/s" if config.get("rate_per_s") else " in one burst"
+        table = Table(title=f"{config['requests']} requests{arrival}, {run['workers']} worker(s), "
                             f"simulated latency {config['latency_ms']} ms")
         table.add_column("figure")
         for kind in pipelines:
@@ -441,6 +447,14 @@ def print_report(console: Console, report: dict) -> None:
         )
     elif ceiling:
         console.print(f"broker ceiling: {ceiling}")
+    sdk_alone = report.get("sdk_alone")
+    if sdk_alone and "kb_per_in_flight_call" in sdk_alone:
+        console.print(
+            f"SDK calls alone (no Kafka): {sdk_alone['kb_per_in_flight_call']} KB per in-flight call, "
+            f"{sdk_alone['in_flight_seen']} of {sdk_alone['calls']} held open at once"
+        )
+    elif sdk_alone:
+        console.print(f"SDK calls alone: {sdk_alone}")
 
 
 def _runs(report: dict) -> list[dict]:
@@ -507,6 +521,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "pipeline is reported by its median round (by results/s), every round listed")
     parser.add_argument("--idle-window", type=float, default=2.0,
                         help="seconds of idle CPU measured before each burst (0: none)")
+    parser.add_argument("--rate", type=float, default=None, metavar="PER_S",
+                        help="produce the requests at this many a second (default: all in one burst): "
+                             "latency and overhead at an offered load, not behind a burst")
+    parser.add_argument("--sdk-alone", type=int, default=None, metavar="CALLS",
+                        help="also measure the SDKs' own memory per in-flight call, CALLS held open at "
+                             "once with no Kafka (benchmarks.sdk_memory; scenario 2: 4000; 0: skip)")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON only")
     args = parser.parse_args(argv)
     preset = {**DEFAULTS, **SCENARIOS.get(args.scenario or 0, {})}
@@ -515,6 +535,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.warmup is None:
         args.warmup = args.requests
+    if args.rate is not None and args.rate <= 0:
+        parser.error("--rate must be positive")
     args.pipelines = [p.strip() for p in str(args.pipelines).split(",") if p.strip()]
     unknown = [p for p in args.pipelines if p not in PIPELINES]
     for variant in args.variant:
@@ -585,7 +607,8 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
                     # three runs of 10,000 gave 433, 534 and 529 results/s (broker 11.5, 6.1
                     # and 5.7 s). Warm-up runs are not reported.
                     console.print(f"warm-up: {args.warmup} requests through tierstream (not measured)")
-                    warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "idle_window": 0})
+                    warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "idle_window": 0,
+                                                    "rate": None})
                     run_pipeline("tierstream", 1, bootstrap, sim_port, sim.pid, warm, logs, progress,
                                  stoppers, broker_pid)
                 for workers_n in args.workers:
@@ -603,6 +626,13 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
         finally:
             for stopper in stoppers:
                 stopper.join()
+        sdk_alone: dict[str, object] | None = None
+        if args.sdk_alone > 0:
+            console.print(f"SDK calls alone: {args.sdk_alone} held open at once, no Kafka ...")
+            try:
+                sdk_alone = sdk_memory.run(args.sdk_alone)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                sdk_alone = {"failed": str(exc)[-800:]}
     return {
         "schema": 2,
         "started_at": started_at.isoformat(),
@@ -612,7 +642,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
             "scenario": args.scenario, "requests": args.requests, "workers": args.workers,
             "latency_ms": args.latency_ms, "max_in_flight": args.max_in_flight,
             "timeout_s": args.timeout, "pipelines": args.pipelines, "warmup_requests": args.warmup,
-            "repeats": args.repeats,
+            "repeats": args.repeats, "rate_per_s": args.rate,
             "pipeline_env": {k: PIPELINE_ENV[k] for k in args.pipelines if k in PIPELINE_ENV},
             "broker": "external" if external else "local (started by the harness)",
         },
@@ -624,6 +654,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
         },
         "broker_ceiling": ceiling,
         "runs": runs,
+        **({"sdk_alone": sdk_alone} if sdk_alone is not None else {}),
         "notes": NOTES,
         "logs": str(logs),
     }
@@ -649,11 +680,11 @@ def main(argv: list[str] | None = None) -> int:
     print_report(out, report)
     if saved is not None:
         print_compare(out, report["baseline"]["figures"], args.baseline)
-        keys = ("requests", "latency_ms")
+        keys = ("requests", "latency_ms", "rate_per_s")
         then = saved.get("config", {})
         if any(then.get(k) != report["config"][k] for k in keys):
             out.print(f"[yellow]warning: the saved run used {[then.get(k) for k in keys]}, this one "
-                      f"{[report['config'][k] for k in keys]} (requests, latency_ms)[/]")
+                      f"{[report['config'][k] for k in keys]} ({', '.join(keys)})[/]")
     machine = report["machine"]
     out.print(f"machine: {machine['nproc']} cores, {machine['memory_gb']} GB, Python {machine['python']}, "
               f"Kafka {machine['kafka']}; load average at start {machine['loadavg_1_5_15_at_start']}, "

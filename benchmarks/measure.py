@@ -73,10 +73,12 @@ async def drive(
     on_complete: Callable[[], None] = lambda: None,
     check_alive: Callable[[], None] = lambda: None,
     settle: float = 2.0,
+    rate: float | None = None,
 ) -> Observed:
-    """Produce ``count`` sample requests in one burst and read results and dead letters
-    until each request is answered (then ``settle`` seconds more, to catch duplicates) or
-    ``timeout`` seconds pass. ``on_complete`` runs the moment the last answer arrives."""
+    """Produce ``count`` sample requests, in one burst or at ``rate`` a second, and read
+    results and dead letters until each request is answered (then ``settle`` seconds more,
+    to catch duplicates) or ``timeout`` seconds pass. ``on_complete`` runs the moment the
+    last answer arrives."""
     topology = Topology(settings)
     results_topic, dlq_topic = topology.results.name, topology.dead_letters.name
     run_id = uuid.uuid4().hex[:8]
@@ -107,7 +109,12 @@ async def drive(
             try:
                 pending: list[asyncio.Future[object]] = []
                 seen.produce_start = time.time()
-                for request in requests:
+                for i, request in enumerate(requests):
+                    if rate is not None:
+                        # a fixed arrival schedule: request i is due i / rate s after the first
+                        due = seen.produce_start + i / rate
+                        if due > time.time():
+                            await asyncio.sleep(due - time.time())
                     now = time.time()
                     stamped = request.model_copy(update={"created_at": datetime.fromtimestamp(now, UTC)})
                     seen.sent_at[request.request_id] = now

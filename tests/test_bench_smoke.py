@@ -122,12 +122,18 @@ def test_bench_harness_small_run(small_run: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_bench_baseline_compares_with_a_saved_run(kafka_bootstrap: str, small_run: Path, tmp_path: Path) -> None:
-    saved, output = small_run, tmp_path / "now.json"
+    """Also a paced run (``--rate``) against the burst it is compared with."""
+    saved, output, rate = small_run, tmp_path / "now.json", 1000.0
     second = _harness(kafka_bootstrap, "--pipelines", "raw-fake", "--broker-perf-records", "0", "--no-plots",
-                      "--output", str(output), "--baseline", str(saved))
+                      "--output", str(output), "--baseline", str(saved), "--rate", str(rate))
     assert second.returncode == 0, second.stderr
     assert "compared with" in second.stdout
+    assert "warning: the saved run used" in second.stdout  # a burst, this one paced
     report = orjson.loads(output.read_bytes())
+    assert report["config"]["rate_per_s"] == rate
+    # request i is due i / rate s after the first: producing them cannot be faster than that
+    produce_per_s = report["runs"][0]["pipelines"]["raw-fake"]["throughput"]["produce_per_s"]
+    assert produce_per_s <= rate * REQUESTS / (REQUESTS - 1) + 0.01, produce_per_s  # + rounding
     rows = {row["figure"]: row for row in report["baseline"]["figures"]}
     assert set(rows) == {name for name, _ in FIGURES}
     assert rows["results_per_s"]["saved"] == orjson.loads(saved.read_bytes())["runs"][0]["pipelines"]["raw-fake"]["throughput"]["results_per_s"]

@@ -13,6 +13,8 @@ from benchmarks.measure import cdf, peak_overlap
 def test_scenarios_set_defaults_and_explicit_options_win() -> None:
     two = parse_args(["--scenario", "2"])
     assert (two.requests, two.workers, two.latency_ms, two.max_in_flight) == (4000, [1], 2000.0, 4000)
+    assert two.sdk_alone == 4000, "scenario 2 measures the SDK calls alone too"
+    assert parse_args(["--scenario", "2", "--sdk-alone", "0"]).sdk_alone == 0
     assert two.pipelines == ["tierstream", "raw-sdk"]
     three = parse_args(["--scenario", "3", "--requests", "300"])
     assert (three.requests, three.workers) == (300, [1, 2, 4])
@@ -20,6 +22,7 @@ def test_scenarios_set_defaults_and_explicit_options_win() -> None:
     plain = parse_args([])
     assert (plain.requests, plain.workers, plain.max_in_flight) == (20000, [1], None)
     assert (plain.warmup, plain.repeats) == (20000, 1), "the warm-up is as large as the burst"
+    assert plain.sdk_alone == 0
     assert parse_args(["--scenario", "1", "--warmup", "0"]).warmup == 0
     with pytest.raises(SystemExit):
         parse_args(["--workers", "1,x"])
