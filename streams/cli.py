@@ -178,67 +178,34 @@ def demo(
     raise typer.Exit(run_demo(config, count, latency_ms, timeout, keep_broker))
 
 
-@app.command()
-def bench(
-    scenario: Annotated[Optional[int], typer.Option(help="The issue's scenario 1-4 (1: zero latency; 2: 2 s latency, 4000 in flight; 3: workers 1,2,4; 4: guardrails engaged). Other options override it.")] = None,
-    requests: Annotated[Optional[int], typer.Option(help="Requests per pipeline (default 20000).")] = None,
-    workers: Annotated[Optional[str], typer.Option(help="Worker sets per pipeline, comma-separated counts, e.g. 1,2,4 (default 1).")] = None,
-    latency_ms: Annotated[Optional[float], typer.Option(help="Simulated model latency median (0: answer at once).")] = None,
-    max_in_flight: Annotated[Optional[int], typer.Option(help="worker.max_concurrent_tasks for every pipeline.")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/<ts>.json); plots beside it.")] = None,
-    baseline: Annotated[Optional[Path], typer.Option("--baseline", "--compare", help="A saved report: print every figure's ratio to it.")] = None,
-    timeout: Annotated[float, typer.Option(help="Per pipeline, seconds to wait for answers.")] = 900.0,
-    pipelines: Annotated[Optional[str], typer.Option(help="Comma-separated: tierstream, raw-fake, raw-sdk, tierstream-guarded.")] = None,
-    broker_perf_records: Annotated[int, typer.Option(help="Records for Kafka's own perf tools (0: skip).")] = 200_000,
-    warmup: Annotated[int, typer.Option(help="Requests through one unmeasured tierstream worker first, to warm the broker up (0: none).")] = 5000,
-    no_plots: Annotated[bool, typer.Option("--no-plots", help="Write the JSON only.")] = False,
-    variant: Annotated[Optional[list[str]], typer.Option(help="NAME:VAR=VALUE[,VAR=VALUE]: also run tierstream with these environment settings, in the same run (repeatable).")] = None,
-) -> None:
+# The benchmark commands hand every argument to their module's own parser (its --help
+# included), so each option is defined once, next to the code that uses it.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=PASS_THROUGH)
+def bench(ctx: typer.Context) -> None:
     """Throughput benchmark: tierstream against raw aiokafka baselines and the broker's own
-    perf tools, in the same run."""
+    perf tools, in the same run (`tierstream bench --help` for its options)."""
     from benchmarks.harness import main as bench_main
 
-    options = {"--scenario": scenario, "--requests": requests, "--workers": workers, "--latency-ms": latency_ms,
-               "--max-in-flight": max_in_flight, "--output": output, "--baseline": baseline,
-               "--timeout": timeout, "--pipelines": pipelines, "--broker-perf-records": broker_perf_records,
-               "--warmup": warmup}
-    argv = [str(a) for name, value in options.items() if value is not None for a in (name, value)]
-    argv += ["--no-plots"] if no_plots else []
-    argv += [a for v in variant or [] for a in ("--variant", v)]
-    raise typer.Exit(bench_main(argv))
+    raise typer.Exit(bench_main(ctx.args))
 
 
-@app.command("bench-guardrails")
-def bench_guardrails(
-    workers: Annotated[str, typer.Option(help="Comma-separated tier:standard worker counts.")] = "1,3",
-    repeats: Annotated[int, typer.Option(help="Runs per worker count.")] = 3,
-    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/guardrails-<ts>.json).")] = None,
-    limit_usd: Annotated[float, typer.Option(help="The hourly limit (max_cost_per_hour_usd).")] = 0.03,
-    requests: Annotated[int, typer.Option(help="Requests produced per run.")] = 300,
-) -> None:
+@app.command("bench-guardrails", context_settings=PASS_THROUGH)
+def bench_guardrails(ctx: typer.Context) -> None:
     """Guardrail benchmark: hourly-limit pause reaction time per worker, and overspend."""
     from benchmarks.guardrails import main as bench_guardrails_main
 
-    argv = ["--workers", workers, "--repeats", str(repeats), "--limit-usd", str(limit_usd),
-            "--requests", str(requests)]
-    argv += ["--output", str(output)] if output else []
-    raise typer.Exit(bench_guardrails_main(argv))
+    raise typer.Exit(bench_guardrails_main(ctx.args))
 
 
-@app.command("bench-ratelimit")
-def bench_ratelimit(
-    replicas: Annotated[str, typer.Option(help="Comma-separated tier:premium worker counts.")] = "1,2,4",
-    limiters: Annotated[str, typer.Option(help="partitions (cluster-wide), process (naive per-process).")] = "partitions,process",
-    rpm: Annotated[int, typer.Option(help="The requests/min limit, in tierstream and in the simulator.")] = 600,
-    steady_seconds: Annotated[float, typer.Option(help="Measurement window per run.")] = 60.0,
-    output: Annotated[Optional[Path], typer.Option(help="JSON report path (default benchmarks/results/ratelimit-<ts>.json).")] = None,
-) -> None:
+@app.command("bench-ratelimit", context_settings=PASS_THROUGH)
+def bench_ratelimit(ctx: typer.Context) -> None:
     """Rate-limit benchmark: utilisation and over-limit requests, cluster-wide vs naive limiter."""
     from benchmarks.ratelimit import main as bench_ratelimit_main
 
-    argv = ["--replicas", replicas, "--limiters", limiters, "--rpm", str(rpm), "--steady-seconds", str(steady_seconds)]
-    argv += ["--output", str(output)] if output else []
-    raise typer.Exit(bench_ratelimit_main(argv))
+    raise typer.Exit(bench_ratelimit_main(ctx.args))
 
 
 @app.command()

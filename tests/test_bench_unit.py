@@ -163,3 +163,37 @@ async def test_lag_is_never_negative_while_the_group_commits_between_the_reads()
 
     lag = await committed_lag(Admin(), Consumer(), "g", tps)
     assert lag == {tps[0]: 10, tps[1]: 20}  # partition 1 has nothing committed: all of it is lag
+
+
+@pytest.mark.parametrize(
+    ("command", "module"),
+    [("bench", "benchmarks.harness"), ("bench-guardrails", "benchmarks.guardrails"),
+     ("bench-ratelimit", "benchmarks.ratelimit")],
+)
+def test_bench_commands_hand_every_argument_to_the_module_parser(
+    command: str, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tierstream bench*` defines no options of its own: none can fall behind the module's."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(importlib.import_module(module), "main", lambda argv: seen.append(argv) or 0)
+    argv = ["--repeats", "3", "--output", "x.json", "--help"]
+    result = CliRunner().invoke(app, [command, *argv])
+    assert result.exit_code == 0, result.output
+    assert seen == [argv]
+
+
+def test_bench_help_lists_the_harness_options() -> None:
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0
+    for option in ("--repeats", "--warmup", "--rate", "--sdk-alone", "--variant"):
+        assert option in result.output, option
