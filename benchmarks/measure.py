@@ -53,6 +53,10 @@ class Observed:
     e2e_ms: list[float] = field(default_factory=list)
     receive_ms: list[float] = field(default_factory=list)
     model_ms: list[float] = field(default_factory=list)
+    # where the overhead goes: created -> classified (the classifier hop), classified ->
+    # started (the tier topic and the tier worker's queue)
+    classifier_hop_ms: list[float] = field(default_factory=list)
+    tier_wait_ms: list[float] = field(default_factory=list)
     # (started_at, finished_at) of each answered model call, worker clock, epoch seconds
     call_spans: list[tuple[float, float]] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
@@ -155,7 +159,10 @@ async def drive(
                         seen.result_ids.add(rid)
                         timings = item["timings"]
                         finished = _parse_ts(timings["finished_at"])
-                        seen.e2e_ms.append((finished - _parse_ts(timings["created_at"])) * 1000)
+                        created, classified = _parse_ts(timings["created_at"]), _parse_ts(timings["classified_at"])
+                        seen.e2e_ms.append((finished - created) * 1000)
+                        seen.classifier_hop_ms.append((classified - created) * 1000)
+                        seen.tier_wait_ms.append((_parse_ts(timings["started_at"]) - classified) * 1000)
                         seen.model_ms.append(float(timings["model_latency_ms"]))
                         seen.call_spans.append((_parse_ts(timings["started_at"]), finished))
                         status = item.get("status", "?")
@@ -240,6 +247,10 @@ def figures(seen: Observed, requested: int) -> dict[str, object]:
             # end_to_end - model: what the pipeline adds beyond the (simulated) model call,
             # queueing behind the burst included
             "overhead": distribution(overhead),
+            # the overhead's parts: classified_at - created_at, and started_at - classified_at
+            # (the rest is the tier worker's own time around the call: limiter, retries)
+            "classifier_hop": distribution(seen.classifier_hop_ms),
+            "tier_wait": distribution(seen.tier_wait_ms),
         },
         "cdf_ms": {"end_to_end": cdf(seen.e2e_ms), "overhead": cdf(overhead)},
         # Model calls open at the same instant, from the results' started_at/finished_at

@@ -89,7 +89,7 @@ def test_bench_harness_small_run(small_run: Path) -> None:
             assert isinstance(value, (int, float)) and not isinstance(value, bool), (kind, name, value)
 
         latency = figures["latency_ms"]
-        for name in ("end_to_end", "model", "overhead"):
+        for name in ("end_to_end", "model", "overhead", "classifier_hop", "tier_wait"):
             assert latency[name]["n"] == counts["results"], (kind, name, latency[name])
         assert latency["receive_minus_produce"]["n"] == counts["results"] + counts["dead_letters"]
         assert len(figures["cdf_ms"]["end_to_end"]) == 101
