@@ -51,3 +51,56 @@ async def test_kafka_errors_are_retried_until_answered(no_backoff: None) -> None
         return "ok"
 
     assert await until_answered(flaky) == "ok"
+
+
+@pytest.mark.e2e
+async def test_a_tail_since_a_time_starts_there_per_partition_and_catches_up(kafka_bootstrap: str) -> None:
+    """On a real broker: a partition with only old records starts at its end, one with
+    recent records at the first recent one, an empty one at its end (0); the first
+    catch-up covers what the topic held at start, and later records are read too."""
+    import asyncio
+    import time
+    import uuid
+
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from streams.tail import TopicTail
+    from topologies.config import load_settings
+
+    topic = f"tail-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+    finally:
+        await admin.close()
+    now_ms = int(time.time() * 1000)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(3):  # two hours old: before the window
+            await producer.send_and_wait(topic, f"old-0-{i}".encode(), partition=0, timestamp_ms=now_ms - 7_200_000)
+        await producer.send_and_wait(topic, b"old-1", partition=1, timestamp_ms=now_ms - 7_200_000)
+        await producer.send_and_wait(topic, b"new-1", partition=1, timestamp_ms=now_ms - 60_000)
+    finally:
+        await producer.stop()
+
+    seen: list[bytes | None] = []
+    settings = load_settings(environ={"TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap})
+    tail = TopicTail(settings, [topic], lambda _topic, value: seen.append(value), since_seconds=3600)
+    await tail.start()
+    try:
+        await asyncio.wait_for(tail.caught_up.wait(), 30)
+        assert seen == [b"new-1"]
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for partition in range(3):
+                await producer.send_and_wait(topic, f"later-{partition}".encode(), partition=partition)
+        finally:
+            await producer.stop()
+        await asyncio.wait_for(tail.catch_up(), 30)
+        assert sorted(seen) == [b"later-0", b"later-1", b"later-2", b"new-1"]
+    finally:
+        await tail.stop()
