@@ -237,9 +237,7 @@ def pipeline_env(kind: str, run: str, bootstrap: str, sim_port: int, max_in_flig
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "TIERSTREAM__KAFKA__TOPIC_PREFIX": f"bench{run}-{kind}",
         "TIERSTREAM__APP_ID": f"bench{run}-{kind}",
-        "TIERSTREAM__SIMULATOR__PORT": str(sim_port),
-        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
-        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+        **processes.simulator_env(sim_port),
         "TIERSTREAM__WORKER__LOG_LEVEL": "warning",
         "TIERSTREAM__WORKER__HEALTH_PORT": "0",
         "TIERSTREAM__RATE_LIMITS": "null",  # unless the pipeline's settings say otherwise

@@ -158,13 +158,14 @@ async def drive(
                             continue
                         seen.result_ids.add(rid)
                         timings = item["timings"]
-                        finished = _parse_ts(timings["finished_at"])
-                        created, classified = _parse_ts(timings["created_at"]), _parse_ts(timings["classified_at"])
+                        created, classified, started, finished = (
+                            _parse_ts(timings[k]) for k in ("created_at", "classified_at", "started_at", "finished_at")
+                        )
                         seen.e2e_ms.append((finished - created) * 1000)
                         seen.classifier_hop_ms.append((classified - created) * 1000)
-                        seen.tier_wait_ms.append((_parse_ts(timings["started_at"]) - classified) * 1000)
+                        seen.tier_wait_ms.append((started - classified) * 1000)
                         seen.model_ms.append(float(timings["model_latency_ms"]))
-                        seen.call_spans.append((_parse_ts(timings["started_at"]), finished))
+                        seen.call_spans.append((started, finished))
                         status = item.get("status", "?")
                         seen.statuses[status] = seen.statuses.get(status, 0) + 1
                     else:

@@ -27,11 +27,11 @@ from pathlib import Path
 import httpx
 import orjson
 
+from benchmarks.procstats import status_kb
 from streams import processes
 from streams.broker import free_ports
 from streams.classifier import rules_tier
 from streams.providers import ProviderRegistry
-from streams.simulator import SimulatorConfig
 from streams.workload import sample_requests
 from topologies.config import load_settings
 
@@ -39,11 +39,10 @@ HOLD_LATENCY_MS = 600_000.0  # simulator median; its log-normal tail below 60 s 
 
 
 def rss_kb() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    rss = status_kb(os.getpid(), "VmRSS")
+    if rss is None:
+        raise RuntimeError("no VmRSS in /proc/self/status")
+    return rss
 
 
 async def simulator_in_flight(http: httpx.AsyncClient, url: str) -> int:
@@ -99,7 +98,6 @@ def run(calls: int, timeout: float = 120.0) -> dict[str, object]:
     """Start a holding simulator, measure in a child process (a clean RSS), stop it."""
     (port,) = free_ports(1)
     logs = Path(tempfile.mkdtemp(prefix="tierstream-sdk-memory-"))
-    SimulatorConfig(latency_ms_median=HOLD_LATENCY_MS)  # fail here, not in the child, if out of range
     sim = processes.spawn(
         ["provider-sim", "--port", str(port), "--latency-ms", str(HOLD_LATENCY_MS)],
         log_path=logs / "simulator.log",
@@ -108,9 +106,7 @@ def run(calls: int, timeout: float = 120.0) -> dict[str, object]:
         processes.wait_http_ok(f"http://127.0.0.1:{port}/health", 30, sim)
         env = {
             **os.environ,
-            "TIERSTREAM__SIMULATOR__PORT": str(port),
-            "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
-            "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+            **processes.simulator_env(port),
             "MAX_CONCURRENT_TASKS": str(calls),  # the pools grow to it, as a tier worker's do
         }
         child = subprocess.run(

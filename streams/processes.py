@@ -14,6 +14,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
+def simulator_env(port: int) -> dict[str, str]:
+    """Settings that send both providers to the simulator on ``port``, whatever API keys the
+    environment holds (so tests and benchmarks never reach a real provider)."""
+    return {
+        "TIERSTREAM__SIMULATOR__PORT": str(port),
+        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
+        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
+    }
+
+
 def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "streams.cli", *args]
 

@@ -73,20 +73,16 @@ class TopicTail:
             TopicPartition(topic, p) for topic in self.topics for p in sorted(await _partitions(consumer, topic))
         ]
         ends = await until_answered(functools.partial(offsets.end_offsets, partitions))
-        starts: dict[TopicPartition, int] = {}
-        if self.since_seconds is not None:
+        consumer.assign(partitions)
+        if self.since_seconds is None:
+            await consumer.seek_to_beginning(*partitions)
+        else:
             since_ms = int((time.time() - self.since_seconds) * 1000)
             found = await until_answered(
                 functools.partial(offsets.offsets_for_times, dict.fromkeys(partitions, since_ms))
             )
-            # nothing that recent: start at the end
-            starts = {tp: ends[tp] if at is None else at.offset for tp, at in found.items()}
-        consumer.assign(partitions)
-        if starts:
-            for tp, offset in starts.items():
-                consumer.seek(tp, offset)
-        else:
-            await consumer.seek_to_beginning(*partitions)
+            for tp, at in found.items():
+                consumer.seek(tp, ends[tp] if at is None else at.offset)  # None: nothing that recent
         self._task = asyncio.create_task(self._run(consumer))
         first = self._add_target(ends)
         first.add_done_callback(lambda _: self.caught_up.set())

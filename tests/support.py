@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from streams import processes
+from streams.processes import simulator_env
 from streams.admin import ensure_topics
 from streams.kafka_security import aiokafka_kwargs
 from topologies import Settings, Topology, load_settings
@@ -91,16 +92,6 @@ class Pipeline:
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
-
-
-def simulator_env(port: int) -> dict[str, str]:
-    """Settings that send both providers to the simulator on ``port``: keys in the test
-    environment must not send tests to a real provider."""
-    return {
-        "TIERSTREAM__SIMULATOR__PORT": str(port),
-        "TIERSTREAM__PROVIDERS__OPENAI__USE_SIMULATOR": "always",
-        "TIERSTREAM__PROVIDERS__ANTHROPIC__USE_SIMULATOR": "always",
-    }
 
 
 def new_pipeline(bootstrap: str, simulator_port: int, log_dir: Path, **overrides: str) -> Pipeline:

@@ -20,7 +20,7 @@ from streams.envelope import Source
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.simulator import ProviderSimulator
-from tests.support import simulator_env
+from streams.processes import simulator_env
 from topologies import Settings, Topology, load_settings
 
 

@@ -19,7 +19,7 @@ from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.simulator import ProviderSimulator
 from streams.tier_worker import TierHandler
-from tests.support import simulator_env
+from streams.processes import simulator_env
 from topologies import Settings, Topology, load_settings
 
 

@@ -36,7 +36,8 @@ from streams.kafka_security import (
     faust_settings,
     read_sasl_password,
 )
-from tests.support import Pipeline, collect, simulator_env
+from streams.processes import simulator_env
+from tests.support import Pipeline, collect
 from topologies.config import ConfigError, KafkaSettings, load_settings
 
 SECRET = "s3cr3t-Pa55w0rd-do-not-leak"
