@@ -247,6 +247,9 @@ class _Consumer(faust_aiokafka.Consumer):
                             if read is not None and message.offset < read:
                                 continue
                             self._read_offset[tp] = message.offset
+                        if self._delivers_at_once(tp):
+                            await callback(message)
+                            continue
                         delivering = callback(message)
                         waited = await self.wait_first(delivering, self.suspend_flow.wait())
                         if (
@@ -268,6 +271,18 @@ class _Consumer(faust_aiokafka.Consumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+    def _delivers_at_once(self, tp: TP) -> bool:
+        """Whether handing a record of ``tp`` to its streams cannot block: the flow is on
+        and no stream queue of the partition is full. Such a record is handed over inline;
+        racing the hand-over against a flow stop (Faust's way, kept for the rest) costs
+        four tasks and at least two turns of the event loop per record, and with a few
+        hundred model calls in flight a turn takes milliseconds: fetched records waited
+        up to a second in a busy tier worker (README, "Benchmarks")."""
+        if self.suspend_flow.is_set() or not self.app.flow_control.is_active():
+            return False
+        channels = self.app.topics._tp_index.get(tp)
+        return bool(channels) and not any(channel.queue.full() for channel in channels)
 
     async def _admit(self, tp: TP, offset: int, fetch: int) -> bool:
         expected = self.delivery.expected(tp)

@@ -149,3 +149,44 @@ async def test_partitions_fetched_while_seeking_are_sought_again_once_positions_
     await consumer.perform_seek()
     assert sought == [(TPA, 5)], "only the partition that had records held back"
     assert not consumer._seeking and consumer.delivery.expected(TPA) == 5 and consumer.delivery.expected(tpb) == 7
+
+
+def _inline_consumer(flow_on: bool = True, suspended: bool = False, queues: tuple[int, ...] = (0,)) -> _Consumer:
+    import asyncio
+
+    from mode.utils.queues import FlowControlEvent, FlowControlQueue
+
+    flow = FlowControlEvent(initially_suspended=not flow_on)
+    class Channel:
+        def __init__(self, queue: FlowControlQueue[int]) -> None:
+            self.queue = queue
+
+    channels = set()
+    for filled in queues:
+        queue: FlowControlQueue[int] = FlowControlQueue(maxsize=2, flow_control=flow)
+        for i in range(filled):
+            queue.put_nowait(i)
+        channels.add(Channel(queue))
+    suspend_flow = asyncio.Event()
+    if suspended:
+        suspend_flow.set()
+    consumer = object.__new__(_Consumer)
+    consumer.suspend_flow = suspend_flow  # type: ignore[assignment]
+    consumer.app = SimpleNamespace(  # type: ignore[assignment]
+        flow_control=flow, topics=SimpleNamespace(_tp_index=defaultdict(set, {TPA: channels} if queues else {}))
+    )
+    return consumer
+
+
+async def test_a_record_is_handed_over_inline_only_when_that_cannot_block() -> None:
+    """The fetch loop hands a record over without a task race only when the flow is on and
+    every stream queue of its partition has room; otherwise it keeps Faust's race against
+    a flow stop, so a full queue never holds up a rebalance."""
+    assert _inline_consumer()._delivers_at_once(TPA)
+    assert _inline_consumer(queues=(0, 1))._delivers_at_once(TPA)
+    assert not _inline_consumer(queues=(0, 2))._delivers_at_once(TPA), "one full queue"
+    assert not _inline_consumer(flow_on=False)._delivers_at_once(TPA), "flow suspended (rebalance)"
+    assert not _inline_consumer(suspended=True)._delivers_at_once(TPA), "the consumer's flow stopped"
+    unknown = _inline_consumer(queues=())
+    assert not unknown._delivers_at_once(TPA), "no stream subscribed to the partition yet"
+    assert TPA not in unknown.app.topics._tp_index, "asking does not subscribe anything"
