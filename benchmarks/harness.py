@@ -377,7 +377,9 @@ def flat(figures: dict) -> dict[str, object]:
     return {name: _get(figures, path) for name, path in FIGURES}
 
 
-REPEAT_FIGURES = ("results_per_s", "worker_cpu_ms_per_result", "broker_cpu_s")
+REPEAT_FIGURES = (
+    "results_per_s", "worker_cpu_ms_per_result", "broker_cpu_s", "overhead_p50_ms", "overhead_p99_ms",
+)
 
 
 def median_run(rounds: list[dict]) -> dict:
@@ -434,7 +436,8 @@ def print_report(console: Console, report: dict) -> None:
             console.print(f"{kind}: CPU / peak RSS per worker: {per}; lag peak {fig['lag']['peak']}")
             if "repeats" in fig:
                 rounds = "; ".join(
-                    f"{r['results_per_s']}/s, {r['worker_cpu_ms_per_result']} ms, broker {r['broker_cpu_s']} s"
+                    f"{r['results_per_s']}/s, {r['worker_cpu_ms_per_result']} ms, broker {r['broker_cpu_s']} s, "
+                    f"overhead p50/p99 {r.get('overhead_p50_ms')}/{r.get('overhead_p99_ms')} ms"
                     for r in fig["repeats"]
                 )
                 console.print(f"{kind}: every round (the median one above): {rounds}")

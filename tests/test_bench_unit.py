@@ -118,6 +118,7 @@ def test_repeats_report_the_median_round_and_list_every_round() -> None:
     assert chosen["throughput"]["results_per_s"] == 500.0
     assert [r["results_per_s"] for r in chosen["repeats"]] == [600.0, 350.0, 500.0]
     assert [r["counts"]["lost"] for r in chosen["repeats"]] == [0, 1, 0], "every round's counts kept"
+    assert [r["overhead_p99_ms"] for r in chosen["repeats"]] == [600.0, 350.0, 500.0], "and its latency"
     assert median_run([round_(2.0), round_(1.0)])["throughput"]["results_per_s"] == 1.0, "lower middle"
 
 
