@@ -437,7 +437,7 @@ def print_report(console: Console, report: dict) -> None:
             if "repeats" in fig:
                 rounds = "; ".join(
                     f"{r['results_per_s']}/s, {r['worker_cpu_ms_per_result']} ms, broker {r['broker_cpu_s']} s, "
-                    f"overhead p50/p99 {r.get('overhead_p50_ms')}/{r.get('overhead_p99_ms')} ms"
+                    f"overhead p50/p99 {r['overhead_p50_ms']}/{r['overhead_p99_ms']} ms"
                     for r in fig["repeats"]
                 )
                 console.print(f"{kind}: every round (the median one above): {rounds}")

@@ -17,7 +17,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from streams import processes
-from streams.processes import simulator_env
 from streams.admin import ensure_topics
 from streams.kafka_security import aiokafka_kwargs
 from topologies import Settings, Topology, load_settings
@@ -101,7 +100,7 @@ def new_pipeline(bootstrap: str, simulator_port: int, log_dir: Path, **overrides
         "TIERSTREAM__KAFKA__TOPIC_PREFIX": f"t{run}",
         "TIERSTREAM__APP_ID": f"ts-{run}",
         "TIERSTREAM__WORKER__HEALTH_PORT": "0",  # several workers per host: free ports
-        **simulator_env(simulator_port),
+        **processes.simulator_env(simulator_port),
         # Rate limits would pace these workloads; tests/test_ratelimit_e2e.py tests them.
         "TIERSTREAM__RATE_LIMITS": "null",
         **overrides,
