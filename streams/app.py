@@ -19,7 +19,6 @@ from pathlib import Path
 
 import faust
 import mode
-from faust.types import TP
 from aiokafka.admin import NewTopic
 
 from schemas.models import Tier
@@ -29,7 +28,7 @@ from streams.dedupe import AnsweredIndex, DedupeService, request_id_of
 from streams.envelope import Outgoing, Source
 from streams.faust_transport import Transport, as_current_event
 from streams.guardrails.budget import BudgetGate
-from streams.guardrails.cost_role import CostAccountant, CostOffsets, Rewound, cost_tables
+from streams.guardrails.cost_role import CostAccountant, CostOffsets, FaustPositions, Rewound, cost_tables
 from streams.guardrails.service import GuardrailService
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import faust_settings
@@ -167,22 +166,13 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         async def _resume_after_published(_app: faust.App, assigned: set, **_: object) -> None:
             offsets.on_assigned()
 
+        positions = FaustPositions(app)
+
         async def handler(source: Source) -> list[Outgoing]:
+            generation = app.consumer_generation_id
             # The published totals must be read before the first event is counted.
             await accountant.view.caught_up.wait()
-            p = source.partition
-            if not offsets.in_order(p, source.offset):
-                if not offsets.waiting(p):
-                    tp = TP(source.topic, p)
-                    back_to = offsets.expected(p, (await app.consumer.earliest_offsets(tp))[tp])
-                    if back_to < source.offset:
-                        log.warning("cost events %d-%d of partition %d were skipped: reading them again",
-                                    back_to, source.offset - 1, p)
-                        offsets.rewound(p, back_to)
-                        await app.consumer.seek(tp, back_to)
-                        raise Rewound
-                else:
-                    raise Rewound  # fetched before the rewind
+            await offsets.admit(source, generation, positions)
             out = accountant.apply(source, source.timestamp)
             offsets.counted(source.partition, source.offset)
             return out
@@ -277,7 +267,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
             try:
                 outgoing = await handler(source)
             except Rewound:
-                return  # not handled: read again after the seek
+                app.consumer.release(message)  # not handled: read again (see Rewound)
+                return
             # A rebalance since this event was fetched means the partition's owner (maybe
             # this worker again) reads it again from the committed offset and answers it.
             owned = answered is None or (

@@ -161,6 +161,13 @@ class _Consumer(faust_aiokafka.Consumer):
         """The agent is done with ``message``: its ack may now count towards a commit."""
         self._handled.add(message)
 
+    def release(self, message: Message) -> None:
+        """The agent will not handle ``message`` now: it is read again after a seek. It no
+        longer counts as in progress, so a rebalance does not wait for it: with
+        ``stream_wait_empty`` Faust waits until every message its streams handed over is
+        acked, and the agent still holds the last one it was given."""
+        self._unacked_messages.discard(message)
+
     def ack(self, message: Message) -> bool:
         if message not in self._handled:
             return False  # skipped by the stream, never processed: keep it uncommitted

@@ -138,8 +138,28 @@ async def costs_exact(pipeline: Pipeline, timeout: float) -> tuple[int, bool, di
         if time.monotonic() > deadline:
             costs = pipeline.topology.costs.name
             last["cost role lag by partition"] = await pipeline.committed_lag("cost", costs)
+            last["cost role warnings"] = cost_role_warnings(pipeline.log_dir)
             return count, False, last
         await asyncio.sleep(1.0)
+
+
+def cost_role_warnings(log_dir: Path, limit: int = 30) -> list[str]:
+    """The cost roles' warnings and errors (heartbeats aside), oldest first, so that a
+    failure seen only in CI's output says what the cost roles went through."""
+    found: list[tuple[str, str]] = []
+    for path in sorted(log_dir.glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if (
+                isinstance(record, dict) and record.get("role") == "cost"
+                and record.get("level") in ("warning", "error", "critical")
+                and "Heartbeat" not in str(record.get("msg"))
+            ):
+                found.append((str(record.get("ts")), f"{path.stem} {record['ts']} {str(record.get('msg'))[:200]}"))
+    return [text for _, text in sorted(found)[-limit:]]
 
 
 def _ready_roles(log_path: Path) -> int:

@@ -190,3 +190,20 @@ async def test_a_record_is_handed_over_inline_only_when_that_cannot_block() -> N
     unknown = _inline_consumer(queues=())
     assert not unknown._delivers_at_once(TPA), "no stream subscribed to the partition yet"
     assert TPA not in unknown.app.topics._tp_index, "asking does not subscribe anything"
+
+
+def test_a_released_message_no_longer_holds_up_a_rebalance() -> None:
+    """With stream_wait_empty Faust waits, at a rebalance, until every message its streams
+    handed over is acked; a message the agent gives back (read again after a seek) would
+    otherwise keep the rebalance waiting for as long as the agent holds it."""
+    import weakref
+
+    class Message:  # weakly referenceable, as Faust's are
+        pass
+
+    consumer = object.__new__(_Consumer)
+    consumer._unacked_messages = weakref.WeakSet()  # type: ignore[assignment]
+    given_back, other = Message(), Message()
+    consumer._unacked_messages.update((given_back, other))
+    consumer.release(given_back)  # type: ignore[arg-type]
+    assert set(consumer._unacked_messages) == {other}

@@ -779,6 +779,81 @@ def test_cost_offsets_resume_after_the_published_totals_and_catch_holes() -> Non
     assert offsets.expected(0) == 10, "after an assignment, the published totals decide again"
 
 
+class _Positions:
+    """A consumer for CostOffsets.admit; ``rebalance_while_asked`` makes a rebalance
+    complete while the log start is being asked for (the assignment signal included)."""
+
+    def __init__(self, offsets: object, rebalance_while_asked: bool = False, owned: bool = True) -> None:
+        self.offsets = offsets
+        self.rebalance_while_asked = rebalance_while_asked
+        self.owned = owned
+        self.generation_id = 1
+        self.sought: list[tuple[int, int]] = []
+
+    def generation(self) -> int:
+        return self.generation_id
+
+    def owns(self, tp: object) -> bool:
+        return self.owned
+
+    async def log_start(self, tp: object) -> int:
+        if self.rebalance_while_asked:
+            self.generation_id += 1
+            self.offsets.on_assigned()  # type: ignore[attr-defined]
+        return 0
+
+    async def seek(self, tp: object, offset: int) -> None:
+        self.sought.append((tp.partition, offset))  # type: ignore[attr-defined]
+
+
+def _cost_source(partition: int, offset: int) -> object:
+    from streams.envelope import Source
+
+    return Source("costs", partition, offset, None, b"{}", 0.0)
+
+
+async def test_cost_offsets_send_the_consumer_back_to_skipped_events() -> None:
+    from streams.guardrails.cost_role import CostOffsets, Rewound
+
+    view = GuardrailView(load_settings(environ={}))
+    view.costs_applied[0] = 9
+    offsets = CostOffsets(view)
+    consumer = _Positions(offsets)
+    await offsets.admit(_cost_source(0, 10), 1, consumer)  # in order: no exception
+    with pytest.raises(Rewound):
+        await offsets.admit(_cost_source(0, 14), 1, consumer)
+    assert consumer.sought == [(0, 10)] and offsets.waiting(0)
+    with pytest.raises(Rewound):
+        await offsets.admit(_cost_source(0, 15), 1, consumer)  # fetched before the rewind
+    assert consumer.sought == [(0, 10)], "one seek per rewind"
+    await offsets.admit(_cost_source(0, 10), 1, consumer)
+    assert not offsets.waiting(0)
+
+
+async def test_cost_offsets_decide_nothing_across_a_rebalance() -> None:
+    """A rebalance that completes while the log start is asked for clears what the cost
+    role knew and seeks to the committed offsets itself: a rewind decided from the old
+    state would stall the partition (every later event taken for one fetched before it)."""
+    from streams.guardrails.cost_role import CostOffsets, Rewound
+
+    view = GuardrailView(load_settings(environ={}))
+    view.costs_applied[0] = 9
+    offsets = CostOffsets(view)
+    consumer = _Positions(offsets, rebalance_while_asked=True)
+    with pytest.raises(Rewound):
+        await offsets.admit(_cost_source(0, 14), consumer.generation(), consumer)
+    assert consumer.sought == [] and not offsets.waiting(0)
+    # The new assignment starts at its committed offset, here above the stale rewind
+    # target: the event is counted once the published totals say it is next.
+    view.costs_applied[0] = 19
+    await offsets.admit(_cost_source(0, 20), consumer.generation(), consumer)
+
+    revoked = _Positions(CostOffsets(view), owned=False)
+    with pytest.raises(Rewound):
+        await revoked.offsets.admit(_cost_source(0, 25), revoked.generation(), revoked)  # type: ignore[attr-defined]
+    assert revoked.sought == [], "no seek on a partition this consumer no longer owns"
+
+
 def test_a_spend_batch_publishes_the_latest_snapshot_per_key_hours_first() -> None:
     from streams.envelope import Outgoing
     from streams.guardrails.cost_role import SpendBatch

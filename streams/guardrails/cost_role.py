@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import functools
 import heapq
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import faust
+from faust.types import TP
 
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import CostEvent, GuardrailEvent, SpendSnapshot
@@ -30,9 +33,45 @@ from streams.guardrails.view import GuardrailView, PartTotal, WorkflowTotal
 from topologies.config import Settings
 from topologies.topics import COST_ROLE, Topology
 
+log = logging.getLogger(__name__)
+
 
 class Rewound(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Cost events before this one were skipped; the consumer was sent back to them."""
+    """This cost event is not counted now: it is read again (after a seek back to events
+    that were skipped, or from the committed offset of a new assignment)."""
+
+
+class Positions(Protocol):
+    """What :meth:`CostOffsets.admit` needs of the consumer."""
+
+    def generation(self) -> int: ...
+
+    def owns(self, tp: TP) -> bool:
+        """``tp`` is assigned to this consumer and no rebalance is under way."""
+        ...
+
+    async def log_start(self, tp: TP) -> int: ...
+
+    async def seek(self, tp: TP, offset: int) -> None: ...
+
+
+class FaustPositions:
+    """:class:`Positions` of a Faust app's consumer."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+
+    def generation(self) -> int:
+        return self.app.consumer_generation_id
+
+    def owns(self, tp: TP) -> bool:
+        return not self.app.rebalancing and tp in self.app.consumer.assignment()
+
+    async def log_start(self, tp: TP) -> int:
+        return (await self.app.consumer.earliest_offsets(tp))[tp]
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        await self.app.consumer.seek(tp, offset)
 
 
 class CostOffsets:
@@ -80,6 +119,36 @@ class CostOffsets:
 
     def counted(self, partition: int, offset: int) -> None:
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
+
+    async def admit(self, source: Source, generation: int, consumer: Positions) -> None:
+        """Return if ``source`` (handed over in consumer generation ``generation``) is
+        to be counted now; raise :class:`Rewound` if not, after sending the consumer back
+        to the first skipped event when that is why.
+
+        A rebalance can complete while this waits for the log start: the new assignment
+        then cleared what this knew (:meth:`on_assigned`) and seeks to the committed
+        offsets itself. A rewind decided from the old state would be recorded after that
+        clearing, and if the committed offset lay above it every later event would be
+        taken for one fetched before the rewind: the partition would stall for good. So
+        nothing is decided across a rebalance; the event is read again in the new one.
+        """
+        p = source.partition
+        if self.in_order(p, source.offset):
+            return
+        if self.waiting(p):
+            raise Rewound  # fetched before the rewind: it comes again
+        tp = TP(source.topic, p)
+        log_start = await consumer.log_start(tp)
+        if consumer.generation() != generation or not consumer.owns(tp):
+            raise Rewound
+        back_to = self.expected(p, log_start)
+        if back_to >= source.offset:
+            return  # the events before it no longer exist (retention)
+        log.warning("cost events %d-%d of partition %d were skipped: reading them again",
+                    back_to, source.offset - 1, p)
+        self.rewound(p, back_to)
+        await consumer.seek(tp, back_to)
+        raise Rewound
 
 
 def _utc(epoch: float) -> datetime:
