@@ -168,6 +168,10 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
 
         positions = FaustPositions(app)
 
+        @app.timer(offsets.patience)
+        async def repeat_overdue_rewinds() -> None:
+            await offsets.repeat_overdue(topology.costs.name, positions)
+
         async def handler(source: Source) -> list[Outgoing]:
             generation = app.consumer_generation_id
             # The published totals must be read before the first event is counted.

@@ -830,6 +830,31 @@ async def test_cost_offsets_send_the_consumer_back_to_skipped_events() -> None:
     assert not offsets.waiting(0)
 
 
+async def test_a_rewind_still_unanswered_after_its_patience_is_repeated() -> None:
+    """A partition that waits for a seek that was lost or overtaken would count nothing
+    again: the seek is repeated once ``patience`` seconds pass without the event."""
+    from streams.guardrails.cost_role import CostOffsets
+
+    view = GuardrailView(load_settings(environ={}))
+    offsets = CostOffsets(view, patience=5.0)
+    consumer = _Positions(offsets)
+    offsets.rewound(0, 10, now=100.0)
+    offsets.rewound(1, 20, now=103.0)
+    await offsets.repeat_overdue("costs", consumer, now=104.9)
+    assert consumer.sought == []
+    await offsets.repeat_overdue("costs", consumer, now=105.0)
+    assert consumer.sought == [(0, 10)], "only the partition waiting 5 s"
+    await offsets.repeat_overdue("costs", consumer, now=108.0)
+    assert consumer.sought == [(0, 10), (1, 20)], "partition 0's clock restarted with its seek"
+    assert offsets.in_order(0, 10) and offsets.in_order(1, 20)
+    await offsets.repeat_overdue("costs", consumer, now=200.0)
+    assert consumer.sought == [(0, 10), (1, 20)], "nothing is waiting once the events came"
+    offsets.rewound(2, 5, now=300.0)
+    consumer.owned = False
+    await offsets.repeat_overdue("costs", consumer, now=400.0)
+    assert consumer.sought == [(0, 10), (1, 20)], "no seek on a partition this consumer no longer owns"
+
+
 async def test_cost_offsets_decide_nothing_across_a_rebalance() -> None:
     """A rebalance that completes while the log start is asked for clears what the cost
     role knew and seeks to the committed offsets itself: a rewind decided from the old

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import heapq
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
@@ -83,17 +84,23 @@ class CostOffsets:
     after the last offset the published totals include, and continue without holes
     (the costs topic has no control records: its producers are not transactional).
     When a hole shows, the consumer is sent back to its start and every event after the
-    hole is ignored (not acked) until the first missing one arrives.
+    hole is ignored (not acked) until the first missing one arrives; if it has not come
+    ``patience`` seconds after the seek, the seek is repeated (:meth:`repeat_overdue`):
+    Faust seeks aiokafka's consumer from outside the thread it runs in, and a partition
+    waiting for a seek that was lost or overtaken would count nothing again.
     """
 
-    def __init__(self, view: GuardrailView) -> None:
+    def __init__(self, view: GuardrailView, patience: float = 5.0) -> None:
         self.view = view
+        self.patience = patience
         self._next: dict[int, int] = {}
         self._waiting_for: dict[int, int] = {}
+        self._rewound_at: dict[int, float] = {}
 
     def on_assigned(self) -> None:
         self._next.clear()
         self._waiting_for.clear()
+        self._rewound_at.clear()
 
     def expected(self, partition: int, log_start: int = 0) -> int:
         found = self._next.get(partition)
@@ -108,14 +115,29 @@ class CostOffsets:
             if offset > waiting:
                 return False  # fetched before the rewind: ignored, it comes again
             del self._waiting_for[partition]
+            self._rewound_at.pop(partition, None)
             return True
         return offset <= self.expected(partition)  # below: a replay the totals recognise
 
     def waiting(self, partition: int) -> bool:
         return partition in self._waiting_for
 
-    def rewound(self, partition: int, to: int) -> None:
+    def rewound(self, partition: int, to: int, now: float | None = None) -> None:
         self._waiting_for[partition] = to
+        self._rewound_at[partition] = time.monotonic() if now is None else now
+
+    async def repeat_overdue(self, topic: str, consumer: Positions, now: float | None = None) -> None:
+        """Seek again every partition still waiting ``patience`` seconds after its rewind."""
+        now = time.monotonic() if now is None else now
+        for p, at in list(self._rewound_at.items()):
+            to = self._waiting_for.get(p)
+            tp = TP(topic, p)
+            if to is None or now - at < self.patience or not consumer.owns(tp):
+                continue
+            log.warning("cost event %d of partition %d has not come %.0f s after the seek back to it: "
+                        "seeking again", to, p, now - at)
+            self._rewound_at[p] = now
+            await consumer.seek(tp, to)
 
     def counted(self, partition: int, offset: int) -> None:
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
