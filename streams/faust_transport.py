@@ -1,4 +1,4 @@
-"""Faust's aiokafka transport, with five fixes and one shortcut.
+"""Faust's aiokafka transport, with six fixes and one shortcut.
 
 Idempotent producers. Faust turns idempotence on only in exactly-once mode; without it a
 produce request that the broker wrote but could not acknowledge (a broker restart) is
@@ -41,6 +41,13 @@ were handed on before their positions were known, and lost. A restarted cost rol
 partitions were fetched whole in that window processed nothing (the test that SIGKILLs
 the cost worker: 2 of 15 runs, 4 of 10 under load). Such records are held back and
 their partitions sought again once the positions are known (``_Consumer.perform_seek``).
+
+Giving back. With ``stream_wait_empty`` a rebalance first waits until every message
+Faust's streams handed to an agent is acked. A message an agent leaves unhandled, to be
+read again after a seek (the cost role's rewinds), is never acked, and the agent holds
+the last one it was given until the next arrives, which no message does during a
+rebalance: the rebalance waited out the rebalance timeout. ``_Consumer.release`` takes
+such a message off Faust's list.
 
 The hand-over (the shortcut). Faust hands each fetched record to its streams in a race
 against a flow stop: four tasks and at least two turns of the event loop per record. A

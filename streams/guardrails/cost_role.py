@@ -86,8 +86,9 @@ class CostOffsets:
     When a hole shows, the consumer is sent back to its start and every event after the
     hole is ignored (not acked) until the first missing one arrives; if it has not come
     ``patience`` seconds after the seek, the seek is repeated (:meth:`repeat_overdue`):
-    Faust seeks aiokafka's consumer from outside the thread it runs in, and a partition
-    waiting for a seek that was lost or overtaken would count nothing again.
+    Faust calls aiokafka's ``seek`` from outside the thread the consumer runs in, so
+    nothing orders it against a fetch under way, and a partition waiting for a seek that
+    was lost or overtaken would count nothing again.
     """
 
     def __init__(self, view: GuardrailView, patience: float = 5.0) -> None:
