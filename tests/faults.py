@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -290,11 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--timeout", type=float, default=1800.0)
     loop.add_argument("--produce-over", type=float, default=120.0, help="seconds over which the requests are produced")
     loop.add_argument("--latency-ms", type=float, default=5.0)
+    loop.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                      help="run in DIR and keep it (broker data, worker logs); default: a temporary directory")
     args = parser.parse_args(argv)
 
     from streams.broker import LocalBroker, free_ports
 
-    with tempfile.TemporaryDirectory(prefix="tierstream-faults-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(
+        prefix="tierstream-faults-"
+    ) as tmp:
         work = Path(tmp)
         broker = None
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
