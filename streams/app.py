@@ -165,7 +165,6 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         @app.on_partitions_assigned.connect
         async def _resume_after_published(_app: faust.App, assigned: set, **_: object) -> None:
             offsets.on_assigned()
-            app.add_future(offsets.catch_up())  # the handler waits for it, not the rebalance
 
         positions = FaustPositions(app)
 
@@ -175,8 +174,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
 
         async def handler(source: Source) -> list[Outgoing]:
             generation = app.consumer_generation_id
-            # The published totals must be read up to now before an event is counted.
-            await offsets.ready.wait()
+            # The published totals must be read before the first event is counted.
+            await accountant.view.caught_up.wait()
             await offsets.admit(source, generation, positions)
             out = accountant.apply(source, source.timestamp)
             offsets.counted(source.partition, source.offset)

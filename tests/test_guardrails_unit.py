@@ -830,42 +830,6 @@ async def test_cost_offsets_send_the_consumer_back_to_skipped_events() -> None:
     assert not offsets.waiting(0)
 
 
-async def test_counting_resumes_after_an_assignment_once_the_published_totals_are_read() -> None:
-    """After an assignment the cost role first reads what the previous owners published,
-    so a partition resumes right after it instead of rewinding over counted events; a
-    catch-up overtaken by a newer assignment does not let counting resume."""
-    from streams.guardrails.cost_role import CostOffsets
-
-    class View:
-        costs_applied: dict[int, int] = {}
-
-        def __init__(self) -> None:
-            self.reads: list[asyncio.Event] = []
-
-        async def catch_up(self) -> None:
-            read = asyncio.Event()
-            self.reads.append(read)
-            await read.wait()
-            self.costs_applied[0] = 41  # published by the partition's previous owner
-
-    view = View()
-    offsets = CostOffsets(view)  # type: ignore[arg-type]
-    offsets.on_assigned()
-    first = asyncio.create_task(offsets.catch_up())
-    await wait_until(lambda: len(view.reads) == 1)
-    offsets.on_assigned()  # a newer assignment before the first catch-up ended
-    second = asyncio.create_task(offsets.catch_up())
-    await wait_until(lambda: len(view.reads) == 2)
-    view.reads[0].set()
-    await first
-    assert not offsets.ready.is_set(), "the older catch-up does not count for the newer assignment"
-    view.reads[1].set()
-    await second
-    assert offsets.ready.is_set() and offsets.in_order(0, 42)
-    offsets.on_assigned()
-    assert not offsets.ready.is_set()
-
-
 async def test_a_rewind_still_unanswered_after_its_patience_is_repeated() -> None:
     """A partition that waits for a seek that was lost or overtaken would count nothing
     again: the seek is repeated once ``patience`` seconds pass without the event."""

@@ -13,7 +13,6 @@ restored from the changelog.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import heapq
 import logging
@@ -95,8 +94,6 @@ class CostOffsets:
     def __init__(self, view: GuardrailView, patience: float = 5.0) -> None:
         self.view = view
         self.patience = patience
-        self.ready = asyncio.Event()  # set once the view has caught up after an assignment
-        self._assignments = 0
         self._next: dict[int, int] = {}
         self._waiting_for: dict[int, int] = {}
         self._rewound_at: dict[int, float] = {}
@@ -105,19 +102,6 @@ class CostOffsets:
         self._next.clear()
         self._waiting_for.clear()
         self._rewound_at.clear()
-        self._assignments += 1
-        self.ready.clear()
-
-    async def catch_up(self) -> None:
-        """After an assignment: read the published totals up to now (what the partitions'
-        previous owners published before they let go, or died), then let counting resume.
-        From totals that are behind, a partition's first event looks like a hole, and the
-        consumer was sent back over events already counted: the rewinds in the kill loop's
-        logs came within a second of an assignment, one 0.8 s before the next rebalance."""
-        assignment = self._assignments
-        await self.view.catch_up()
-        if assignment == self._assignments:
-            self.ready.set()
 
     def expected(self, partition: int, log_start: int = 0) -> int:
         found = self._next.get(partition)

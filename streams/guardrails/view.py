@@ -135,10 +135,6 @@ class GuardrailView:
         await self._tail.start()
         self._logged = asyncio.create_task(self._log_caught_up())
 
-    async def catch_up(self) -> None:
-        """Return once everything the topics hold now has been applied."""
-        await self._tail.catch_up()
-
     async def _log_caught_up(self) -> None:
         await self.caught_up.wait()
         log.info("guardrail state read from Kafka (%d messages): %s", self._tail.read, self.status())
