@@ -41,6 +41,10 @@ were handed on before their positions were known, and lost. A restarted cost rol
 partitions were fetched whole in that window processed nothing (the test that SIGKILLs
 the cost worker: 2 of 15 runs, 4 of 10 under load). Such records are held back and
 their partitions sought again once the positions are known (``_Consumer.perform_seek``).
+The window lasts until Faust resumes the flow: in a role with tables the flow was
+already resumed to restore them, so records fetched after the seek were handed on, and
+resuming the flow again empties every stream queue (mode's ``clear_on_resume``): the
+cost role was given event 39 of a partition first where 17 was next.
 
 Giving back. With ``stream_wait_empty`` a rebalance first waits until every message
 Faust's streams handed to an agent is acked. A message an agent leaves unhandled, to be
@@ -159,10 +163,13 @@ class _Consumer(faust_aiokafka.Consumer):
         self._handled: weakref.WeakSet[Message] = weakref.WeakSet()
         self.delivery = DeliveryOrder()
         self._fetches = 0
-        # While a seek to the committed offsets is under way, records of the new positions
-        # can arrive before the stream knows them; they are held back and read again.
+        # From a seek to the committed offsets until the flow resumes, records of the new
+        # positions are held back and read again afterwards (the seek window).
         self._seeking = False
         self._fetched_while_seeking: set[TP] = set()
+        self._seeks = 0  # numbers each seek window
+        self._seek_positions: Mapping[TP, int | None] | None = None  # None: not yet known
+        self._resumed_since_seek = False
 
     def mark_handled(self, message: Message) -> None:
         """The agent is done with ``message``: its ack may now count towards a commit."""
@@ -202,23 +209,47 @@ class _Consumer(faust_aiokafka.Consumer):
         return batch[-1] + 1
 
     async def perform_seek(self) -> None:
-        # Records fetched until the positions are known are held back by the fetch loop
-        # and read again here (the seek window, see the module docstring).
-        self._seeking = True
+        # Records fetched from here until the flow resumes are held back by the fetch loop
+        # and read again then (the seek window, see the module docstring).
+        self._seeks += 1
+        window = self._seeks
+        self._seeking, self._seek_positions, self._resumed_since_seek = True, None, False
         self._fetched_while_seeking.clear()
         try:
             positions = await self.seek_to_committed()
-            self._read_offset.update({tp: o if o is not None and o >= 0 else None for tp, o in positions.items()})
-            self._committed_offset.update({tp: o for tp, o in positions.items() if o is not None})
-            self.delivery.reset(positions)
-            while self._fetched_while_seeking:  # (more may be held back during these seeks)
+        except BaseException:
+            self._seeking = False
+            raise
+        self._read_offset.update({tp: o if o is not None and o >= 0 else None for tp, o in positions.items()})
+        self._committed_offset.update({tp: o for tp, o in positions.items() if o is not None})
+        self.delivery.reset(positions)
+        self._seek_positions = positions
+        if self._resumed_since_seek:
+            await self._read_held_back_again(window)
+
+    def resume_flow(self) -> None:
+        # Faust resumes its flow control (which empties every stream queue) just before
+        # this: records handed on between the seek and here would have been dropped.
+        super().resume_flow()
+        if self._seeking:
+            self._resumed_since_seek = True
+            if self._seek_positions is not None:
+                self.add_future(self._read_held_back_again(self._seeks))
+
+    async def _read_held_back_again(self, window: int) -> None:
+        if window != self._seeks or not self._seeking or self._seek_positions is None:
+            return  # a later seek window, or this one already ended
+        positions = self._seek_positions
+        try:
+            while window == self._seeks and self._fetched_while_seeking:  # (more may come meanwhile)
                 tp = self._fetched_while_seeking.pop()
                 offset = positions.get(tp)
                 if offset is not None and tp in self.assignment():
                     log.info("%s: records fetched during the seek: reading them again from %d", tp, offset)
                     await super().seek(tp, offset)
         finally:
-            self._seeking = False
+            if window == self._seeks:
+                self._seeking = False
 
     async def seek(self, partition: TP, offset: int) -> None:
         await super().seek(partition, offset)

@@ -8,7 +8,9 @@ before a rebalance and drained after Faust had seeked back to the committed offs
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
+from collections.abc import Awaitable
 from types import SimpleNamespace
 
 import pytest
@@ -131,9 +133,12 @@ async def test_partitions_fetched_while_seeking_are_sought_again_once_positions_
     tpb = TP("requests.tier.standard", 1)
     consumer = object.__new__(_Consumer)
     consumer.delivery = DeliveryOrder()
-    consumer._seeking, consumer._fetched_while_seeking = False, set()
+    consumer._seeking, consumer._fetched_while_seeking, consumer._seeks = False, set(), 0
     consumer._read_offset, consumer._committed_offset = defaultdict(lambda: None), defaultdict(lambda: None)
     consumer.assignment = lambda: {TPA, tpb}  # type: ignore[method-assign]
+    consumer.flow_active, consumer.can_resume_flow, consumer.suspend_flow = False, asyncio.Event(), asyncio.Event()
+    pending: list[Awaitable[None]] = []
+    consumer.add_future = pending.append  # type: ignore[method-assign,assignment]
     sought: list[tuple[TP, int]] = []
 
     async def parent_seek(self: object, tp: TP, offset: int) -> None:
@@ -147,8 +152,46 @@ async def test_partitions_fetched_while_seeking_are_sought_again_once_positions_
     monkeypatch.setattr(faust_aiokafka.Consumer, "seek", parent_seek)
     consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
     await consumer.perform_seek()
-    assert sought == [(TPA, 5)], "only the partition that had records held back"
-    assert not consumer._seeking and consumer.delivery.expected(TPA) == 5 and consumer.delivery.expected(tpb) == 7
+    assert consumer.delivery.expected(TPA) == 5 and consumer.delivery.expected(tpb) == 7
+    # Until the flow resumes (Faust empties the stream queues then), records are still
+    # held back: in a role with tables the flow was resumed before, to restore them.
+    assert consumer._seeking and sought == []
+    consumer._fetched_while_seeking.add(tpb)
+    consumer.resume_flow()
+    for future in pending:
+        await future
+    assert sorted(sought) == [(TPA, 5), (tpb, 7)], "only the partitions that had records held back"
+    assert not consumer._seeking
+
+
+async def test_a_flow_resumed_during_the_seek_ends_the_window_once_positions_are_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    consumer = object.__new__(_Consumer)
+    consumer.delivery = DeliveryOrder()
+    consumer._seeking, consumer._fetched_while_seeking, consumer._seeks = False, set(), 0
+    consumer._read_offset, consumer._committed_offset = defaultdict(lambda: None), defaultdict(lambda: None)
+    consumer.assignment = lambda: {TPA}  # type: ignore[method-assign]
+    consumer.flow_active, consumer.can_resume_flow, consumer.suspend_flow = False, asyncio.Event(), asyncio.Event()
+    pending: list[Awaitable[None]] = []
+    consumer.add_future = pending.append  # type: ignore[method-assign,assignment]
+    sought: list[tuple[TP, int]] = []
+
+    async def parent_seek(self: object, tp: TP, offset: int) -> None:
+        sought.append((tp, offset))
+
+    async def seek_to_committed() -> dict[TP, int]:
+        consumer._fetched_while_seeking.add(TPA)
+        consumer.resume_flow()  # before the positions are known: nothing to seek to yet
+        assert consumer._seeking and pending == []
+        return {TPA: 3}
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "seek", parent_seek)
+    consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
+    await consumer.perform_seek()
+    assert sought == [(TPA, 3)] and not consumer._seeking
 
 
 def _inline_consumer(flow_on: bool = True, suspended: bool = False, queues: tuple[int, ...] = (0,)) -> _Consumer:
