@@ -154,12 +154,11 @@ def cost_role_warnings(log_dir: Path, limit: int = 30) -> list[str]:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
-            if (
-                isinstance(record, dict) and record.get("role") == "cost"
-                and record.get("level") in ("warning", "error", "critical")
-                and "Heartbeat" not in str(record.get("msg"))
-            ):
-                found.append((str(record.get("ts")), f"{path.stem} {record['ts']} {str(record.get('msg'))[:200]}"))
+            if not isinstance(record, dict) or record.get("role") != "cost":
+                continue
+            ts, msg = str(record.get("ts")), str(record.get("msg"))
+            if record.get("level") in ("warning", "error", "critical") and "Heartbeat" not in msg:
+                found.append((ts, f"{path.stem} {ts} {msg[:200]}"))
     return [text for _, text in sorted(found)[-limit:]]
 
 

@@ -123,33 +123,44 @@ def test_acks_below_the_committed_offset_do_not_hold_a_commit_back() -> None:
     assert _commit_offset([3, 4], committed=10) is None
 
 
+class _Seeking:
+    """A consumer for the seek window's tests: Faust's own seek recorded in ``sought``,
+    futures it schedules kept in ``pending``, ``seek_to_committed`` given by the test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, assignment: set[TP]) -> None:
+        from faust.transport.drivers import aiokafka as faust_aiokafka
+
+        self.sought: list[tuple[TP, int]] = []
+        self.pending: list[Awaitable[None]] = []
+        consumer = object.__new__(_Consumer)
+        consumer.delivery = DeliveryOrder()
+        consumer._seeking, consumer._fetched_while_seeking, consumer._seeks = False, set(), 0
+        consumer._read_offset, consumer._committed_offset = defaultdict(lambda: None), defaultdict(lambda: None)
+        consumer.assignment = lambda: assignment  # type: ignore[method-assign]
+        consumer.flow_active, consumer.can_resume_flow, consumer.suspend_flow = False, asyncio.Event(), asyncio.Event()
+        consumer.add_future = self.pending.append  # type: ignore[method-assign,assignment]
+        self.consumer = consumer
+
+        async def parent_seek(_: object, tp: TP, offset: int) -> None:
+            self.sought.append((tp, offset))
+
+        monkeypatch.setattr(faust_aiokafka.Consumer, "seek", parent_seek)
+
+
 async def test_partitions_fetched_while_seeking_are_sought_again_once_positions_are_known(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Records that arrive while the committed offsets are being fetched (held back by the
     fetch loop) are read again: their partitions are sought to the positions found."""
-    from faust.transport.drivers import aiokafka as faust_aiokafka
-
     tpb = TP("requests.tier.standard", 1)
-    consumer = object.__new__(_Consumer)
-    consumer.delivery = DeliveryOrder()
-    consumer._seeking, consumer._fetched_while_seeking, consumer._seeks = False, set(), 0
-    consumer._read_offset, consumer._committed_offset = defaultdict(lambda: None), defaultdict(lambda: None)
-    consumer.assignment = lambda: {TPA, tpb}  # type: ignore[method-assign]
-    consumer.flow_active, consumer.can_resume_flow, consumer.suspend_flow = False, asyncio.Event(), asyncio.Event()
-    pending: list[Awaitable[None]] = []
-    consumer.add_future = pending.append  # type: ignore[method-assign,assignment]
-    sought: list[tuple[TP, int]] = []
-
-    async def parent_seek(self: object, tp: TP, offset: int) -> None:
-        sought.append((tp, offset))
+    seeking = _Seeking(monkeypatch, {TPA, tpb})
+    consumer, sought = seeking.consumer, seeking.sought
 
     async def seek_to_committed() -> dict[TP, int]:
         assert consumer._seeking, "records arriving now are held back"
         consumer._fetched_while_seeking.add(TPA)  # what the fetch loop does with one of TPA's
         return {TPA: 5, tpb: 7}
 
-    monkeypatch.setattr(faust_aiokafka.Consumer, "seek", parent_seek)
     consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
     await consumer.perform_seek()
     assert consumer.delivery.expected(TPA) == 5 and consumer.delivery.expected(tpb) == 7
@@ -158,7 +169,7 @@ async def test_partitions_fetched_while_seeking_are_sought_again_once_positions_
     assert consumer._seeking and sought == []
     consumer._fetched_while_seeking.add(tpb)
     consumer.resume_flow()
-    for future in pending:
+    for future in seeking.pending:
         await future
     assert sorted(sought) == [(TPA, 5), (tpb, 7)], "only the partitions that had records held back"
     assert not consumer._seeking
@@ -167,31 +178,18 @@ async def test_partitions_fetched_while_seeking_are_sought_again_once_positions_
 async def test_a_flow_resumed_during_the_seek_ends_the_window_once_positions_are_known(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from faust.transport.drivers import aiokafka as faust_aiokafka
-
-    consumer = object.__new__(_Consumer)
-    consumer.delivery = DeliveryOrder()
-    consumer._seeking, consumer._fetched_while_seeking, consumer._seeks = False, set(), 0
-    consumer._read_offset, consumer._committed_offset = defaultdict(lambda: None), defaultdict(lambda: None)
-    consumer.assignment = lambda: {TPA}  # type: ignore[method-assign]
-    consumer.flow_active, consumer.can_resume_flow, consumer.suspend_flow = False, asyncio.Event(), asyncio.Event()
-    pending: list[Awaitable[None]] = []
-    consumer.add_future = pending.append  # type: ignore[method-assign,assignment]
-    sought: list[tuple[TP, int]] = []
-
-    async def parent_seek(self: object, tp: TP, offset: int) -> None:
-        sought.append((tp, offset))
+    seeking = _Seeking(monkeypatch, {TPA})
+    consumer = seeking.consumer
 
     async def seek_to_committed() -> dict[TP, int]:
         consumer._fetched_while_seeking.add(TPA)
         consumer.resume_flow()  # before the positions are known: nothing to seek to yet
-        assert consumer._seeking and pending == []
+        assert consumer._seeking and seeking.pending == []
         return {TPA: 3}
 
-    monkeypatch.setattr(faust_aiokafka.Consumer, "seek", parent_seek)
     consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
     await consumer.perform_seek()
-    assert sought == [(TPA, 3)] and not consumer._seeking
+    assert seeking.sought == [(TPA, 3)] and not consumer._seeking
 
 
 def _inline_consumer(flow_on: bool = True, suspended: bool = False, queues: tuple[int, ...] = (0,)) -> _Consumer:
@@ -235,12 +233,10 @@ async def test_a_record_is_handed_over_inline_only_when_that_cannot_block() -> N
     assert TPA not in unknown.app.topics._tp_index, "asking does not subscribe anything"
 
 
-
 async def test_a_message_given_back_does_not_hold_up_a_rebalance() -> None:
     """Faust's own wait_empty (what a rebalance runs with stream_wait_empty) waits while
     a message its stream handed over is unacked and still held, as an agent holds the
     last event it was given; a message given back (read again after a seek) ends it."""
-    import asyncio
     import weakref
 
     class Message:  # weakly referenceable, as Faust's are
