@@ -50,7 +50,7 @@ demo: install
 	$(VENV)/bin/tierstream demo
 
 # Scenario 1 (zero-latency simulator, one worker) against raw aiokafka baselines and
-# Kafka's own perf tools in the same run; see README "Benchmarks" for scenarios 2-4.
+# Kafka's own perf tools in the same run; see docs/benchmarks.md for scenarios 2-4.
 bench: install
 	$(VENV)/bin/tierstream bench --scenario 1
 

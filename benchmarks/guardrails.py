@@ -21,8 +21,8 @@ bench-guardrails ...``). For each worker count W and each repeat, from scratch:
      over it, to the ``ts`` of that worker's first "hourly budget spent: pausing
      consumption" log line;
    * overspend: the sum of every cost event of the hour minus the limit, as a fraction of
-     the limit; beside it the README's bound, W x ``max_concurrent_tasks`` x the worst
-     case of one request (which leaves out what was spent during the cost role's lag);
+     the limit; beside it the bound of docs/guardrails.md, W x ``max_concurrent_tasks`` x
+     the worst case of one request (which leaves out what was spent during the cost role's lag);
 
 7. stop every process of the repeat.
 
@@ -82,9 +82,9 @@ DEFINITIONS = {
                   "hour's cumulative spend, cost events ordered by record time, to >= the limit",
     "overspend_fraction": "(sum of the hour's cost events once no result arrived for 3 s while paused "
                           "- limit) / limit",
-    "bound_fraction": "README bound: workers x max_concurrent_tasks x worst case of one request "
+    "bound_fraction": "docs/guardrails.md bound: workers x max_concurrent_tasks x worst case of one request "
                       "(PriceBook.worst_case with the tier worker's input estimate), / limit; the "
-                      "README adds what was spent during the cost role's lag, not included here",
+                      "docs/guardrails.md adds what was spent during the cost role's lag, not included here",
 }
 
 
@@ -489,7 +489,7 @@ def print_report(console: Console, report: dict) -> None:
         console.print(f"[yellow]failed attempt (not a measurement; the repeat was run afresh), W={r['workers']} "
                       f"repeat {r['repeat']} attempt {r['attempt']}: {r['error']}[/]")
     console.print("overspend and bound are fractions of the hourly limit; the bound leaves out the "
-                  "spend during the cost role's lag (README, 'The overspend bound').")
+                  "spend during the cost role's lag (docs/guardrails.md, 'The overspend bound').")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

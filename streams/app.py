@@ -339,7 +339,7 @@ PRODUCER_LINGER_ENV = "TIERSTREAM_PRODUCER_LINGER_MS"
 
 def producer_linger_seconds() -> float:
     """How long the workers' producers wait to fill a batch: 5 ms;
-    ``TIERSTREAM_PRODUCER_LINGER_MS`` overrides it, for measurements (README, "Benchmarks")."""
+    ``TIERSTREAM_PRODUCER_LINGER_MS`` overrides it, for measurements (docs/benchmarks.md)."""
     return max(0.0, float(os.environ.get(PRODUCER_LINGER_ENV, 5))) / 1000
 
 
@@ -347,15 +347,15 @@ def producer_max_batch_bytes(settings: Settings) -> int:
     """Bytes per partition batch of the workers' producers: 256 KiB (aiokafka's default is
     16 KiB), at most ``kafka.max_message_bytes``. With 16 KiB a batch holds about ten
     results, and a send into a full batch waits for the broker to acknowledge the one in
-    flight, holding the agent's concurrency slot (see README, "Benchmarks").
+    flight, holding the agent's concurrency slot (see docs/benchmarks.md).
     ``TIERSTREAM_PRODUCER_MAX_BATCH_BYTES`` overrides it, for measurements."""
     wanted = int(os.environ.get(PRODUCER_BATCH_ENV, 256 * 1024))
     return max(1024, min(wanted, settings.kafka.max_message_bytes))
 
 
 def use_event_loop() -> str:
-    """uvloop for the workers (less CPU per event than asyncio's loop, see README,
-    "Benchmarks"); ``TIERSTREAM_EVENT_LOOP=asyncio`` keeps the standard loop."""
+    """uvloop for the workers (less CPU per event than asyncio's loop, see
+    docs/benchmarks.md); ``TIERSTREAM_EVENT_LOOP=asyncio`` keeps the standard loop."""
     name = os.environ.get(EVENT_LOOP_ENV, "uvloop").strip().lower() or "uvloop"
     if name not in ("uvloop", "asyncio"):
         raise ValueError(f"{EVENT_LOOP_ENV}={name!r}: expected uvloop or asyncio")

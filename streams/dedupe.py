@@ -8,9 +8,9 @@ the worker takes another request; a request already answered is skipped. A worke
 loses a partition while a call is in flight drops that call's result (its cost is still
 recorded), so the partition's new owner is the only one to answer it.
 
-What is left (see README, "Delivery"): the model call in flight when a worker dies is
-made again by the next owner (paid twice, answered once); a request redelivered after
-more than the window is answered again.
+What is left (see docs/architecture.md, "Delivery guarantees"): the model call in flight
+when a worker dies is made again by the next owner (paid twice, answered once); a request
+redelivered after more than the window is answered again.
 """
 
 from __future__ import annotations

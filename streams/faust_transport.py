@@ -329,7 +329,7 @@ class _Consumer(faust_aiokafka.Consumer):
         racing the hand-over against a flow stop (Faust's way, kept for the rest) costs
         four tasks and at least two turns of the event loop per record, and with a few
         hundred model calls in flight a turn takes milliseconds: fetched records waited
-        up to a second in a busy tier worker (README, "Benchmarks")."""
+        up to a second in a busy tier worker (docs/benchmarks.md)."""
         if self.suspend_flow.is_set() or not self.app.flow_control.is_active():
             return False
         channels = self.app.topics._tp_index.get(tp)

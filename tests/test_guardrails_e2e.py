@@ -147,7 +147,7 @@ async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipe
     status = view.status()
     spent = sum(usd_to_nanos(r["cost_usd"]) for r in collected.results)
     worst = max(usd_to_nanos(0.0001 + 200 * 15e-6), 1)  # claude-sonnet-4-6 output price bounds it
-    # README: each process stops at the limit with at most `in_flight` reservations out.
+    # docs/guardrails.md: each process stops at the limit with at most `in_flight` reservations out.
     bound = workers * in_flight * worst
     overspend = max(0, spent - usd_to_nanos(limit))
     print(f"paused after {seen} results: spent ${spent / 1e9:.6f} of ${limit}, "

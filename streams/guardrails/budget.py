@@ -11,7 +11,7 @@ process has spent that the cost role has not counted yet, plus its reservations 
 
 Across processes, each one sees the others only through the cost role's totals, so the
 cluster can overspend by what the *other* processes had reserved or not yet reported
-(see README, "Cost guardrails").
+(see docs/guardrails.md, "The overspend bound").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The SDKs' default transport (httpx) answered about 230-320 calls/s per process against
 the simulator on 2 cores; their aiohttp transport (``DefaultAioHttpClient``, the
 ``openai[aiohttp]`` / ``anthropic[aiohttp]`` extras) does the same calls with less CPU
-(see README, "Benchmarks"). aiohttp is the default; ``TIERSTREAM_HTTP_TRANSPORT=httpx``
+(see docs/benchmarks.md). aiohttp is the default; ``TIERSTREAM_HTTP_TRANSPORT=httpx``
 switches back (for comparison, or should the aiohttp transport misbehave somewhere).
 """
 
