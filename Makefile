@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KAFKA_STAMP := .cache/.kafka-fetched
 
-.PHONY: install kafka promtool test test-chaos test-slow test-fast demo bench schemas broker-start broker-stop clean
+.PHONY: install kafka promtool test test-chaos test-slow test-fast demo bench router router-eval schemas broker-start broker-stop clean
 
 install: $(STAMP) $(KAFKA_STAMP)
 
@@ -53,6 +53,18 @@ demo: install
 # Kafka's own perf tools in the same run; see docs/benchmarks.md for scenarios 2-4.
 bench: install
 	$(VENV)/bin/tierstream bench --scenario 1
+
+# The packaged default router, trained on the routing development data (docs/routing.md).
+ROUTING_DATA := benchmarks/routing/mmlu-dev.jsonl
+router: $(STAMP)
+	$(VENV)/bin/tierstream router train --data $(ROUTING_DATA) --out streams/routing/default.router
+
+# Every routing strategy on the development data, the learned router cross-validated with
+# whole subjects held out: the figures and the plot of docs/routing.md.
+router-eval: $(STAMP)
+	$(VENV)/bin/tierstream router eval --data $(ROUTING_DATA) --cross-validate \
+		--save benchmarks/baselines/routing-mmlu-dev.json --plot docs/routing-curves.png
+	$(VENV)/bin/python -m benchmarks.classifier --data $(ROUTING_DATA)
 
 schemas: $(STAMP)
 	$(PY) -m schemas.export

@@ -5,7 +5,7 @@ aiokafka consume-transform-produce loop, configured like a worker (``TIERSTREAM_
 environment). It reuses tierstream's transport-neutral handlers
 (:class:`streams.classifier.ClassifierHandler`, :class:`streams.tier_worker.TierHandler`),
 so it decodes with ``schemas.codec.decode``, classifies with
-:func:`streams.classifier.rules_tier` (``classifier.strategy: rules``) and writes the
+:func:`streams.routing.rules.rules_tier` (``classifier.strategy: rules``) and writes the
 same messages (tier request; result and cost event; dead letters) to the same kinds of
 topics. Only the transport differs.
 

@@ -66,7 +66,7 @@ from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, us
 from streams.guardrails.operator import read_state
 from streams.kafka_security import aiokafka_kwargs
 from streams.pricing import PriceBook
-from streams.tier_worker import estimate_input_tokens
+from streams.tokens import estimate_input_tokens
 from topologies.config import Settings, load_settings
 from topologies.topics import Topology
 

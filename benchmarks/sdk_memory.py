@@ -30,7 +30,7 @@ import orjson
 from benchmarks.procstats import status_kb
 from streams import processes
 from streams.broker import free_ports
-from streams.classifier import rules_tier
+from streams.routing.rules import rules_tier
 from streams.providers import ProviderRegistry
 from streams.workload import sample_requests
 from topologies.config import load_settings

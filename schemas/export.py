@@ -1,4 +1,5 @@
-"""Generate the JSON Schema files in ``schemas/json/`` for producers in other languages.
+"""Generate the JSON Schema files in ``schemas/json/``: the wire contract, for producers in
+other languages, and the routing data format (``schemas.routing``).
 
 Run ``python -m schemas.export`` after changing a model; a test fails while they differ.
 """
@@ -11,13 +12,14 @@ from pathlib import Path
 import orjson
 
 from schemas.models import SCHEMA_VERSION, WIRE_MODELS
+from schemas.routing import DATA_MODELS
 
 JSON_DIR = Path(__file__).resolve().parent / "json"
 
 
 def schema_documents() -> dict[str, bytes]:
     docs = {}
-    for name, model in WIRE_MODELS.items():
+    for name, model in {**WIRE_MODELS, **DATA_MODELS}.items():
         schema = model.model_json_schema(mode="validation")
         schema = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -91,7 +91,7 @@ class AgentRequest(WireModel):
         return "\n".join(m.content for m in self.chat())
 
 
-RoutedBy = Literal["hint", "rules", "llm", "llm_fallback"]
+RoutedBy = Literal["hint", "rules", "learned", "llm", "llm_fallback"]
 
 
 class TieredRequest(AgentRequest):

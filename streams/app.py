@@ -45,6 +45,7 @@ from topologies.config import Settings
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, TopicSpec, Topology, tier_role
 
 Handler = Callable[[Source], Awaitable[list[Outgoing]]]
+BatchHandler = Callable[[list[Source]], Awaitable[list[list[Outgoing]]]]
 log = logging.getLogger(__name__)
 
 
@@ -149,13 +150,18 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
     view: GuardrailView | None = None
     accountant: CostAccountant | None = None
     answered: AnsweredIndex | None = None
+    batch_handler: BatchHandler | None = None
     if role == CLASSIFIER_ROLE:
         needs_models = settings.classifier.strategy == "llm"
         providers = ProviderRegistry(settings) if needs_models else None
         classifier = Classifier(settings, providers)
-        handler: Handler = ClassifierHandler(settings, topology, classifier, prices).handle
+        classifier_handler = ClassifierHandler(settings, topology, classifier, prices)
+        handler: Handler = classifier_handler.handle
+        batch_handler = classifier_handler.handle_batch
         source = topology.requests
-        concurrency = settings.worker.max_concurrent_tasks if needs_models else 1
+        # One agent classifying in batches keeps each workflow's requests in offset order
+        # (a partition's records reach one stream in order, and a batch is sent in order).
+        concurrency = 1
     elif role == COST_ROLE:
         view = GuardrailView(settings)
         hourly, workflows = cost_tables(app, topology)
@@ -260,54 +266,78 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
         await in_flight.drain(settings.worker.shutdown_grace_seconds)
         await publish_batch()
 
-    async def handle_event(event: faust.EventT, request_id: str | None) -> None:
-        """One event, from the handler to its ack."""
+    def source_of(event: faust.EventT) -> Source:
         message = event.message
-        source = Source(
+        return Source(
             message.topic, message.partition, message.offset, message.key,
             message.value, message.timestamp,
         )
+
+    async def handle_event(event: faust.EventT, request_id: str | None) -> None:
+        """One event, from the handler to its ack."""
         with in_flight.track(), _answering(answered, request_id), metrics.track_in_flight(role):
             try:
-                outgoing = await handler(source)
+                outgoing = await handler(source_of(event))
             except Rewound:
-                app.consumer.release(message)  # not handled: read again (see Rewound)
+                app.consumer.release(event.message)  # not handled: read again (see Rewound)
                 return
-            # A rebalance since this event was fetched means the partition's owner (maybe
-            # this worker again) reads it again from the committed offset and answers it.
-            owned = answered is None or (
-                message.generation_id == app.consumer_generation_id
-                and not app.rebalancing
-                and message.tp in app.consumer.assignment()
-            )
-            if not owned:
-                # The call was made, so its cost still counts.
-                outgoing = [out for out in outgoing if out.topic == costs_topic]
-            # Every handler's output passes here, so metrics need no code in the handlers.
-            observe(role, outgoing)
-            if batch is not None:  # the cost role: sent and acked with its batch
-                batch.add(outgoing)
-                batched.append(event)
-                batch_started.set()
-                if len(batch) >= COST_BATCH_EVENTS:
-                    await publish_batch()
+            if not await deliver(event, outgoing, request_id):
                 return
-            # Tier roles write a call's cost before its result and wait for it: a worker
-            # killed between the two would otherwise leave an answered request (skipped
-            # when read again) whose call was never costed.
-            first = [o for o in outgoing if o.topic == costs_topic] if answered is not None else []
-            for out in first:
-                await _send(outputs, out, wait=True)
-            for out in outgoing:
-                if out not in first:
-                    # Faust flushes the producer before it commits the source offset, so
-                    # an offset is committed only after everything it caused is in Kafka.
-                    await _send(outputs, out)
-            if not owned:
-                return
-            if answered is not None and request_id is not None:
-                answered.mark_answered(request_id)
         _ack(app, event)
+
+    async def deliver(event: faust.EventT, outgoing: list[Outgoing], request_id: str | None) -> bool:
+        """Hand an event's output to the producer; whether the event is to be acked now."""
+        message = event.message
+        # A rebalance since this event was fetched means the partition's owner (maybe
+        # this worker again) reads it again from the committed offset and answers it.
+        owned = answered is None or (
+            message.generation_id == app.consumer_generation_id
+            and not app.rebalancing
+            and message.tp in app.consumer.assignment()
+        )
+        if not owned:
+            # The call was made, so its cost still counts.
+            outgoing = [out for out in outgoing if out.topic == costs_topic]
+        # Every handler's output passes here, so metrics need no code in the handlers.
+        observe(role, outgoing)
+        if batch is not None:  # the cost role: sent and acked with its batch
+            batch.add(outgoing)
+            batched.append(event)
+            batch_started.set()
+            if len(batch) >= COST_BATCH_EVENTS:
+                await publish_batch()
+            return False
+        # Tier roles write a call's cost before its result and wait for it: a worker
+        # killed between the two would otherwise leave an answered request (skipped
+        # when read again) whose call was never costed.
+        first = [o for o in outgoing if o.topic == costs_topic] if answered is not None else []
+        for out in first:
+            await _send(outputs, out, wait=True)
+        for out in outgoing:
+            if out not in first:
+                # Faust flushes the producer before it commits the source offset, so
+                # an offset is committed only after everything it caused is in Kafka.
+                await _send(outputs, out)
+        if not owned:
+            return False
+        if answered is not None and request_id is not None:
+            answered.mark_answered(request_id)
+        return True
+
+    async def process_batches(stream: faust.StreamT) -> None:
+        # noack_take hands over events, not values, and acks none of them: each is acked
+        # once its output is with the producer, so a batch cut short by a shutdown is
+        # read again rather than committed (take_events acks in a finally block).
+        assert batch_handler is not None
+        size = settings.classifier.batch_size
+        if settings.classifier.strategy == "llm":  # a batch's meta-routing calls run at once
+            size = min(size, settings.worker.max_concurrent_tasks)
+        async for events in stream.noack().noack_take(size, within=settings.classifier.batch_wait_seconds):
+            with in_flight.track(), metrics.track_in_flight(role):
+                produced = await batch_handler([source_of(e) for e in events])
+                for event, outgoing in zip(events, produced, strict=True):
+                    if await deliver(event, outgoing, None):
+                        _ack(app, event)
 
     async def process(stream: faust.StreamT) -> None:
         # Acked by hand once its output is handed to the producer: Faust's own ack runs
@@ -326,7 +356,8 @@ def build_role_app(settings: Settings, role: Role, datadir: Path | None = None) 
                     continue
             await handle_event(event, request_id)
 
-    app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(process)
+    agent_loop = process_batches if batch_handler is not None else process
+    app.agent(_faust_topic(app, source), name=role, concurrency=concurrency)(agent_loop)
     return app
 
 

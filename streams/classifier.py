@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from schemas.codec import DecodeError, decode, encode
@@ -12,8 +14,10 @@ from streams.envelope import Outgoing, Source, dead_letter, dead_letter_for
 from streams.logs import log_context
 from streams.pricing import PriceBook
 from streams.providers import Completion, ProviderError, ProviderRegistry
-from streams.tier_worker import estimate_input_tokens
-from topologies.config import ClassifierSettings, RulesSettings, Settings
+from streams.routing.model import RouterModel, configured_router
+from streams.routing.rules import rules_tier
+from streams.tokens import estimate_input_tokens
+from topologies.config import ClassifierSettings, Settings
 from topologies.topics import CLASSIFIER_ROLE, Topology
 
 log = logging.getLogger(__name__)
@@ -28,16 +32,6 @@ META_ROUTING_PROMPT = (
 )
 META_ROUTING_MAX_TOKENS = 4
 META_ROUTING_MAX_CHARS = 8000
-
-
-def rules_tier(text: str, rules: RulesSettings) -> Tier:
-    """Free, local tiering by keywords and length."""
-    lowered = text.lower()
-    if any(k in lowered for k in rules.premium_keywords) or len(text) >= rules.premium_min_chars:
-        return Tier.PREMIUM
-    if any(k in lowered for k in rules.nano_keywords):
-        return Tier.NANO
-    return Tier.STANDARD
 
 
 def parse_tier_word(answer: str) -> Tier | None:
@@ -61,6 +55,9 @@ class Classifier:
         self.providers = providers
         if self.conf.strategy == "llm" and providers is None:
             raise ValueError("classifier.strategy 'llm' needs provider clients")
+        self.router: RouterModel | None = None
+        if self.conf.strategy == "learned":
+            self.router = configured_router(self.conf.learned.model, self.conf.learned.quality_target)
 
     def _floor(self, request: AgentRequest, tier: Tier) -> Tier:
         if not self.conf.agent_type_floor:
@@ -69,13 +66,38 @@ class Classifier:
         return floor if TIER_ORDER[floor] > TIER_ORDER[tier] else tier
 
     async def classify(self, request: AgentRequest) -> Classification:
-        if request.tier_hint is not None:
-            return Classification(request.tier_hint, "hint")
+        [decision] = await self.classify_batch([request])
+        return decision
+
+    async def classify_batch(self, requests: Sequence[AgentRequest]) -> list[Classification]:
+        """One decision per request, in order. A hint wins; ``learned`` routes the rest
+        in one pass of its model, ``llm`` makes their calls concurrently."""
+        decisions: list[Classification | None] = [
+            Classification(r.tier_hint, "hint") if r.tier_hint is not None else None for r in requests
+        ]
+        todo = [i for i, d in enumerate(decisions) if d is None]
         if self.conf.strategy == "rules":
-            return Classification(self._floor(request, rules_tier(request.prompt_text(), self.conf.rules)), "rules")
-        return await self._meta_route(request)
+            for i in todo:
+                tier = rules_tier(requests[i].prompt_text(), self.conf.rules)
+                decisions[i] = Classification(self._floor(requests[i], tier), "rules")
+        elif self.conf.strategy == "learned":
+            assert self.router is not None
+            tiers = self.router.route(
+                [requests[i].prompt_text() for i in todo], [requests[i].agent_type for i in todo]
+            )
+            for i, tier in zip(todo, tiers, strict=True):
+                decisions[i] = Classification(self._floor(requests[i], tier), "learned")
+        else:
+            routed = await asyncio.gather(*(self._meta_route(requests[i]) for i in todo))
+            for i, decision in zip(todo, routed, strict=True):
+                decisions[i] = decision
+        return [d for d in decisions if d is not None]
 
     async def _meta_route(self, request: AgentRequest) -> Classification:
+        with log_context(request_id=request.request_id, workflow_id=request.workflow_id):
+            return await self._meta_route_call(request)
+
+    async def _meta_route_call(self, request: AgentRequest) -> Classification:
         assert self.providers is not None
         messages = [
             ChatMessage(role="system", content=META_ROUTING_PROMPT),
@@ -97,7 +119,7 @@ class Classifier:
 
 
 class ClassifierHandler:
-    """Decode, validate, classify, and route one message from the requests topic."""
+    """Decode, validate, classify, and route messages from the requests topic."""
 
     stage = CLASSIFIER_ROLE
 
@@ -109,7 +131,6 @@ class ClassifierHandler:
         self.classifier = classifier
         self.prices = prices
         self.max_bytes = settings.worker.max_request_bytes
-        self.tier_counts: dict[Tier, int] = dict.fromkeys(Tier, 0)
 
     def _over_context_window(self, request: AgentRequest, tier: Tier) -> str | None:
         """Why the request cannot fit its tier model's context window, if it cannot: a
@@ -125,30 +146,31 @@ class ClassifierHandler:
             f"{choice.model} ({tier.value} tier); shorten the task or lower max_output_tokens"
         )
 
-    async def handle(self, source: Source) -> list[Outgoing]:
+    def _admit(self, source: Source) -> AgentRequest | Outgoing:
+        """The request, or the dead letter that says why there is none."""
         dlq = self.topology.dead_letters.name
         try:
             request = decode(source.value, AgentRequest, max_bytes=self.max_bytes)
         except DecodeError as exc:
-            return [dead_letter_for(dlq, source, exc, self.stage)]
+            return dead_letter_for(dlq, source, exc, self.stage)
         if request.agent_type not in self.settings.agent_types:
             known = ", ".join(sorted(self.settings.agent_types))
-            letter = dead_letter(
+            return dead_letter(
                 dlq, source, code="unknown_agent_type", stage=self.stage,
                 reason=f"agent_type '{request.agent_type}' is not configured (known: {known})",
                 payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
             )
-            return [letter]
-        with log_context(request_id=request.request_id, workflow_id=request.workflow_id):
-            decision = await self.classifier.classify(request)
+        return request
+
+    def _route(self, source: Source, request: AgentRequest, decision: Classification) -> list[Outgoing]:
         too_long = self._over_context_window(request, decision.tier)
         if too_long is not None:
             letter = dead_letter(
-                dlq, source, code="context_too_long", stage=self.stage, reason=too_long,
+                self.topology.dead_letters.name, source, code="context_too_long", stage=self.stage,
+                reason=too_long,
                 payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
             )
             return [letter]
-        self.tier_counts[decision.tier] += 1
         tiered = TieredRequest(
             **request.model_dump(), tier=decision.tier, routed_by=decision.routed_by
         )
@@ -166,3 +188,18 @@ class ClassifierHandler:
             attempt=1,
         )
         return [out, Outgoing(self.topology.costs.name, out.key, encode(event))]
+
+    async def handle_batch(self, sources: Sequence[Source]) -> list[list[Outgoing]]:
+        """What each message of a batch produces, in the batch's order; the valid
+        requests are classified together."""
+        admitted = [self._admit(source) for source in sources]
+        valid = [(i, a) for i, a in enumerate(admitted) if isinstance(a, AgentRequest)]
+        decisions = await self.classifier.classify_batch([request for _, request in valid])
+        outputs: list[list[Outgoing]] = [[a] if isinstance(a, Outgoing) else [] for a in admitted]
+        for (i, request), decision in zip(valid, decisions, strict=True):
+            outputs[i] = self._route(sources[i], request, decision)
+        return outputs
+
+    async def handle(self, source: Source) -> list[Outgoing]:
+        [outgoing] = await self.handle_batch([source])
+        return outgoing

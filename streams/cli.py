@@ -26,6 +26,8 @@ app.add_typer(guardrail_app, name="guardrail")
 topics_app = typer.Typer(help="The topology's topics.")
 app.add_typer(broker_app, name="broker")
 app.add_typer(topics_app, name="topics")
+router_app = typer.Typer(help="The learned router: train it, and evaluate any routing strategy on labelled data.")
+app.add_typer(router_app, name="router")
 
 ConfigOption = Annotated[
     Optional[Path],
@@ -302,6 +304,112 @@ def guardrail_set_limit(
                 raise typer.Exit(2)
             asyncio.run(set_limit(settings, name, usd, reason))  # type: ignore[arg-type]
             print(f"{name} limit set to ${usd:.2f}")
+
+
+DataOption = Annotated[Path, typer.Option("--data", help="Labelled routing data: JSON Lines (schemas/json/routing_example.v1.json).")]
+
+
+@router_app.command("train")
+def router_train(
+    data: DataOption,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the router file.")],
+    quality_target: Annotated[float, typer.Option(help="Share of the all-top-tier quality to keep, in (0, 1].")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Seed of the fold shuffles and the estimator.")] = 0,
+) -> None:
+    """Train a local router (no network, no GPU, no model call per request) and pick its
+    threshold for the quality target on out-of-fold predictions."""
+    from streams.routing.data import RoutingDataError, load_routing_data
+    from streams.routing.model import train_router
+
+    if not 0 < quality_target <= 1:
+        err.print("[red]--quality-target: must be in (0, 1][/]")
+        raise typer.Exit(2)
+    try:
+        labelled = load_routing_data(data)
+        router = train_router(labelled, quality_target, seed)
+    except (RoutingDataError, ValueError) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    router.save(out)
+    fit = router.metadata["out_of_fold"]
+    err.print(
+        f"wrote {out}: {len(labelled.examples):,} examples, tiers {', '.join(t.value for t in router.tiers)}; "
+        f"threshold {router.threshold:.4f} for {quality_target:.0%} of {router.top.value} quality "
+        f"(out of fold: {fit['top_share']:.1%} to {router.top.value}, quality ratio {fit['quality_ratio']:.3f})"
+    )
+
+
+@router_app.command("eval")
+def router_eval(
+    data: DataOption,
+    model: Annotated[Optional[Path], typer.Option("--model", help="A router file: adds the `learned` strategy, as it is.")] = None,
+    cross_validate: Annotated[bool, typer.Option(help="Add `learned` trained per fold, whole `source` families held out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Also write the JSON object to this file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw the curves to this PNG (matplotlib).")] = None,
+    output_tokens: Annotated[int, typer.Option(help="Output tokens assumed per answer when pricing.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the fold shuffles and the estimator.")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Quality against top-tier share for random, rules, length, learned and oracle routing;
+    costs priced with the configured tier models."""
+    import orjson
+
+    from streams.routing.data import RoutingDataError, load_routing_data
+    from streams.routing.evaluate import evaluate, plot as draw
+    from streams.routing.model import RouterModelError, load_router
+
+    settings = _settings(config)
+    if model is not None and cross_validate:
+        err.print("[red]give --model or --cross-validate, not both[/]")
+        raise typer.Exit(2)
+    try:
+        labelled = load_routing_data(data)
+        router = load_router(model) if model is not None else None
+        evaluation = evaluate(labelled, settings, router, cross_validate, output_tokens, seed)
+    except (RoutingDataError, RouterModelError, ValueError) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    report = evaluation.report()
+    if save is not None:
+        save.write_bytes(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2) + b"\n")
+    if plot is not None:
+        try:
+            draw(evaluation, str(plot))
+        except RuntimeError as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
+    if as_json:
+        print(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY).decode())
+        return
+    _print_router_report(report)
+
+
+def _print_router_report(report: dict) -> None:  # type: ignore[type-arg]
+    from rich.table import Table
+
+    top = report["top_tier"]
+    quality = ", ".join(f"{tier} {q:.3f}" for tier, q in report["quality"].items())
+    table = Table(title=f"{report['data']['examples']:,} prompts; mean quality: {quality}")
+    for column in ("strategy", f"{top} share for 95% quality", "APGR", "CPT(50%)", "CPT(80%)",
+                   f"{top} share", "quality ratio", "cost ratio"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+
+    def num(value: float | None, digits: int = 3) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    for name, s in report["strategies"].items():
+        op = s["operating_point"]
+        table.add_row(name, num(s["premium_share_for_95pct_quality"]), num(s["apgr"]), num(s["cpt50"]),
+                      num(s["cpt80"]), num(op["premium_share"]), num(op["quality_ratio"]),
+                      num(op["cost_ratio"]))
+    Console().print(table)
+    print("The last three columns are each strategy's operating point:")
+    for name, s in report["strategies"].items():
+        print(f"  {name}: {s['operating_point']['how']}")
+    for warning in report["warnings"]:
+        err.print(f"[yellow]warning: {warning}[/]")
 
 
 def _broker(port: int | None, config: Path | None):  # noqa: ANN202

@@ -23,7 +23,7 @@ an amount above its capacity; ``limits`` stores one entry per unit of a moving w
 which is millions for tokens per minute. The bucket is a few lines of arithmetic.
 
 Token budgets: before a call the bucket is charged the worst-case input estimate (the
-budget gate's: ``streams.tier_worker.estimate_input_tokens``) plus ``max_output_tokens``;
+budget gate's: ``streams.tokens.estimate_input_tokens``) plus ``max_output_tokens``;
 after it the estimate is replaced with the reported input tokens (and, with
 ``count_output: usage``, the reported output tokens) and the difference is refunded.
 

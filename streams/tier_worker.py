@@ -21,6 +21,7 @@ from streams.logs import log_context
 from streams.pricing import PriceBook
 from streams.providers import ProviderError, ProviderRegistry
 from streams.ratelimit import Permit, RateLimiter
+from streams.tokens import estimate_input_tokens
 from topologies.config import Settings
 from topologies.topics import Topology, tier_role
 
@@ -210,10 +211,3 @@ class TierHandler:
             metadata=request.metadata,
         )
         return Outgoing(self.topology.results.name, request.workflow_id.encode(), encode(result))
-
-
-def estimate_input_tokens(request: AgentRequest) -> int:
-    """A deliberately high estimate (3 characters a token, plus per-message overhead):
-    the reservation must not undershoot the real bill."""
-    chat = request.chat()
-    return sum(len(m.content) for m in chat) // 3 + 8 * len(chat) + 8

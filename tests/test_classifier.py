@@ -14,9 +14,9 @@ from streams.classifier import (
     Classifier,
     ClassifierHandler,
     parse_tier_word,
-    rules_tier,
 )
 from streams.envelope import Source
+from streams.routing.rules import rules_tier
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
 from streams.simulator import ProviderSimulator

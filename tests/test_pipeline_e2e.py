@@ -139,3 +139,41 @@ async def test_llm_meta_routing_end_to_end(pipeline_factory) -> None:
     routed_to_nano = sum(1 for _, answer in bodies.values() if answer == "NANO")
     assert sum(1 for c in costs if c["tier"] == "nano") == len(bodies) + routed_to_nano
     assert all(c["cost_usd"] > 0 for c in costs)
+
+
+async def test_learned_routing_end_to_end(pipeline_factory, tmp_path) -> None:
+    """strategy=learned with a router trained here: each request is routed by the model
+    (hints still win), and a workflow's requests reach each tier topic in the order they
+    were produced, though the classifier takes them in batches."""
+    from streams.routing.data import parse_lines
+    from streams.routing.model import train_router
+    from tests.test_routing import synthetic_lines
+
+    model = tmp_path / "e2e.router"
+    train_router(parse_lines(synthetic_lines())).save(model)
+    pipeline = pipeline_factory(
+        TIERSTREAM__CLASSIFIER__STRATEGY="learned", TIERSTREAM__CLASSIFIER__LEARNED__MODEL=str(model)
+    )
+    await pipeline.start_workers("all")
+    expected = {}
+    bodies = []
+    for n in range(40):
+        maths = n % 2 == 0
+        task = (f"Solve the equation {n + 3}x + 1 = {400 + n} and compute the integral of x^3 from 0 to {n % 7 + 2}."
+                if maths else f"Say hello to visitor number {n} politely.")
+        body = {"request_id": f"lr-{n:03d}", "workflow_id": "wf-learned", "agent_type": "writer", "task": task,
+                "max_output_tokens": 16}
+        if n % 10 == 9:
+            body["tier_hint"] = "nano"
+        expected[body["request_id"]] = ("nano", "hint") if "tier_hint" in body else (
+            ("premium" if maths else "standard"), "learned")
+        bodies.append(orjson.dumps(body))
+    await produce_raw(pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name,
+                      ((b"wf-learned", body) for body in bodies))
+    collected = await collect(pipeline, expected=40, timeout=180)
+    assert collected.dead_letters == []
+    assert {r["request_id"]: (r["tier"], r["routed_by"]) for r in collected.results} == expected
+    for tier, spec in pipeline.topology.tiers.items():
+        count = sum(1 for t, _ in expected.values() if t == tier.value)
+        on_topic = [m["request_id"] for m in await read_topic(pipeline, spec.name, expected=count, timeout=30)]
+        assert len(on_topic) == count and on_topic == sorted(on_topic), f"{tier.value}: {on_topic}"

@@ -177,10 +177,24 @@ class RulesSettings(Section):
     premium_min_chars: PositiveInt = 4000
 
 
+class LearnedRouterSettings(Section):
+    # The router file written by `tierstream router train`; null: the packaged default
+    # (trained on the development data, see docs/routing.md).
+    model: Path | None = None
+    # Re-pick the file's threshold for this share of the all-top-tier quality; null:
+    # the target the file was trained for.
+    quality_target: float | None = Field(default=None, gt=0, le=1)
+
+
 class ClassifierSettings(Section):
-    strategy: Literal["rules", "llm"] = "rules"
+    strategy: Literal["rules", "llm", "learned"] = "rules"
     rules: RulesSettings = RulesSettings()
+    learned: LearnedRouterSettings = LearnedRouterSettings()
     agent_type_floor: bool = True
+    # Requests are classified in batches (one model pass for `learned`): a batch closes
+    # at batch_size requests or batch_wait_seconds after it was started.
+    batch_size: int = Field(default=256, ge=1, le=10_000)
+    batch_wait_seconds: float = Field(default=0.005, gt=0, le=5)
 
 
 class AgentTypeSettings(Section):
