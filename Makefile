@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KAFKA_STAMP := .cache/.kafka-fetched
 
-.PHONY: install kafka promtool test test-chaos test-slow test-fast demo bench router router-eval schemas broker-start broker-stop clean
+.PHONY: install kafka promtool lint test test-chaos test-slow test-fast demo bench router router-eval schemas broker-start broker-stop clean
 
 install: $(STAMP) $(KAFKA_STAMP)
 
@@ -31,8 +31,11 @@ promtool:
 
 # The whole suite, end-to-end tests included: they start their own broker (or use
 # $$KAFKA_BOOTSTRAP_SERVERS) and the provider simulator.
-test: install promtool
-	$(PY) -m pytest -q -ra -m "not slow"
+test: install promtool lint
+	$(PY) -m pytest -q -ra -m "not slow" --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The long kill-loop fault run (20,000 requests), by hand; `make test` runs a short one.
 test-chaos: install

@@ -87,8 +87,8 @@ class FakeProviders:
         if before_attempt is not None:  # the registry's contract: one attempt, announced
             await before_attempt(1)
         texts = [content_text(m.content)[0] for m in messages]
-        user = next((t for m, t in zip(reversed(messages), reversed(texts)) if m.role == "user"), "")
-        system = "\n".join(t for m, t in zip(messages, texts) if m.role == "system")
+        user = next((t for m, t in zip(reversed(messages), reversed(texts), strict=True) if m.role == "user"), "")
+        system = "\n".join(t for m, t in zip(messages, texts, strict=True) if m.role == "system")
         answer = self.answers.answer(
             model=model, texts=texts, user_text=user, system_text=system,
             max_tokens=max_output_tokens,

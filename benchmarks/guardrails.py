@@ -169,7 +169,7 @@ async def _read_all(settings: Settings, topic: str) -> list[tuple[float, dict]]:
         ends = await consumer.end_offsets(partitions)
         pending = {tp for tp, end in ends.items() if end > 0}
         while pending:
-            for tp, records in (await consumer.getmany(*pending, timeout_ms=500)).items():
+            for records in (await consumer.getmany(*pending, timeout_ms=500)).values():
                 out.extend((r.timestamp / 1000, orjson.loads(r.value)) for r in records)
             pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
     finally:

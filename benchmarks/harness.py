@@ -392,7 +392,7 @@ def median_run(rounds: list[dict]) -> dict:
     order = sorted(range(len(rounds)), key=lambda i: figures[i]["results_per_s"] or 0.0)
     chosen = rounds[order[(len(order) - 1) // 2]]
     return {**chosen, "repeats": [
-        {**{k: f[k] for k in REPEAT_FIGURES}, "counts": r["counts"]} for r, f in zip(rounds, figures)
+        {**{k: f[k] for k in REPEAT_FIGURES}, "counts": r["counts"]} for r, f in zip(rounds, figures, strict=True)
     ]}
 
 

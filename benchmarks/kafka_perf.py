@@ -48,9 +48,8 @@ def _java(libs: Path, main: str, args: list[str], timeout: float) -> str:
 
 
 def parse_producer(stdout: str) -> dict[str, float]:
-    match = None
-    for match in _PRODUCER_LINE.finditer(stdout):
-        pass  # the last line is the summary
+    lines = list(_PRODUCER_LINE.finditer(stdout))
+    match = lines[-1] if lines else None  # the last line is the summary
     if match is None:
         raise ValueError(f"no summary line in the producer perf output: {stdout[-400:]}")
     return {

@@ -30,8 +30,8 @@ import orjson
 from benchmarks.procstats import status_kb
 from streams import processes
 from streams.broker import free_ports
-from streams.routing.rules import rules_tier
 from streams.providers import ProviderRegistry
+from streams.routing.rules import rules_tier
 from streams.workload import sample_requests
 from topologies.config import load_settings
 

@@ -36,8 +36,8 @@ from streams.logs import logging_config
 from streams.observability import OutgoingObserver, default_metrics, worker_services
 from streams.pricing import PriceBook
 from streams.providers import ProviderRegistry
-from streams.shutdown import InFlight
 from streams.ratelimit import RateLimiter
+from streams.shutdown import InFlight
 from streams.tail import FollowerService
 from streams.throttle_feed import ThrottleFeed, process_origin
 from streams.tier_worker import TierHandler

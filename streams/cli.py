@@ -171,13 +171,14 @@ def demo(
     latency_ms: Annotated[float, typer.Option(help="Simulated model latency.")] = 80.0,
     timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 180.0,
     keep_broker: Annotated[bool, typer.Option(help="Leave the local broker running afterwards.")] = False,
+    with_rate_limits: Annotated[bool, typer.Option(help="Apply the configured rate_limits (off: the pipeline at speed).")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Start a broker, the simulator and the workers; run a sample workload; summarise it."""
     from streams.demo import demo as run_demo
 
     _settings(config)
-    raise typer.Exit(run_demo(config, count, latency_ms, timeout, keep_broker))
+    raise typer.Exit(run_demo(config, count, latency_ms, timeout, keep_broker, with_rate_limits))
 
 
 # The benchmark commands hand every argument to their module's own parser (its --help
@@ -357,7 +358,8 @@ def router_eval(
     import orjson
 
     from streams.routing.data import RoutingDataError, load_routing_data
-    from streams.routing.evaluate import evaluate, plot as draw
+    from streams.routing.evaluate import evaluate
+    from streams.routing.evaluate import plot as draw
     from streams.routing.model import RouterModelError, load_router
 
     settings = _settings(config)

@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.codec import DecodeError, decode, encode
@@ -121,10 +120,6 @@ def render(topic_kind: str, value: bytes) -> str:
         )
     assert isinstance(item, DeadLetter)
     return f"DLQ {item.request_id or '-'} {item.code}: {item.reason}"
-
-
-def dumps_line(value: bytes) -> str:
-    return orjson.dumps(orjson.loads(value)).decode()
 
 
 def result_topics(settings: Settings) -> tuple[str, str]:

@@ -73,6 +73,26 @@ async def run_workload(
     return summary
 
 
+def print_pacing(console: Console, summary: RunSummary, settings: Settings) -> None:
+    """What held the requests back before their model call, per agent type: with rate
+    limits on, the limited types wait for permits; without, only for the tier queue."""
+    table = Table(title="Waiting before the model call, by agent type")
+    for column in ("agent type", "rate limit", "requests", "wait p50 ms", "wait max ms", "waited s"):
+        table.add_column(column, justify="left" if column in ("agent type", "rate limit") else "right")
+    for agent_type, waits in sorted(summary.waits_before_call_ms().items()):
+        limit = settings.rate_limits.get(agent_type)
+        held = f"{limit.requests_per_minute}/min, burst {limit.burst}" if limit else "none"
+        table.add_row(agent_type, held, str(len(waits)), f"{percentile(waits, 50):.0f}",
+                      f"{percentile(waits, 100):.0f}", f"{sum(waits) / 1000:.1f}")
+    console.print(table)
+    if settings.rate_limits:
+        console.print("rate limits on: the agent types with a limit waited for permits; the "
+                      "run's length is set by those limits, not by the pipeline")
+    else:
+        console.print("rate limits off: the pipeline at speed (--with-rate-limits applies the "
+                      "configured rate_limits)")
+
+
 def print_summary(console: Console, summary: RunSummary) -> None:
     table = Table(title="Requests by tier")
     for column in ("tier", "requests", "model", "input tok", "output tok", "cost USD"):
@@ -101,7 +121,8 @@ def print_summary(console: Console, summary: RunSummary) -> None:
 
 
 def demo(
-    config_path: Path | None, count: int, latency_ms: float, timeout: float, keep_broker: bool
+    config_path: Path | None, count: int, latency_ms: float, timeout: float, keep_broker: bool,
+    with_rate_limits: bool = False,
 ) -> int:
     from streams.broker import LocalBroker
 
@@ -119,6 +140,8 @@ def demo(
             elif not keep_broker:
                 cleanup.callback(broker.stop)
         env = {"TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": bootstrap}
+        if not with_rate_limits:
+            env["TIERSTREAM__RATE_LIMITS"] = "null"
         settings = load_settings(config_path, environ={**os.environ, **env})
 
         sim_port = settings.simulator.port
@@ -146,6 +169,7 @@ def demo(
                       f"{len(settings.agent_types)} agent types")
         summary = asyncio.run(run_workload(settings, count, timeout, console))
         print_summary(console, summary)
+        print_pacing(console, summary, settings)
         console.print(f"logs: {logs}")
         if worker.poll() is not None:
             console.print(f"[red]the worker exited early with {worker.returncode}[/]")

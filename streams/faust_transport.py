@@ -71,8 +71,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from faust.transport.consumer import CONSUMER_FETCHING
 from faust import streams as faust_streams
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT, Message
 from faust.utils.functional import consecutive_numbers

@@ -501,21 +501,6 @@ class HealthServer(mode.Service):
         )
 
 
-def guardrail_report(view: GuardrailView) -> dict[str, Any]:
-    """The guardrail state for ``/ready``: bounded in size (no workflow ids)."""
-    now = time.time()
-    window = hour_window(now)
-    return {
-        "paused": view.hour_paused(now),
-        "alerting": view.alerting(now),
-        "resumed_by_operator": window in view.resumed_windows,
-        "hour_spent_usd": nanos_to_usd(view.hour_spend(window)),
-        "hour_limit_usd": nanos_to_usd(view.hour_limit),
-        "alert_threshold_usd": nanos_to_usd(view.alert_threshold),
-        "caught_up": view.caught_up.is_set(),
-    }
-
-
 def worker_services(
     app: AppLike,
     settings: Settings,
@@ -536,7 +521,7 @@ def worker_services(
         checks["providers"] = probe.not_ready
     if view is not None:
         metrics.guardrails.watch(view)
-        reports["guardrails"] = lambda: guardrail_report(view)
+        reports["guardrails"] = view.summary
     services.append(
         HealthServer(
             app, port=settings.worker.health_port, registry=metrics.registry, checks=checks, reports=reports

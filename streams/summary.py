@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -62,6 +61,15 @@ class RunSummary:
             for r in self.results.values()
         ]
 
+    def waits_before_call_ms(self) -> dict[str, list[float]]:
+        """Per agent type, the time from classification to the model call: the tier
+        topic's queue plus any wait for a rate-limit permit."""
+        waits: dict[str, list[float]] = {}
+        for r in self.results.values():
+            waited = (r.timings.started_at - r.timings.classified_at).total_seconds() * 1000
+            waits.setdefault(r.agent_type, []).append(waited)
+        return waits
+
     def model_ms(self) -> list[float]:
         return [r.timings.model_latency_ms for r in self.results.values()]
 
@@ -72,6 +80,3 @@ class RunSummary:
     @property
     def lost(self) -> int:
         return self.produced - len(self.results) - len(self.dead_letters)
-
-    def mean_cost(self) -> float:
-        return statistics.fmean([r.cost_usd for r in self.results.values()] or [0.0])

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from streams.processes import cli_command
 from topologies.config import ENV_PREFIX, load_settings
 from topologies.topics import Role
 
@@ -24,7 +25,7 @@ HEALTH_PORT_ENV = f"{ENV_PREFIX}WORKER__HEALTH_PORT"
 
 
 def role_command(role: Role, config_path: Path | None) -> list[str]:
-    cmd = [sys.executable, "-m", "streams.cli", "worker", "--roles", role]
+    cmd = cli_command("worker", "--roles", role)
     if config_path is not None:
         cmd += ["--config", str(config_path)]
     return cmd

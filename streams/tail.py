@@ -9,8 +9,8 @@ returns once the reader has passed what the topics held when it was called.
 from __future__ import annotations
 
 import asyncio
-import logging
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar

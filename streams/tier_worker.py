@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 from schemas.codec import DecodeError, decode, encode
-from schemas.models import AgentRequest, AgentResult, Tier, TieredRequest, Timings
+from schemas.models import AgentResult, Tier, TieredRequest, Timings
 from streams.costing import cost_event
 from streams.envelope import Outgoing, Source, dead_letter, dead_letter_for
 from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation

@@ -3,7 +3,6 @@ fallback to STANDARD, tier hints and agent-type floors."""
 
 from __future__ import annotations
 
-
 import orjson
 import pytest
 
@@ -16,11 +15,11 @@ from streams.classifier import (
     parse_tier_word,
 )
 from streams.envelope import Source
-from streams.routing.rules import rules_tier
 from streams.pricing import PriceBook
-from streams.providers import ProviderRegistry
-from streams.simulator import ProviderSimulator
 from streams.processes import simulator_env
+from streams.providers import ProviderRegistry
+from streams.routing.rules import rules_tier
+from streams.simulator import ProviderSimulator
 from topologies import Settings, Topology, load_settings
 
 

@@ -7,7 +7,6 @@ import time
 from datetime import UTC, datetime
 
 import orjson
-import pytest
 
 from schemas import AgentResult, CostEvent, Tier, decode, encode
 from schemas.models import SpendSnapshot
@@ -16,10 +15,10 @@ from streams.guardrails.budget import BudgetGate
 from streams.guardrails.money import hour_window
 from streams.guardrails.view import GuardrailView
 from streams.pricing import PriceBook
+from streams.processes import simulator_env
 from streams.providers import ProviderRegistry
 from streams.simulator import ProviderSimulator
 from streams.tier_worker import TierHandler
-from streams.processes import simulator_env
 from topologies import Settings, Topology, load_settings
 
 

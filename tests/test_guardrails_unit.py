@@ -424,9 +424,12 @@ def test_view_status() -> None:
         "alerting": False,
         "paused": False,
         "resumed_by_operator": False,
+        "caught_up": False,  # made here, never started: nothing read from Kafka yet
         "workflow_limit_usd": 0.5,
         "blocked_workflows": ["wf-a", "wf-b"],
     }
+    summary = view.summary(NOW)  # what /ready shows: the same, without workflow ids
+    assert summary == {k: v for k, v in view.status(NOW).items() if k not in ("workflow_limit_usd", "blocked_workflows")}
     view.apply(spend, hour_snap(50_000_000, partition=1, offset=1))
     status = view.status(NOW)
     assert (status["hour_spent_usd"], status["alerting"], status["paused"]) == (0.25, True, False)

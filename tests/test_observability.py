@@ -21,7 +21,6 @@ from streams.observability import (
     Metrics,
     OutgoingObserver,
     dead_letter_code,
-    guardrail_report,
 )
 from streams.providers.pool import PoolStats
 from streams.supervisor import HEALTH_PORT_ENV, role_env
@@ -278,7 +277,7 @@ def test_guardrail_gauges_follow_the_view(metrics: Metrics) -> None:
     assert _value(reg, "tierstream_guardrail_blocked_workflows") == 1
     spend(view, "global", 0.5, partition=4)
     assert _value(reg, "tierstream_guardrail_paused") == 1
-    report = guardrail_report(view)
+    report = view.summary()
     assert report["paused"] is True and report["hour_spent_usd"] == pytest.approx(1.1)
 
 

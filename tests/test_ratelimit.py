@@ -17,12 +17,12 @@ from schemas.codec import decode
 from schemas.models import DeadLetter, Tier, TieredRequest
 from streams.envelope import Source
 from streams.pricing import PriceBook
+from streams.processes import simulator_env
 from streams.providers import ProviderRegistry
 from streams.ratelimit import RateLimiter, Throttle, Throttles, bucket_sizes
 from streams.simulator import ProviderSimulator
 from streams.tier_worker import TierHandler
 from streams.tokens import estimate_input_tokens
-from streams.processes import simulator_env
 from topologies import Settings, Topology, load_settings
 from topologies.config import ConfigError
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from schemas.codec import DecodeError, decode, encode, payload_field
 from schemas.export import JSON_DIR, schema_documents
-from schemas.routing import DATA_MODELS
 from schemas.models import (
     SCHEMA_VERSION,
     WIRE_MODELS,
@@ -30,6 +29,7 @@ from schemas.models import (
     Timings,
     WireModel,
 )
+from schemas.routing import DATA_MODELS
 
 T0 = datetime(2025, 3, 14, 9, 26, 53, 589_000, tzinfo=UTC)
 ORIGINAL_VALUE = b'\xff\xfe{"request_id": "req-7", broken \x00 json'

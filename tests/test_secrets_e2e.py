@@ -11,6 +11,7 @@ import urllib.request
 
 import orjson
 import pytest
+
 from tests.support import Pipeline, collect, produce_raw, read_to_end
 
 pytestmark = pytest.mark.e2e

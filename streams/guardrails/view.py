@@ -113,11 +113,11 @@ class GuardrailView:
         window = hour_window(time.time() if now is None else now)
         return window not in self.resumed_windows and self.hour_spend(window) >= self.hour_limit
 
-    def status(self, now: float | None = None) -> dict[str, object]:
+    def summary(self, now: float | None = None) -> dict[str, object]:
+        """The hour's state, bounded in size (no workflow ids): what ``/ready`` shows."""
         now = time.time() if now is None else now
         window = hour_window(now)
         spent = self.hour_spend(window)
-        blocked = sorted(w for w, t in self.workflows.items() if t.nanos >= self.workflow_limit)
         return {
             "window_start": window,
             "hour_spent_usd": nanos_to_usd(spent),
@@ -126,6 +126,14 @@ class GuardrailView:
             "alerting": spent >= self.alert_threshold,
             "paused": self.hour_paused(now),
             "resumed_by_operator": window in self.resumed_windows,
+            "caught_up": self.caught_up.is_set(),
+        }
+
+    def status(self, now: float | None = None) -> dict[str, object]:
+        """The summary and the workflows out of budget: what ``guardrail status`` prints."""
+        blocked = sorted(w for w, t in self.workflows.items() if t.nanos >= self.workflow_limit)
+        return {
+            **self.summary(now),
             "workflow_limit_usd": nanos_to_usd(self.workflow_limit),
             "blocked_workflows": blocked,
         }
