@@ -43,10 +43,7 @@ class RoutingExample(BaseModel):
         return self
 
     def text(self) -> str:
-        if self.messages is not None:
-            return "\n".join(m.content for m in self.messages)
-        assert self.prompt is not None
-        return self.prompt
+        return "\n".join(self.contents())
 
     def contents(self) -> list[str]:
         """The prompt as the message contents a request would carry."""

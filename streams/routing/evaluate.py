@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -136,12 +135,12 @@ class Evaluation:
 def tier_costs(data: RoutingData, settings: Settings, output_tokens: int) -> np.ndarray:
     """What each example costs on each tier's configured model: (examples, tiers) USD."""
     prices = PriceBook(settings)
+    tokens = [estimate_chat_tokens(e.contents()) for e in data.examples]
     costs = np.zeros((len(data.examples), len(data.tiers)))
     for j, tier in enumerate(data.tiers):
         model = settings.tiers[tier]
-        for i, example in enumerate(data.examples):
-            tokens = estimate_chat_tokens(example.contents())
-            costs[i, j] = float(prices.cost(model.provider, model.model, tokens, output_tokens) or Decimal(0))
+        for i, count in enumerate(tokens):
+            costs[i, j] = float(prices.cost(model.provider, model.model, count, output_tokens))
     return costs
 
 

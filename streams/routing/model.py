@@ -144,6 +144,11 @@ def _calibrated(calibrators: Sequence[LossCalibration], raw: np.ndarray) -> np.n
     return np.column_stack([c.predict(raw[:, i]) for i, c in enumerate(calibrators)])
 
 
+def _check_target(quality_target: float) -> None:
+    if not 0 < quality_target <= 1:
+        raise ValueError("quality_target must be in (0, 1]")
+
+
 def choose_tiers(losses: np.ndarray, threshold: float) -> np.ndarray:
     """Per request, the index of the cheapest tier whose expected loss is at most the
     threshold; the top tier (index ``losses.shape[1]``) when none is."""
@@ -199,8 +204,7 @@ class RouterModel:
         return [self.tiers[i] for i in choose_tiers(self.losses(texts, agent_types), self.threshold)]
 
     def with_quality_target(self, quality_target: float) -> RouterModel:
-        if not 0 < quality_target <= 1:
-            raise ValueError("quality_target must be in (0, 1]")
+        _check_target(quality_target)
         threshold = pick_threshold(self.evidence_losses, self.evidence_scores, quality_target)
         return replace(self, quality_target=quality_target, threshold=threshold)
 
@@ -315,8 +319,7 @@ def train_router(data: RoutingData, quality_target: float = 0.95, seed: int = 0)
 
 
 def _train(data: RoutingData, quality_target: float, seed: int) -> RouterModel:
-    if not 0 < quality_target <= 1:
-        raise ValueError("quality_target must be in (0, 1]")
+    _check_target(quality_target)
     examples = data.examples
     if len(examples) < MIN_EXAMPLES:
         raise ValueError(f"training needs at least {MIN_EXAMPLES} examples, the data has {len(examples)}")
