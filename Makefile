@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-$(KAFKA_STAMP): deploy/local/kafka.sh deploy/local/pom.xml
-	bash deploy/local/kafka.sh fetch
+# kafka.sh caches under .cache/ in a checkout (TIERSTREAM_CACHE overrides; docs/operations.md).
+$(KAFKA_STAMP): streams/broker_files/kafka.sh streams/broker_files/pom.xml
+	bash streams/broker_files/kafka.sh fetch
 	mkdir -p .cache && touch $@
 
 kafka: $(KAFKA_STAMP)

@@ -3,7 +3,7 @@
 ``python -m benchmarks.baseline --role <role> --mode fake|sdk`` runs one role as a plain
 aiokafka consume-transform-produce loop, configured like a worker (``TIERSTREAM__*``
 environment). It reuses tierstream's transport-neutral handlers
-(:class:`streams.classifier.ClassifierHandler`, :class:`streams.tier_worker.TierHandler`),
+(:class:`streams.roles.classifier.ClassifierHandler`, :class:`streams.roles.tier.TierHandler`),
 so it decodes with ``schemas.codec.decode``, classifies with
 :func:`streams.routing.rules.rules_tier` (``classifier.strategy: rules``) and writes the
 same messages (tier request; result and cost event; dead letters) to the same kinds of
@@ -20,7 +20,7 @@ Modes of the tier roles:
   tierstream / this = Faust overhead alone.
 
 The cost role is the same hop too: it reads the costs topic and applies each event with
-tierstream's :class:`streams.guardrails.cost_role.CostAccountant`, publishing the spend
+tierstream's :class:`streams.roles.cost.CostAccountant`, publishing the spend
 snapshots of each poll's events together (its ``SpendBatch``, as tierstream does per
 batch), and follows the spend topic with a :class:`GuardrailView`. Its totals live in
 plain dicts (:class:`HourWindows`, a dict of lists) instead of Faust's changelog-backed
@@ -36,33 +36,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.models import ChatMessage, Tier
-from streams.app import producer_max_batch_bytes, use_event_loop
-from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Outgoing, Source
-from streams.guardrails.cost_role import CostAccountant
 from streams.guardrails.money import hour_window
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import aiokafka_kwargs
 from streams.pricing import PriceBook
 from streams.providers import Completion, ProviderRegistry
 from streams.providers.registry import Attempted
+from streams.roles.classifier import Classifier, ClassifierHandler
+from streams.roles.cost import COST_BATCH_EVENTS, CostAccountant
+from streams.roles.tier import TierHandler
+from streams.runtime.worker import producer_max_batch_bytes, use_event_loop
 from streams.simulator import SimulatorConfig
 from streams.simulator.content import AnswerMaker, content_text, estimate_text_tokens
-from streams.tier_worker import TierHandler
 from topologies.config import Settings, load_settings
-from topologies.topics import ALL_ROLES, CLASSIFIER_ROLE, COST_ROLE, Topology, tier_role
+from topologies.topics import ALL_ROLES, CLASSIFIER_ROLE, COST_ROLE, Topology, tier_role, topology_of
 
 Handler = Callable[[Source], Awaitable[list[Outgoing]]]
 COMMIT_INTERVAL_S = 0.5
-COST_BATCH_EVENTS = 500  # as tierstream's cost role (streams.app.COST_BATCH_EVENTS)
 
 
 class FakeProviders:
@@ -104,33 +101,30 @@ class FakeProviders:
 
 
 class HourWindows:
-    """A plain stand-in for the cost role's hourly tumbling table: the window read and
-    written is the one holding ``at``, the timestamp of the event being applied (Faust
-    takes it from the current event)."""
+    """A plain stand-in for the cost role's hourly tumbling table
+    (:class:`streams.runtime.types.HourlyTable`)."""
 
     def __init__(self) -> None:
         self.data: dict[tuple[str, int], list[float | int]] = {}
-        self.at = 0.0
 
-    def __getitem__(self, key: str) -> _CurrentWindow:
-        return _CurrentWindow(self.data.get((key, hour_window(self.at)), []))
+    def get(self, key: str, at: float) -> list[float | int]:
+        return self.data.get((key, hour_window(at)), [])
 
-    def __setitem__(self, key: str, value: list[float | int]) -> None:
-        self.data[(key, hour_window(self.at))] = value
-
-    def relative_to(self, timestamp: float) -> HourWindows:
-        """Writes into the window holding ``timestamp`` (as Faust's ``relative_to``)."""
-        view = HourWindows()
-        view.data, view.at = self.data, timestamp
-        return view
+    def set(self, key: str, value: list[float | int], at: float, partition: int) -> None:
+        self.data[(key, hour_window(at))] = value
 
 
-class _CurrentWindow:
-    def __init__(self, value: list[float | int]) -> None:
-        self.value = value
+class Workflows(dict):  # type: ignore[type-arg]
+    """A plain stand-in for the cost role's workflow table (:class:`streams.runtime.types.KeyedTable`)."""
 
-    def current(self) -> list[float | int]:
-        return self.value
+    def get(self, key: str) -> list[float | int]:  # type: ignore[override]
+        return super().get(key) or []
+
+    def set(self, key: str, value: list[float | int], partition: int) -> None:
+        self[key] = value
+
+    def delete(self, key: str, partition: int) -> None:
+        self.pop(key, None)
 
 
 class OffsetTracker:
@@ -177,7 +171,7 @@ def _clients(
 
 
 async def run_role(settings: Settings, role: str, mode: str, stop: asyncio.Event) -> None:
-    topology = Topology(settings)
+    topology = topology_of(settings)
     if role == COST_ROLE:
         await run_cost_role(settings, topology, stop)
         return
@@ -253,7 +247,7 @@ async def run_cost_role(settings: Settings, topology: Topology, stop: asyncio.Ev
     broker has them all."""
     view = GuardrailView(settings)
     hourly = HourWindows()
-    accountant = CostAccountant(settings, topology, hourly, defaultdict(list), view)  # type: ignore[arg-type]
+    accountant = CostAccountant(settings, topology, hourly, Workflows(), view)
     batch = accountant.batch
     producer, consumer = _clients(settings, topology, topology.costs.name, COST_ROLE)
     await view.start()
@@ -267,13 +261,11 @@ async def run_cost_role(settings: Settings, topology: Topology, stop: asyncio.Ev
                 continue
             for records in polled.values():
                 for record in records:
-                    hourly.at = record.timestamp / 1000
+                    at = record.timestamp / 1000
                     batch.add(accountant.apply(
-                        Source(record.topic, record.partition, record.offset, record.key, record.value,
-                               hourly.at),
-                        hourly.at,
+                        Source(record.topic, record.partition, record.offset, record.key, record.value, at), at,
                     ))
-            accountant.tables.write(lambda partition: contextlib.nullcontext())
+            accountant.tables.write()
             sent = [await producer.send(o.topic, o.value, key=o.key) for o in batch.take()]
             await asyncio.gather(*sent)
             await consumer.commit({tp: records[-1].offset + 1 for tp, records in polled.items()})

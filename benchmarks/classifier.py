@@ -20,13 +20,13 @@ import orjson
 
 from schemas.codec import encode
 from schemas.models import AgentRequest
-from streams.classifier import Classifier, ClassifierHandler
 from streams.envelope import Source
 from streams.pricing import PriceBook
+from streams.roles.classifier import Classifier, ClassifierHandler
 from streams.routing.data import load_routing_data
 from streams.workload import sample_requests
 from topologies.config import load_settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 
 def _sources(requests: Sequence[AgentRequest], topic: str) -> list[Source]:
@@ -45,7 +45,7 @@ def _prompts_as_requests(path: str, count: int) -> list[AgentRequest]:
 
 def measure(strategy: str, sources: list[Source], batch: int, rounds: int) -> dict[str, float]:
     settings = load_settings(environ={"TIERSTREAM__CLASSIFIER__STRATEGY": strategy})
-    handler = ClassifierHandler(settings, Topology(settings), Classifier(settings, None), PriceBook(settings))
+    handler = ClassifierHandler(settings, topology_of(settings), Classifier(settings, None), PriceBook(settings))
 
     async def run() -> None:
         for start in range(0, len(sources), batch):

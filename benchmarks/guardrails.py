@@ -68,7 +68,7 @@ from streams.kafka_security import aiokafka_kwargs
 from streams.pricing import PriceBook
 from streams.tokens import estimate_input_tokens
 from topologies.config import Settings, load_settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 PAUSE_LINE = "hourly budget spent: pausing"
 MAX_OUTPUT_TOKENS = 200
@@ -102,13 +102,13 @@ async def _produce(settings: Settings, messages: list[tuple[bytes, bytes]]) -> N
     producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings.kafka))
     await producer.start()
     try:
-        futures = [await producer.send(Topology(settings).requests.name, value, key=key) for key, value in messages]
+        futures = [await producer.send(topology_of(settings).requests.name, value, key=key) for key, value in messages]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
 
 
-async def _wait_paused(settings: Settings, timeout: float, check_alive) -> float:  # noqa: ANN001
+async def _wait_paused(settings: Settings, timeout: float, check_alive) -> float:
     """Poll the guardrail view (as `tierstream guardrail status` reads it) until it says
     paused; returns the wall-clock time it was first seen paused."""
     deadline = time.monotonic() + timeout
@@ -122,9 +122,9 @@ async def _wait_paused(settings: Settings, timeout: float, check_alive) -> float
         await asyncio.sleep(0.25)
 
 
-async def _settle_results(settings: Settings, settle_s: float, timeout: float, check_alive) -> dict:  # noqa: ANN001
+async def _settle_results(settings: Settings, settle_s: float, timeout: float, check_alive) -> dict:
     """Read results and dead letters from the start until none arrived for ``settle_s``."""
-    topology = Topology(settings)
+    topology = topology_of(settings)
     consumer = AIOKafkaConsumer(
         topology.results.name, topology.dead_letters.name, group_id=None,
         auto_offset_reset="earliest", enable_auto_commit=False, **aiokafka_kwargs(settings.kafka),
@@ -162,7 +162,7 @@ async def _read_all(settings: Settings, topic: str) -> list[tuple[float, dict]]:
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         if not partitions:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - as GuardrailView does
+            await consumer._client.force_metadata_update()
             partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
@@ -242,7 +242,7 @@ def _wait_inside_hour(margin_s: float, console: Console) -> float:
     return round(wait, 1)
 
 
-def _stop_all(procs: list) -> list[int | None]:  # noqa: ANN001
+def _stop_all(procs: list) -> list[int | None]:
     """Stop processes in parallel (SIGTERM, SIGKILL after 30 s); their exit codes."""
     codes: list[int | None] = [None] * len(procs)
 
@@ -344,7 +344,7 @@ def run_repeat(
             produce_end = time.time()
             paused_seen = asyncio.run(_wait_paused(settings, args.pause_timeout_s, check_pipeline))
             settled = asyncio.run(_settle_results(settings, SETTLE_S, args.pause_timeout_s, check_alive))
-            costs = asyncio.run(_read_all(settings, Topology(settings).costs.name))
+            costs = asyncio.run(_read_all(settings, topology_of(settings).costs.name))
             view = asyncio.run(read_state(settings))
             load_after = [round(x, 2) for x in os.getloadavg()]
         except Exception as exc:  # noqa: BLE001 - record the failure, go on with the next repeat

@@ -60,6 +60,7 @@ from benchmarks.measure import drive, figures
 from benchmarks.procstats import TreeSampler
 from streams import processes
 from streams.admin import ensure_topics, wait_for_roles
+from streams.broker import kafka_script
 from topologies.config import load_settings
 from topologies.topics import ALL_ROLES
 
@@ -166,7 +167,7 @@ RATIO_PAIRS = (
 def kafka_version(bootstrap_external: bool) -> str:
     if bootstrap_external:
         return "unknown (external cluster from KAFKA_BOOTSTRAP_SERVERS)"
-    script = (Path(__file__).resolve().parents[1] / "deploy" / "local" / "kafka.sh").read_text()
+    script = kafka_script().read_text()
     default = next(
         (ln.split("=", 1)[1].strip('"') for ln in script.splitlines() if ln.startswith("DEFAULT_KAFKA_VERSION=")),
         "unknown",
@@ -217,15 +218,14 @@ def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) ->
         mode = kind.split("-", 1)[1]
         procs = []
         for role in BASELINE_ROLES:
-            out = open(logs / f"{kind}-{role}-{w}.log", "ab")  # noqa: SIM115 - owned by the child
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.baseline", "--role", role, "--mode", mode],
-                    env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                    cwd=logs,
+            with open(logs / f"{kind}-{role}-{w}.log", "ab") as out:  # the child keeps its own copy
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "benchmarks.baseline", "--role", role, "--mode", mode],
+                        env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                        cwd=logs,
+                    )
                 )
-            )
-            out.close()
         sets.append(procs)
     return sets
 

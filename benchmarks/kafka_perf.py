@@ -2,8 +2,8 @@
 
 ``kafka-producer-perf-test`` and ``kafka-consumer-perf-test`` are the classes
 ``org.apache.kafka.tools.ProducerPerformance`` and ``ConsumerPerformance`` in the
-``kafka-tools`` jar that ``deploy/local/kafka.sh fetch`` already puts in
-``.cache/kafka-<version>/libs``; they are run with ``java -cp '<libs>/*'``. Records are
+``kafka-tools`` jar that ``kafka.sh fetch`` already puts in ``<cache>/kafka-<version>/libs``
+(``streams.broker.cache_dir()``); they are run with ``java -cp '<libs>/*'``. Records are
 the size of an average encoded request of the benchmark's workload, produced with the
 settings tierstream's producers use (acks=all, linger 5 ms), on a topic with as many
 partitions as the requests topic.
@@ -11,7 +11,6 @@ partitions as the requests topic.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from schemas.codec import encode
-from streams.broker import REPO_ROOT
+from streams.broker import cache_dir
 from streams.workload import sample_requests
 
 _PRODUCER_LINE = re.compile(
@@ -30,8 +29,7 @@ _PRODUCER_LINE = re.compile(
 
 
 def kafka_libs(version: str) -> Path:
-    cache = Path(os.environ.get("TIERSTREAM_CACHE", REPO_ROOT / ".cache"))
-    return cache / f"kafka-{version}" / "libs"
+    return cache_dir() / f"kafka-{version}" / "libs"
 
 
 def mean_request_bytes(samples: int = 500) -> int:

@@ -18,12 +18,12 @@ from aiokafka.errors import KafkaError
 
 from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 
 def role_partitions(settings: Settings, roles: list[str]) -> dict[str, list[TopicPartition]]:
     """Each role's source partitions (of the first topic its flow reads)."""
-    topology = Topology(settings)
+    topology = topology_of(settings)
     counts = {spec.name: spec.partitions for spec in topology.all()}
     flows = {flow.role: flow for flow in topology.flows()}
     return {
@@ -54,7 +54,7 @@ class LagSampler:
         self.settings = settings
         self.interval = interval
         self.partitions = role_partitions(settings, roles)
-        self.groups = {role: Topology(settings).consumer_group(settings.app_id, role) for role in roles}
+        self.groups = {role: topology_of(settings).consumer_group(settings.app_id, role) for role in roles}
         self.samples: list[dict[str, float | int]] = []
         self.errors = 0
         self.latest: dict[str, int] = {}

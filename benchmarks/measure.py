@@ -17,7 +17,7 @@ from streams.kafka_security import aiokafka_kwargs
 from streams.summary import percentile
 from streams.workload import sample_requests
 from topologies.config import Settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 
 def _parse_ts(value: str) -> float:
@@ -83,7 +83,7 @@ async def drive(
     results and dead letters until each request is answered (then ``settle`` seconds more,
     to catch duplicates) or ``timeout`` seconds pass. ``on_complete`` runs the moment the
     last answer arrives."""
-    topology = Topology(settings)
+    topology = topology_of(settings)
     results_topic, dlq_topic = topology.results.name, topology.dead_letters.name
     run_id = uuid.uuid4().hex[:8]
     requests = list(sample_requests(count, run_id=run_id))

@@ -6,6 +6,7 @@ harness writes the JSON and says the plots were skipped.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -13,11 +14,7 @@ import orjson
 
 
 def available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def write_plots(report: dict, stem: Path) -> list[Path]:

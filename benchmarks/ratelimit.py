@@ -49,7 +49,7 @@ from streams.admin import ensure_topics, wait_for_roles
 from streams.broker import LocalBroker, free_ports
 from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings, load_settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 Sharing = Literal["partitions", "process"]
 AGENT_TYPE = "researcher"
@@ -103,7 +103,7 @@ def _request(n: int, scenario: Scenario) -> TieredRequest:
 async def produce_backlog(settings: Settings, scenario: Scenario, count: int) -> None:
     """Write ``count`` requests round-robin over the premium partitions (an even load:
     the shares follow partitions, so the benchmark measures the limiter, not the keys)."""
-    spec = Topology(settings).tiers[Tier.PREMIUM]
+    spec = topology_of(settings).tiers[Tier.PREMIUM]
     producer = AIOKafkaProducer(acks="all", linger_ms=20, **aiokafka_kwargs(settings.kafka))
     await producer.start()
     try:

@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 async def ensure_topics(settings: Settings, extra: Sequence[NewTopic] = ()) -> list[str]:
     """Create every topic of the topology (and ``extra``) that does not exist yet; return
     the names created."""
-    topology = Topology(settings)
+    topology = topology_of(settings)
     admin = AIOKafkaAdminClient(**aiokafka_kwargs(settings.kafka))
     await admin.start()
     try:
@@ -65,7 +65,7 @@ async def wait_for_roles(
 ) -> None:
     """Wait until each role's consumer group is Stable with ``members`` members: the
     workers have joined and hold their partitions."""
-    topology = Topology(settings)
+    topology = topology_of(settings)
     groups = [topology.consumer_group(settings.app_id, role) for role in roles]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -1,8 +1,11 @@
 """Local single-node Kafka broker control for tests, the CLI and the demo.
 
-The broker itself is run by ``deploy/local/kafka.sh`` (KRaft, combined
-broker+controller, jars from Maven Central); this module shells out to that
-script and adds an aiokafka readiness probe.
+The broker itself is run by ``kafka.sh`` (KRaft, combined broker+controller,
+jars from Maven Central), which ships with its ``pom.xml`` as package data in
+``streams/broker_files/``; this module finds it with :mod:`importlib.resources`
+(so it works from an installed wheel, not only a checkout), shells out to it
+and adds an aiokafka readiness probe. Where the script caches the jars:
+:func:`cache_dir`.
 
 This file is also executed by path (``python -P streams/broker.py wait``)
 from kafka.sh, so it must not use relative imports or import other
@@ -22,21 +25,24 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 __all__ = [
-    "KAFKA_SCRIPT",
     "REPO_ROOT",
     "BrokerError",
     "LocalBroker",
+    "cache_dir",
     "free_port",
     "free_ports",
+    "kafka_script",
     "wait_until_ready",
     "main",
 ]
 
 REPO_ROOT: Path = Path(__file__).resolve().parents[1]
-KAFKA_SCRIPT: Path = REPO_ROOT / "deploy" / "local" / "kafka.sh"
+"""The source checkout when running from one (tests and benchmarks use it as a working
+directory); in an installed package it is site-packages. Nothing here relies on it."""
 
 _POLL_INTERVAL = 0.25
 """Seconds between readiness probes; the deadline, not this, bounds the wait."""
@@ -52,6 +58,33 @@ class BrokerError(RuntimeError):
         super().__init__(
             f"kafka.sh {action} failed with exit code {returncode}:\n{output.rstrip()}"
         )
+
+
+def kafka_script() -> Path:
+    """``kafka.sh`` as shipped in the ``streams`` package, wherever that is installed.
+
+    Resolved on each call rather than at import: this file also runs by path
+    (``python -P streams/broker.py wait``), where importing ``streams`` would
+    pull in the whole app.
+    """
+    script = resources.files("streams") / "broker_files" / "kafka.sh"
+    # bash runs it and it reads pom.xml beside it: a real directory is needed, which
+    # every pip-installed or editable package has (a zipped one would not).
+    if not isinstance(script, Path) or not script.is_file():
+        raise FileNotFoundError(f"kafka.sh is not installed as a file: {script}")
+    return script
+
+
+def cache_dir() -> Path:
+    """Where ``kafka.sh`` keeps the Kafka jars and the default data dirs: ``$TIERSTREAM_CACHE``;
+    else ``<checkout>/.cache`` in a source checkout; else ``${XDG_CACHE_HOME:-~/.cache}/tierstream``.
+    The script owns that rule; this asks it (``kafka.sh cache-dir``)."""
+    proc = subprocess.run(
+        ["bash", str(kafka_script()), "cache-dir"], capture_output=True, text=True, timeout=30, check=False
+    )
+    if proc.returncode != 0:
+        raise BrokerError("cache-dir", proc.returncode, proc.stdout + proc.stderr)
+    return Path(proc.stdout.strip())
 
 
 def free_port() -> int:
@@ -144,12 +177,12 @@ async def wait_until_ready(bootstrap: str, timeout: float) -> None:
 
 @dataclass
 class LocalBroker:
-    """A single-node KRaft broker managed by ``deploy/local/kafka.sh``.
+    """A single-node KRaft broker managed by ``kafka.sh`` (:func:`kafka_script`).
 
     Attributes:
         port: PLAINTEXT listener port on 127.0.0.1.
         data_dir: config, logs and segments; ``None`` lets the script use
-            ``.cache/broker-<port>``.
+            ``<cache>/broker-<port>`` (:func:`cache_dir`).
         version: Kafka release; ``None`` uses the script's default.
         controller_port: KRaft controller port; ``None`` means ``port + 1``.
         extra_env: additional environment for the script (e.g. ``KAFKA_HEAP``).
@@ -237,7 +270,7 @@ class LocalBroker:
     ) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(
-                ["bash", str(KAFKA_SCRIPT), action],
+                ["bash", str(kafka_script()), action],
                 env=self._env(env),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from topologies.config import ConfigError, load_settings
-from topologies.topics import Topology, parse_roles
+from topologies.topics import parse_roles, topology_of
 
 app = typer.Typer(
     help="Tiered, cost-guarded LLM agent workloads on Apache Kafka.",
@@ -36,7 +36,7 @@ ConfigOption = Annotated[
 err = Console(stderr=True)
 
 
-def _settings(config: Path | None):  # noqa: ANN202 - typer needs no annotation here
+def _settings(config: Path | None):
     try:
         return load_settings(config)
     except ConfigError as exc:
@@ -68,9 +68,10 @@ def worker(
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
     if len(role_list) == 1:
-        from streams.app import run_role
+        from streams.roles import build_role
+        from streams.runtime.worker import run_app
 
-        run_role(settings, role_list[0])
+        run_app(settings, role_list[0], build_role)
     else:
         from streams.supervisor import supervise
 
@@ -136,7 +137,7 @@ def produce(
         sent = asyncio.run(
             produce_requests(settings, requests, lambda n: progress.advance(task, n))
         )
-    err.print(f"produced {sent} requests to {Topology(settings).requests.name}")
+    err.print(f"produced {sent} requests to {topology_of(settings).requests.name}")
 
 
 @app.command()
@@ -239,7 +240,7 @@ def topics_create(config: ConfigOption = None) -> None:
 @topics_app.command("list")
 def topics_list(config: ConfigOption = None) -> None:
     """Print the topology: topics, partitions, keys and who reads and writes what."""
-    topology = Topology(_settings(config))
+    topology = topology_of(_settings(config))
     for spec in topology.all():
         extra = " compacted" if spec.compacted else ""
         print(f"{spec.name:<28} partitions={spec.partitions:<3} key={spec.key:<12} {spec.value.__name__}{extra}")
@@ -256,7 +257,7 @@ def acls(
     from topologies.acls import acls_script
 
     settings = _settings(config)
-    print(acls_script(Topology(settings), settings.app_id, principal), end="")
+    print(acls_script(topology_of(settings), settings.app_id, principal), end="")
 
 
 @guardrail_app.command("status")
@@ -414,7 +415,7 @@ def _print_router_report(report: dict) -> None:  # type: ignore[type-arg]
         err.print(f"[yellow]warning: {warning}[/]")
 
 
-def _broker(port: int | None, config: Path | None):  # noqa: ANN202
+def _broker(port: int | None, config: Path | None):
     from streams.broker import LocalBroker
 
     if port is None:

@@ -13,7 +13,7 @@ from schemas.codec import DecodeError, decode, encode
 from schemas.models import AgentRequest, AgentResult, DeadLetter, WireModel
 from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 
 def read_jsonl(path: Path) -> Iterable[AgentRequest]:
@@ -33,7 +33,7 @@ async def produce_requests(
     on_sent: Callable[[int], None] | None = None,
 ) -> int:
     """Write requests to the requests topic keyed by workflow_id; return how many."""
-    topic = Topology(settings).requests.name
+    topic = topology_of(settings).requests.name
     producer = AIOKafkaProducer(
         acks="all", linger_ms=5, enable_idempotence=True, **aiokafka_kwargs(settings.kafka),
     )
@@ -123,5 +123,5 @@ def render(topic_kind: str, value: bytes) -> str:
 
 
 def result_topics(settings: Settings) -> tuple[str, str]:
-    topology = Topology(settings)
+    topology = topology_of(settings)
     return topology.results.name, topology.dead_letters.name

@@ -22,12 +22,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import mode
 import orjson
 
 from streams.tail import TopicTail
 from topologies.config import Settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +48,10 @@ class AnsweredIndex:
         self.window = settings.worker.dedupe_window_seconds
         self._answered: dict[str, float] = {}  # request_id -> when seen, oldest first
         self._answering: dict[str, asyncio.Event] = {}  # in progress here: set when it ends
-        self._tail = TopicTail(settings, [Topology(settings).results.name], self._apply, self.window)
+        self._tail = TopicTail(settings, [topology_of(settings).results.name], self._apply, self.window)
         self.ready = asyncio.Event()  # caught up since the last assignment
         self._generation = 0
+        self._catching_up: set[asyncio.Future[None]] = set()
         self.skipped = 0
 
     def _apply(self, topic: str, value: bytes | None) -> None:
@@ -63,9 +63,8 @@ class AnsweredIndex:
         now = time.monotonic()
         self._answered.pop(request_id, None)
         self._answered[request_id] = now
-        # Forget what is older than the window (the dict is in insertion order). islice,
-        # not list(...)[:64]: copying the whole window on every result was 5 % of a tier
-        # worker's samples at 5,000 results.
+        # Forget what is older than the window (the dict is in insertion order): a look at
+        # the oldest few per result, never a copy of the whole window.
         for old, seen in list(itertools.islice(self._answered.items(), 64)):
             if now - seen <= self.window:
                 break
@@ -80,8 +79,7 @@ class AnsweredIndex:
         A copy read again after a rebalance must not be skipped because the first copy is
         still in progress: that one was fetched before the rebalance, so its result is
         dropped, and skipping (and committing) the second would leave the request
-        unanswered. The 20,000-request kill loop lost 88 requests this way. Whether the
-        second copy is still to be answered is known once the first has ended."""
+        unanswered. Whether the second copy is still to be answered is known once the first has ended."""
         while (ended := self._answering.get(request_id)) is not None:
             await ended.wait()
 
@@ -102,14 +100,24 @@ class AnsweredIndex:
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        self.assigned(())  # whatever is assigned already
         await self._tail.start()
 
     async def stop(self) -> None:
+        for task in self._catching_up:
+            task.cancel()
         await self._tail.stop()
 
     def on_revoked(self) -> None:
         self._generation += 1
         self.ready.clear()
+
+    def assigned(self, _partitions: object) -> None:
+        """After every assignment: work waits until the results are read up to now (in the
+        background: a rebalance callback must not wait for it)."""
+        task = asyncio.ensure_future(self.on_assigned())
+        self._catching_up.add(task)
+        task.add_done_callback(self._catching_up.discard)
 
     async def on_assigned(self) -> None:
         """Catch up with the results topic as it is now (which includes what the
@@ -121,29 +129,3 @@ class AnsweredIndex:
         if generation == self._generation:
             log.info("results read up to now: %d request ids answered in the last %.0f s", len(self), self.window)
             self.ready.set()
-
-
-class DedupeService(mode.Service):
-    """Runs an AnsweredIndex inside a Faust worker, following its rebalances."""
-
-    def __init__(self, index: AnsweredIndex, app: object, **kwargs: object) -> None:
-        self.index = index
-        self.app = app
-        super().__init__(**kwargs)
-
-    async def on_start(self) -> None:
-        app = self.app
-
-        @app.on_partitions_revoked.connect  # type: ignore[attr-defined]
-        async def revoked(sender: object, revoked: object, **kwargs: object) -> None:
-            self.index.on_revoked()
-
-        @app.on_partitions_assigned.connect  # type: ignore[attr-defined]
-        async def assigned(sender: object, assigned: object, **kwargs: object) -> None:
-            self.add_future(self.index.on_assigned())  # waits for the tail to start
-
-        self.add_future(self.index.on_assigned())  # whatever is assigned already
-        await self.index.start()
-
-    async def on_stop(self) -> None:
-        await self.index.stop()

@@ -5,7 +5,7 @@ arguments, so every client in the project (Faust apps, the CLI producer and
 consumer, the admin client) authenticates the same way::
 
     producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings.kafka))
-    app = faust.App(app_id, **faust_settings(settings.kafka), ...)
+    app = faust.App(app_id, **faust_settings(settings.kafka), ...)  # streams.runtime.credentials
 
 The SASL password is never in the configuration. It is read when the kwargs are
 built: from the environment variable named by ``kafka.sasl_password_env``, else
@@ -29,7 +29,7 @@ __all__ = [
     "read_sasl_password",
     "ssl_context",
     "aiokafka_kwargs",
-    "faust_settings",
+    "required_password",
 ]
 
 _SECRET_KEYS = frozenset({"sasl_plain_password"})
@@ -128,7 +128,7 @@ def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
         ) from None
 
 
-def _required_password(kafka: KafkaSettings, environ: Mapping[str, str] | None) -> str:
+def required_password(kafka: KafkaSettings, environ: Mapping[str, str] | None) -> str:
     password = read_sasl_password(kafka, environ)
     if password is None:
         where = f"the environment variable {kafka.sasl_password_env} (kafka.sasl_password_env)"
@@ -166,31 +166,5 @@ def aiokafka_kwargs(kafka: KafkaSettings, environ: Mapping[str, str] | None = No
     if kafka.uses_sasl:
         kwargs["sasl_mechanism"] = kafka.sasl_mechanism
         kwargs["sasl_plain_username"] = kafka.sasl_username
-        kwargs["sasl_plain_password"] = _required_password(kafka, environ)
+        kwargs["sasl_plain_password"] = required_password(kafka, environ)
     return kwargs
-
-
-def faust_settings(kafka: KafkaSettings, environ: Mapping[str, str] | None = None) -> ClientKwargs:
-    """Keyword arguments for ``faust.App``: ``broker`` (``kafka://`` URLs) and, unless
-    the protocol is PLAINTEXT, ``broker_credentials``:
-
-    * SSL: ``faust.SSLCredentials(context)``;
-    * SASL_PLAINTEXT: ``faust.SASLCredentials(username=, password=, mechanism=)``;
-    * SASL_SSL: the same with ``ssl_context=`` (Faust then selects SASL_SSL).
-
-    ``faust.SASLCredentials``'s own ``repr()`` shows only the username.
-    """
-    import faust  # deferred: the aiokafka-only callers need not import Faust
-
-    settings = ClientKwargs(broker=kafka.broker_url)
-    context = ssl_context(kafka)
-    if kafka.uses_sasl:
-        settings["broker_credentials"] = faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=_required_password(kafka, environ),
-            mechanism=kafka.sasl_mechanism,
-            ssl_context=context,
-        )
-    elif context is not None:
-        settings["broker_credentials"] = faust.SSLCredentials(context)
-    return settings

@@ -1,7 +1,7 @@
 """Prometheus metrics and the health/readiness/metrics HTTP server of a worker process.
 
 Metrics are recorded at the one place every handler's output passes, the Faust agent in
-:mod:`streams.app`, by :meth:`OutgoingObserver.observe_outgoing`. Handlers stay free of
+:mod:`streams.runtime.worker`, by :meth:`OutgoingObserver.observe_outgoing`. Handlers stay free of
 metrics code, and the hot path stays cheap: the topic alone tells a routing decision, a
 result, a cost event or a dead letter; results and cost events (a few hundred bytes to a
 few KB) are parsed with orjson, a dead letter's code is read from its first bytes.
@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, get_args
+from typing import Any, get_args
 
 import mode
 import orjson
@@ -39,6 +39,7 @@ from streams.providers.pool import PoolStats
 from streams.providers.registry import ProviderRegistry
 from streams.ratelimit_metrics import RateLimitCollector
 from streams.readiness import ProviderProbe
+from streams.runtime.types import Partitions
 from topologies.config import Settings
 from topologies.topics import Role, Topology, tier_role
 
@@ -97,9 +98,8 @@ class Metrics:
             "Messages being handled right now (provider calls in flight for tier roles).",
             ["role"], registry=registry,
         )
-        # labels() checks and hashes its arguments under a lock on every call (4 % of a tier
-        # worker's samples); the label sets are small and fixed, so each child is looked
-        # up once.
+        # labels() checks and hashes its arguments under a lock on every call, on the hot
+        # path; the label sets are small and fixed, so each child is looked up once.
         self._requests = functools.cache(self.requests.labels)
         self._classified = functools.cache(self.classified.labels)
         self._model_latency = functools.cache(self.model_latency.labels)
@@ -167,7 +167,7 @@ class ScrapeTimeCollector(Collector):
         families = self.families()
         try:
             self.fill(families)
-        except Exception:  # noqa: BLE001 - metrics must never take a scrape (or a pod) down
+        except Exception:  # metrics must never take a scrape (or a pod) down
             log.debug("%s: reading live state failed", type(self).__name__, exc_info=True)
         yield from families
 
@@ -272,14 +272,6 @@ class GuardrailCollector(ScrapeTimeCollector):
             family.add_metric([], value)  # type: ignore[attr-defined]
 
 
-class LagConsumer(Protocol):
-    """The part of a Faust consumer the lag collector reads."""
-
-    def assignment(self) -> Any: ...
-
-    def highwater(self, tp: Any) -> int | None: ...
-
-
 class ConsumerLagCollector(ScrapeTimeCollector):
     """Consumer lag per topic over this process's assigned partitions, at scrape time.
 
@@ -289,10 +281,9 @@ class ConsumerLagCollector(ScrapeTimeCollector):
     """
 
     def __init__(self) -> None:
-        self._consumers: list[Callable[[], LagConsumer]] = []
+        self._consumers: list[Partitions] = []
 
-    def watch(self, consumer: Callable[[], LagConsumer]) -> None:
-        """``consumer()`` returns the consumer (e.g. ``lambda: app.consumer``)."""
+    def watch(self, consumer: Partitions) -> None:
         self._consumers.append(consumer)
 
     def families(self) -> list[Metric]:
@@ -311,15 +302,13 @@ class ConsumerLagCollector(ScrapeTimeCollector):
         lag_family, assigned_family = families
         lag: dict[str, int] = {}
         assigned: dict[str, int] = {}
-        for source in self._consumers:
-            consumer = source()
-            committed = getattr(consumer, "_committed_offset", {})  # Faust: next offset to read
-            for tp in consumer.assignment():
-                assigned[tp.topic] = assigned.get(tp.topic, 0) + 1
-                lag.setdefault(tp.topic, 0)
-                highwater = consumer.highwater(tp)
+        for consumer in self._consumers:
+            for topic, partition in consumer.assigned():
+                assigned[topic] = assigned.get(topic, 0) + 1
+                lag.setdefault(topic, 0)
+                highwater = consumer.highwater(topic, partition)
                 if highwater is not None:
-                    lag[tp.topic] += max(0, highwater - (committed.get(tp) or 0))
+                    lag[topic] += max(0, highwater - (consumer.committed(topic, partition) or 0))
         for topic in sorted(assigned):
             lag_family.add_metric([topic], lag[topic])  # type: ignore[attr-defined]
             assigned_family.add_metric([topic], assigned[topic])  # type: ignore[attr-defined]
@@ -386,17 +375,6 @@ def dead_letter_code(value: bytes) -> str:
     return code if code in _DEAD_LETTER_CODES else "other"
 
 
-class ConsumerLike(Protocol):
-    def assignment(self) -> Any: ...
-
-
-class AppLike(Protocol):
-    """The part of a Faust app the readiness check reads."""
-
-    @property
-    def consumer(self) -> ConsumerLike: ...
-
-
 ReadinessCheck = Callable[[], str | None]  # None: fine; else why the worker is not ready
 StatusReport = Callable[[], dict[str, Any]]
 
@@ -412,7 +390,7 @@ class HealthServer(mode.Service):
 
     def __init__(
         self,
-        app: AppLike,
+        consumer: Partitions,
         port: int = 8080,
         host: str = "0.0.0.0",  # probes and scrapers come from outside the pod
         registry: CollectorRegistry = REGISTRY,
@@ -420,7 +398,7 @@ class HealthServer(mode.Service):
         reports: dict[str, StatusReport] | None = None,
         **kwargs: Any,
     ) -> None:
-        self.app = app
+        self.consumer = consumer
         self.host = host
         self.port = port
         self.registry = registry
@@ -469,8 +447,8 @@ class HealthServer(mode.Service):
         reasons: list[str] = []
         assigned = 0
         try:
-            assigned = len(self.app.consumer.assignment())
-        except Exception as exc:  # e.g. ConsumerNotStarted while the app boots
+            assigned = len(self.consumer.assigned())
+        except Exception as exc:  # noqa: BLE001 - e.g. ConsumerNotStarted while the app boots
             reasons.append(f"consumer not started: {exc!r}")
         else:
             if not assigned:
@@ -502,7 +480,7 @@ class HealthServer(mode.Service):
 
 
 def worker_services(
-    app: AppLike,
+    consumer: Partitions,
     settings: Settings,
     metrics: Metrics,
     providers: ProviderRegistry | None = None,
@@ -510,7 +488,7 @@ def worker_services(
 ) -> list[mode.Service]:
     """The health server of one role's worker and what it reads: the consumer's lag, the
     client pools and a provider probe (roles that call models), the guardrail view."""
-    metrics.consumers.watch(lambda: app.consumer)
+    metrics.consumers.watch(consumer)
     services: list[mode.Service] = []
     checks: dict[str, ReadinessCheck] = {}
     reports: dict[str, StatusReport] = {}
@@ -524,7 +502,7 @@ def worker_services(
         reports["guardrails"] = view.summary
     services.append(
         HealthServer(
-            app, port=settings.worker.health_port, registry=metrics.registry, checks=checks, reports=reports
+            consumer, port=settings.worker.health_port, registry=metrics.registry, checks=checks, reports=reports
         )
     )
     return services

@@ -33,15 +33,15 @@ def spawn(
     cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``tierstream <args>`` in its own process group, output to ``log_path``."""
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        cli_command(*args),
-        env={**os.environ, **(env or {})},
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=cwd,
-    )
+    with open(log_path, "ab") if log_path else open(os.devnull, "wb") as out:  # the child keeps its own copy
+        return subprocess.Popen(
+            cli_command(*args),
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=cwd,
+        )
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 30.0, sig: int = signal.SIGTERM) -> int:

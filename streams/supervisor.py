@@ -1,6 +1,6 @@
 """Run several roles from one command: one child process per role.
 
-Each role is its own Faust app and consumer group (see :mod:`streams.app`); running them
+Each role is its own Faust app and consumer group (see :mod:`streams.runtime.worker`); running them
 as sibling processes also lets the roles use more than one core. If any child exits, the
 others are stopped and the supervisor exits with the child's code, so that a process
 manager (Kubernetes, systemd) restarts the whole set.

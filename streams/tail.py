@@ -13,11 +13,11 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
-import mode
 import stamina
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from streams.kafka_security import aiokafka_kwargs
@@ -70,7 +70,7 @@ class TopicTail:
         await consumer.start()
         self._consumer = consumer
         partitions = [
-            TopicPartition(topic, p) for topic in self.topics for p in sorted(await _partitions(consumer, topic))
+            TopicPartition(topic, p) for topic in self.topics for p in sorted(await _partitions(self.settings, consumer, topic))
         ]
         ends = await until_answered(functools.partial(offsets.end_offsets, partitions))
         consumer.assign(partitions)
@@ -125,7 +125,7 @@ class TopicTail:
                         listener()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - keep reading; aiokafka reconnects
+            except Exception:  # keep reading; aiokafka reconnects
                 log.exception("reading %s failed; retrying", ", ".join(self.topics))
                 await asyncio.sleep(1.0)
 
@@ -141,34 +141,23 @@ class TopicTail:
                 await consumer.stop()
 
 
-class Follower(Protocol):
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
-class FollowerService(mode.Service):
-    """Runs a follower of topics (something built on a :class:`TopicTail`) inside a Faust
-    worker: started and stopped with it."""
-
-    def __init__(self, follower: Follower, **kwargs: object) -> None:
-        self.follower = follower
-        super().__init__(**kwargs)
-
-    async def on_start(self) -> None:
-        await self.follower.start()
-
-    async def on_stop(self) -> None:
-        await self.follower.stop()
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while True:
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return found
-        if loop.time() > deadline:
-            raise RuntimeError(f"topic {topic} does not exist; run `tierstream topics create`")
-        await consumer._client.force_metadata_update()  # topic just created elsewhere
+async def _partitions(settings: Settings, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    found = consumer.partitions_for_topic(topic)
+    if found:
+        return found
+    # Not in the consumer's metadata (created moments ago, maybe by another process): ask
+    # the cluster until it exists.
+    admin = AIOKafkaAdminClient(**aiokafka_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            for described in await admin.describe_topics([topic]):
+                if described["topic"] == topic and described["error_code"] == 0 and described["partitions"]:
+                    return {p["partition"] for p in described["partitions"]}
+            if loop.time() > deadline:
+                raise RuntimeError(f"topic {topic} does not exist; run `tierstream topics create`")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()

@@ -33,7 +33,7 @@ from schemas.models import ThrottleEvent
 from streams.ratelimit import BackoffCurve, Clock, Throttle, Throttles, ThrottleState
 from streams.tail import TopicTail
 from topologies.config import Settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 log = logging.getLogger(__name__)
 Publish = Callable[[bytes, bytes], Awaitable[object]]
@@ -57,7 +57,7 @@ class ThrottleFeed:
         origin: str,
         wall: Clock = time.time,
     ) -> None:
-        self.topic = Topology(settings).throttles.name
+        self.topic = topology_of(settings).throttles.name
         self.throttles = throttles
         self.publish = publish
         self.origin = origin

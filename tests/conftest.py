@@ -2,13 +2,17 @@
 
 The broker is, in this order: ``$KAFKA_BOOTSTRAP_SERVERS``; a testcontainers Kafka if a
 Docker engine answers; else a local KRaft broker started from the Maven Central jars by
-``deploy/local/kafka.sh`` on free ports, for this test session only.
+``streams/broker_files/kafka.sh`` on free ports, for this test session only.
+
+Every test that needs a broker carries the ``e2e`` marker, so that ``-m "not e2e"`` runs
+without one. Two checks keep it so: collection fails for a test that uses a broker fixture
+unmarked, and a test that starts a :class:`LocalBroker` of its own unmarked fails.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,53 @@ from streams.broker import LocalBroker, free_ports
 from streams.simulator import ProviderSimulator, SimulatorConfig
 from tests.support import Pipeline, new_pipeline
 
+# The fixtures that provide a broker (``pipeline_factory`` and any other fixture that uses
+# one of them count too): the session's, and test_kafka_security.py's SASL broker.
+BROKER_FIXTURES = frozenset({"kafka_bootstrap", "sasl_broker"})
+_E2E_HINT = "add the e2e marker (`pytestmark = pytest.mark.e2e` for a module of such tests, else @pytest.mark.e2e)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        f"{item.nodeid} (uses {', '.join(sorted(BROKER_FIXTURES.intersection(item.fixturenames)))})"
+        for item in items
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())) and item.get_closest_marker("e2e") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests need a Kafka broker but are not marked e2e, so `-m \"not e2e\"` would run them: "
+            + "; ".join(unmarked) + f". To fix: {_E2E_HINT}"
+        )
+
+
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_starts_only_in_e2e_tests() -> Iterator[None]:
+    """A test (or a fixture it uses) that starts a :class:`LocalBroker` of its own must be
+    marked e2e too: the collection check sees fixtures only."""
+    start = LocalBroker.start
+
+    def checked_start(self: LocalBroker, *args: object, **kwargs: object) -> str:
+        item = _running[-1] if _running else None
+        if item is not None and item.get_closest_marker("e2e") is None:
+            pytest.fail(f"{item.nodeid} starts a Kafka broker but is not marked e2e. To fix: {_E2E_HINT}", pytrace=False)
+        return start(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LocalBroker, "start", checked_start)
+        yield
+
 
 def _docker_engine_answers() -> bool:
     try:
@@ -25,7 +76,7 @@ def _docker_engine_answers() -> bool:
 
         docker.from_env(timeout=3).ping()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means no usable Docker engine
         return False
 
 

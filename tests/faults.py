@@ -37,7 +37,7 @@ from streams.admin import ensure_topics
 from streams.broker import LocalBroker
 from streams.guardrails.money import hour_window, usd_to_nanos
 from streams.guardrails.operator import read_state
-from tests.support import Pipeline, new_pipeline, produce_raw, read_to_end
+from tests.support import Pipeline, WaitTimeout, new_pipeline, produce_raw, read_to_end, wait_until
 from topologies.topics import ALL_ROLES
 
 TIERS = ("nano", "standard", "premium")
@@ -125,23 +125,26 @@ async def costs_exact(pipeline: Pipeline, timeout: float) -> tuple[int, bool, di
     """Whether the cost role's published totals equal the cost events, polled until the
     deadline (the cost role may still be catching up). Returns (events, exact, last seen)."""
     count, by_workflow, by_hour = await cost_truth(pipeline)
-    deadline = time.monotonic() + timeout
-    last: dict[str, object] = {}
-    while True:
+
+    async def differences() -> dict[str, object]:
         view = await read_state(pipeline.settings)
         workflows = {wf: (t.nanos if (t := view.workflow_spend(wf)) else 0) for wf in by_workflow}
         hours = {w: view.hour_spend(w) for w in by_hour}
         if workflows == dict(by_workflow) and hours == dict(by_hour):
-            return count, True, {}
+            return {}
         differ = {wf: (workflows[wf], by_workflow[wf]) for wf in by_workflow if workflows[wf] != by_workflow[wf]}
-        last = {"workflows (cost role, cost events)": differ,
+        return {"workflows (cost role, cost events)": differ,
                 "hours (cost role, cost events)": {str(w): (hours[w], by_hour[w]) for w in by_hour}}
-        if time.monotonic() > deadline:
-            costs = pipeline.topology.costs.name
-            last["cost role lag by partition"] = await pipeline.committed_lag("cost", costs)
-            last["cost role warnings"] = cost_role_warnings(pipeline.log_dir)
-            return count, False, last
-        await asyncio.sleep(1.0)
+
+    try:
+        await wait_until(differences, timeout, "the cost role's totals to equal the cost events",
+                         accept=lambda differ: not differ, interval=1.0)
+    except WaitTimeout as timed_out:
+        last = dict(timed_out.last)
+        last["cost role lag by partition"] = await pipeline.committed_lag("cost", pipeline.topology.costs.name)
+        last["cost role warnings"] = cost_role_warnings(pipeline.log_dir)
+        return count, False, last
+    return count, True, {}
 
 
 def cost_role_warnings(log_dir: Path, limit: int = 30) -> list[str]:
@@ -168,11 +171,8 @@ def _ready_roles(log_path: Path) -> int:
 
 
 async def _wait_ready(log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _ready_roles(log_path) < len(ALL_ROLES):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"a worker's roles were not all ready after {timeout:.0f}s: {log_path}")
-        await asyncio.sleep(0.5)
+    await wait_until(lambda: _ready_roles(log_path), timeout, f"every role ready in {log_path}",
+                     accept=lambda ready: ready >= len(ALL_ROLES), interval=0.5)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -261,10 +261,12 @@ async def broker_restart(
     started = time.monotonic()
     await produce_raw(pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name, requests(count))
     async with Answers(pipeline) as answers:
-        while not answers.ids:
-            assert time.monotonic() - started < timeout, "nothing was answered before the broker stop"
+
+        async def answered() -> int:
             await answers.poll()
-        answered_before = len(answers.ids)
+            return len(answers.ids)
+
+        answered_before = await wait_until(answered, timeout, "a first answer before the broker stop", interval=0)
     await asyncio.to_thread(broker.stop)
     log(f"  broker stopped with {answered_before}/{count} answered; down for {down_s:.0f}s")
     await asyncio.sleep(down_s)  # the outage itself

@@ -47,18 +47,21 @@ def run_promtool(*args: str, stdin: bytes | None = None, cwd: Path | None = None
 
 
 class FakeLagConsumer:
-    """What the lag collector reads of a Faust consumer: assignment, high watermarks and
-    the committed offsets (next offset to read), which tests set."""
+    """What the lag collector reads of a worker's consumer (streams.runtime.types.Partitions):
+    assignment, high watermarks and the committed offsets (next offset to read), which tests set."""
 
     def __init__(self, highwaters: dict[TP, int | None], committed: dict[TP, int | None]) -> None:
         self.highwaters = highwaters
         self._committed_offset = committed
 
-    def assignment(self) -> set[TP]:
-        return set(self.highwaters)
+    def assigned(self) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in self.highwaters}
 
-    def highwater(self, tp: TP) -> int | None:
-        return self.highwaters[tp]
+    def highwater(self, topic: str, partition: int) -> int | None:
+        return self.highwaters[TP(topic, partition)]
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        return self._committed_offset.get(TP(topic, partition))
 
 
 def spend(view: GuardrailView, scope: str, usd: float, partition: int = 0) -> None:
@@ -94,7 +97,7 @@ def exercised_metrics() -> Metrics:
     providers.throttles.get("openai", "o3").on_rate_limited(1.0)
     metrics.rate_limits.watch(providers, limiter)
     consumer = FakeLagConsumer({TP("agent.requests.nano", 0): 10}, {TP("agent.requests.nano", 0): 3})
-    metrics.consumers.watch(lambda: consumer)
+    metrics.consumers.watch(consumer)
     return metrics
 
 

@@ -1,16 +1,19 @@
-"""Helpers for the end-to-end tests: isolated pipelines on the session's real broker."""
+"""Helpers for the tests: waiting on a condition with a deadline (:func:`wait_until`), and
+isolated pipelines on the session's real broker for the end-to-end tests."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -20,6 +23,44 @@ from streams import processes
 from streams.admin import ensure_topics
 from streams.kafka_security import aiokafka_kwargs
 from topologies import Settings, Topology, load_settings
+
+T = TypeVar("T")
+
+
+class WaitTimeout(AssertionError):
+    """What :func:`wait_until` raises at its deadline; ``last`` is the last value seen."""
+
+    def __init__(self, what: str, timeout: float, last: object) -> None:
+        shown = repr(last)
+        if len(shown) > 2000:
+            shown = shown[:2000] + " ..."
+        super().__init__(f"timed out after {timeout:g} s waiting for {what}; last seen: {shown}")
+        self.last: Any = last
+
+
+async def wait_until(
+    condition: Callable[[], T | Awaitable[T]],
+    timeout: float,
+    what: str,
+    *,
+    accept: Callable[[T], Any] = bool,
+    interval: float = 0.25,
+) -> T:
+    """Call ``condition`` (sync or async) until what it returns is accepted (by default:
+    is truthy) and return that value; at the deadline raise :class:`WaitTimeout`, an
+    AssertionError naming ``what``, the timeout and the last value seen. ``interval`` is
+    the pause between calls: 0 for a condition that waits by itself (a Kafka poll with a
+    timeout). An exception from ``condition`` (a worker found dead) ends the wait at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if accept(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(what, timeout, value)
+        await asyncio.sleep(interval)  # the poll interval
 
 
 @dataclass
@@ -189,22 +230,26 @@ async def read_to_end(pipeline: Pipeline, *topics: str) -> list[ConsumerRecord]:
     try:
         partitions = []
         for topic in topics:
-            found = set()
-            for _ in range(50):
-                found = consumer.partitions_for_topic(topic) or set()
-                if found:
-                    break
+
+            async def partitions_of(topic: str = topic) -> set[int]:
                 await consumer._client.force_metadata_update()
-            assert found, f"topic {topic} has no partitions"
+                return consumer.partitions_for_topic(topic) or set()
+
+            found = await wait_until(partitions_of, 30, f"the partitions of topic {topic}")
             partitions += [TopicPartition(topic, p) for p in sorted(found)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
-        deadline = time.monotonic() + 120
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            assert time.monotonic() < deadline, "could not read the topics to their end"
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records += batch
+
+        async def left_to_read() -> dict[TopicPartition, int]:
+            left = {tp: end - await consumer.position(tp) for tp, end in ends.items()}
+            left = {tp: n for tp, n in left.items() if n > 0}
+            if left:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(batch)
+            return left
+
+        await wait_until(left_to_read, 120, f"the end of {', '.join(topics)}", accept=lambda left: not left, interval=0)
     finally:
         await consumer.stop()
     return records

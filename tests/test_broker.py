@@ -1,4 +1,4 @@
-"""End-to-end check of the local Kafka broker that deploy/local/kafka.sh runs."""
+"""End-to-end check of the local Kafka broker that streams/broker_files/kafka.sh runs."""
 
 from __future__ import annotations
 

@@ -8,16 +8,16 @@ import pytest
 
 from schemas import AgentRequest, Tier, TieredRequest, decode
 from schemas.models import CostEvent
-from streams.classifier import (
+from streams.envelope import Source
+from streams.pricing import PriceBook
+from streams.processes import simulator_env
+from streams.providers import ProviderRegistry
+from streams.roles.classifier import (
     META_ROUTING_MAX_TOKENS,
     Classifier,
     ClassifierHandler,
     parse_tier_word,
 )
-from streams.envelope import Source
-from streams.pricing import PriceBook
-from streams.processes import simulator_env
-from streams.providers import ProviderRegistry
 from streams.routing.rules import rules_tier
 from streams.simulator import ProviderSimulator
 from topologies import Settings, Topology, load_settings

@@ -46,7 +46,7 @@ async def test_a_copy_read_again_waits_for_the_one_in_progress_and_is_answered_i
     first = answered.answering("r-1")
     first.__enter__()
     second = asyncio.create_task(answered.settled("r-1"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: the second copy starts and blocks
     assert not second.done(), "the second copy must wait for the first"
     first.__exit__(None, None, None)  # ended without a result
     await asyncio.wait_for(second, 1)
@@ -57,7 +57,7 @@ async def test_a_copy_read_again_is_skipped_once_the_one_in_progress_answered_it
     answered = index()
     with answered.answering("r-1"):
         waiting = asyncio.create_task(answered.settled("r-1"))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: the copy starts and blocks
         answered.mark_answered("r-1")
     await asyncio.wait_for(waiting, 1)
     assert answered.answered("r-1")
@@ -71,13 +71,13 @@ async def test_two_copies_read_again_take_turns() -> None:
         await answered.settled("r-1")
         with answered.answering("r-1"):
             order.append(f"{name} starts")
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # two turns of the loop in which the other copy could
+            await asyncio.sleep(0)  # cut in, were it not held back
             order.append(f"{name} ends")
 
     with answered.answering("r-1"):
         tasks = [asyncio.create_task(copy("a")), asyncio.create_task(copy("b"))]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: both copies start and block
     await asyncio.wait_for(asyncio.gather(*tasks), 1)
     assert order == ["a starts", "a ends", "b starts", "b ends"]
 
@@ -101,7 +101,7 @@ async def test_ready_only_after_the_latest_assignment_caught_up() -> None:
 
     answered._tail.catch_up = catch_up  # type: ignore[method-assign]
     stale = asyncio.create_task(answered.on_assigned())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: the catch-up starts and blocks
     answered.on_revoked()  # a rebalance began before that catch-up ended
     release.set()
     await stale

@@ -74,7 +74,7 @@ ALL_BUILDS = [BASE, *OVERLAYS]
 
 def _health_routes() -> set[str]:
     """The paths the worker's health server answers."""
-    return {r.resource.canonical for r in HealthServer(app=None).web_app().router.routes()}  # type: ignore[arg-type]
+    return {r.resource.canonical for r in HealthServer(consumer=None).web_app().router.routes()}  # type: ignore[arg-type]
 
 
 def test_every_manifest_parses() -> None:

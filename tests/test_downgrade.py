@@ -17,8 +17,8 @@ from streams.guardrails.view import GuardrailView
 from streams.pricing import PriceBook
 from streams.processes import simulator_env
 from streams.providers import ProviderRegistry
+from streams.roles.tier import TierHandler
 from streams.simulator import ProviderSimulator
-from streams.tier_worker import TierHandler
 from topologies import Settings, Topology, load_settings
 
 

@@ -16,7 +16,7 @@ from streams.admin import wait_for_roles
 from streams.guardrails.money import usd_to_nanos
 from streams.guardrails.operator import read_state
 from tests.faults import costs_exact
-from tests.support import collect, produce_raw, read_topic
+from tests.support import Collected, collect, produce_raw, read_to_end, read_topic, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -57,14 +57,13 @@ async def test_runaway_workflow_is_stopped_at_its_limit(pipeline_factory) -> Non
     costs = await read_topic(pipeline, pipeline.topology.costs.name, expected=statuses["ok"] + 10, timeout=30)
     expected_total = sum(usd_to_nanos(c["cost_usd"]) for c in costs if c["workflow_id"] == "runaway")
     assert expected_total == spent
-    deadline = time.monotonic() + 30
-    while True:
-        view = await read_state(pipeline.settings)
-        total = view.workflow_spend("runaway")
-        if total is not None and total.nanos == expected_total or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
-    assert total is not None and total.nanos == expected_total
+
+    async def runaway_total() -> int | None:
+        total = (await read_state(pipeline.settings)).workflow_spend("runaway")
+        return None if total is None else total.nanos
+
+    await wait_until(runaway_total, 30, f"the cost role's total for the runaway workflow to reach {expected_total}",
+                     accept=lambda nanos: nanos == expected_total, interval=0.5)
 
 
 async def pause_reaction(pipeline, limit: float) -> list[float]:
@@ -72,7 +71,7 @@ async def pause_reaction(pipeline, limit: float) -> list[float]:
     to each tier worker's log line saying it paused. A figure, not an assertion."""
     from datetime import datetime
 
-    costs = await read_topic(pipeline, pipeline.topology.costs.name, expected=10**9, timeout=3)
+    costs = [orjson.loads(r.value) for r in await read_to_end(pipeline, pipeline.topology.costs.name)]
     crossing = None
     running = 0
     for cost in sorted(costs, key=lambda c: c["timestamp"]):
@@ -94,23 +93,22 @@ async def paused_view(pipeline):
     return view if view.hour_paused() else None
 
 
-async def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(interval)
+def well_inside_an_hour() -> bool:
+    """Not within 150 s of an hour boundary: the hourly window would reset the spend mid-test."""
+    from streams.guardrails.money import HOUR_SECONDS
+
+    return time.time() % HOUR_SECONDS < HOUR_SECONDS - 150
+
+
+async def results_so_far(pipeline) -> int:
+    """How many results the results topic holds now."""
+    return len(await read_to_end(pipeline, pipeline.topology.results.name))
 
 
 async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipeline_factory) -> None:
-    from streams.guardrails.money import HOUR_SECONDS
     from streams.guardrails.operator import set_limit
 
-    # Not across an hour boundary: the hourly window would reset the spend mid-test.
-    await wait_for(lambda: asyncio.sleep(0, result=time.time() % HOUR_SECONDS < HOUR_SECONDS - 150),
-                   200, "a time well inside an hour window", interval=1)
+    await wait_until(well_inside_an_hour, 200, "a time well inside an hour window", interval=1)
     limit, workers, in_flight = 0.03, 3, 64
     pipeline = pipeline_factory(
         TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_HOUR_USD=str(limit),
@@ -130,18 +128,23 @@ async def test_hourly_limit_pauses_every_worker_until_an_operator_raises_it(pipe
          for n in range(total)],
     )
 
-    view = await wait_for(lambda: paused_view(pipeline), 180, "the hourly limit to pause the workers")
+    view = await wait_until(lambda: paused_view(pipeline), 180, "the hourly limit to pause the workers")
     # Settled: no new results for 3 s while paused; the rest of the backlog waits in Kafka.
-    seen = -1
-    while True:
-        collected = await collect(pipeline, expected=total, timeout=3, settle=0)
-        if len(collected.results) == seen:
-            break
-        seen = len(collected.results)
+    reads: list[Collected] = []
+
+    async def no_new_results() -> list[int]:
+        reads.append(await collect(pipeline, expected=total, timeout=3, settle=0))
+        return [len(r.results) for r in reads[-2:]]
+
+    await wait_until(no_new_results, 120, "no new result for 3 s while paused",
+                     accept=lambda counts: len(counts) == 2 and counts[0] == counts[1], interval=0)
+    collected = reads[-1]
+    seen = len(collected.results)
     assert 0 < seen < total
     standard = pipeline.topology.tiers["standard"].name
     backlog = sum((await pipeline.committed_lag("tier-standard", standard)).values())
-    answered = len((await collect(pipeline, expected=total, timeout=2, settle=0)).result_ids())
+    answered = len({orjson.loads(r.value)["request_id"]
+                    for r in await read_to_end(pipeline, pipeline.topology.results.name)})
     # The unanswered requests wait in Kafka, uncommitted; nothing committed lacks its result.
     assert backlog >= total - answered and backlog > total // 2, (backlog, answered)
     status = view.status()
@@ -187,7 +190,7 @@ async def test_totals_stay_exact_when_the_cost_worker_is_killed(pipeline_factory
         view = await read_state(pipeline.settings)
         return sum(t.nanos for t in view.workflows.values()) > 0
 
-    await wait_for(some_spend, 120, "the cost role to count something")
+    await wait_until(some_spend, 120, "the cost role to count something")
     assert processes.stop(cost_worker, sig=signal.SIGKILL) == -signal.SIGKILL
     pipeline.workers.remove(cost_worker)
     await produce_raw(bootstrap, topic, batch(300, 300))
@@ -210,11 +213,9 @@ async def test_pause_survives_a_restart_and_a_new_replica(pipeline_factory) -> N
     import signal
 
     from streams import processes
-    from streams.guardrails.money import HOUR_SECONDS
     from streams.guardrails.operator import resume_hour
 
-    await wait_for(lambda: asyncio.sleep(0, result=time.time() % HOUR_SECONDS < HOUR_SECONDS - 150),
-                   200, "a time well inside an hour window", interval=1)
+    await wait_until(well_inside_an_hour, 200, "a time well inside an hour window", interval=1)
     pipeline = pipeline_factory(
         TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_HOUR_USD="0.01",
         TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD="0.005",
@@ -230,7 +231,7 @@ async def test_pause_survives_a_restart_and_a_new_replica(pipeline_factory) -> N
          for n in range(total)],
     )
 
-    await wait_for(lambda: paused_view(pipeline), 180, "the hourly limit to pause the worker")
+    await wait_until(lambda: paused_view(pipeline), 180, "the hourly limit to pause the worker")
     log = pipeline.log_dir / "worker-tier-standard.log"
 
     def pauses_logged() -> int:
@@ -242,11 +243,10 @@ async def test_pause_survives_a_restart_and_a_new_replica(pipeline_factory) -> N
     await pipeline.start_workers("tier:standard", "tier:standard")  # the restart, and a new replica
     await wait_for_roles(pipeline.settings, ["tier-standard"], timeout=120, members=2)
     # Both new processes read the spend from Kafka and pause before calling any model.
-    await wait_for(lambda: asyncio.sleep(0, result=pauses_logged() >= pauses_before + 2), 60,
-                   "both new workers to pause")
-    before = await collect(pipeline, expected=total, timeout=2, settle=0)
-    observed = await collect(pipeline, expected=total, timeout=4, settle=0)  # four more seconds
-    assert len(observed.results) == len(before.results) < total, "a paused cluster answered requests"
+    await wait_until(pauses_logged, 60, "both new workers to pause", accept=lambda n: n >= pauses_before + 2)
+    before = await results_so_far(pipeline)
+    await asyncio.sleep(4)  # the observation window: a paused cluster answers nothing in it
+    assert await results_so_far(pipeline) == before < total, "a paused cluster answered requests"
 
     # What an operator sees, through the CLI.
     status = subprocess.run(
@@ -261,6 +261,6 @@ async def test_pause_survives_a_restart_and_a_new_replica(pipeline_factory) -> N
     ids = collected.result_ids()
     assert set(ids) == {f"p-{n}" for n in range(total)}, "a request was lost"
     duplicates = sum(c - 1 for c in ids.values())
-    print(f"paused at {len(before.results)} results; after resume {len(ids)} answered, "
+    print(f"paused at {before} results; after resume {len(ids)} answered, "
           f"{duplicates} answered twice")
     assert duplicates == 0, "a request was answered twice after the SIGKILL and the new replica"

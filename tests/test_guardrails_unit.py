@@ -8,8 +8,7 @@ The gate's clock is pinned to a fixed instant so no test depends on the wall-clo
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
 from streams.guardrails.ledger import Total, expired, hour_key
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
 from streams.guardrails.view import GuardrailView, PartTotal, WorkflowTotal
+from tests.support import wait_until
 from topologies.config import load_settings
 from topologies.topics import Topology
 
@@ -90,18 +90,9 @@ def feed(view: GuardrailView, topic: str, *values: bytes) -> None:
         listener()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0)
-
-
 async def blocked_in_admit(gate: BudgetGate, task: asyncio.Task[Reservation], waiters: int = 1) -> None:
     """Wait until ``task`` is parked inside admit's re-check loop (or has finished)."""
-    await wait_until(lambda: task.done() or gate.waiting >= waiters)
+    await wait_until(lambda: task.done() or gate.waiting >= waiters, 5, "admit to wait", interval=0)
     assert not task.done(), "admit returned (or raised) instead of waiting"
 
 
@@ -121,7 +112,8 @@ def count_attempts(gate: BudgetGate) -> list[int]:
 async def rechecked_and_still_waiting(
     gate: BudgetGate, task: asyncio.Task[Reservation], attempts: list[int], before: int
 ) -> None:
-    await wait_until(lambda: task.done() or (attempts[0] > before and gate.waiting >= 1))
+    await wait_until(lambda: task.done() or (attempts[0] > before and gate.waiting >= 1), 5, "admit to check again",
+                     interval=0)
     assert not task.done(), "the waiter was admitted (or raised) on re-check"
 
 
@@ -747,9 +739,9 @@ async def test_gate_admit_waits_for_view_caught_up(pinned_clock: None) -> None:
 def test_a_published_workflow_total_keeps_its_idle_clock() -> None:
     """A workflow whose table entry was dropped as idle (or lost in a restart) comes back
     from its published total with the time it was last active, so it still expires."""
-    from streams.guardrails.cost_role import _newest
     from streams.guardrails.ledger import Total, expired
     from streams.guardrails.view import PartTotal, WorkflowTotal
+    from streams.roles.cost import _newest
 
     published = WorkflowTotal(500, 2, 9, updated_at=1_000.0)
     restored = _newest(Total(), published)
@@ -763,23 +755,17 @@ def test_a_published_workflow_total_keeps_its_idle_clock() -> None:
 # ------------------------------------------------------------- cost offsets
 
 
-def test_cost_offsets_resume_after_the_published_totals_and_catch_holes() -> None:
-    from streams.guardrails.cost_role import CostOffsets
+def test_cost_offsets_resume_after_the_published_totals() -> None:
+    from streams.roles.cost import CostOffsets
 
     view = GuardrailView(load_settings(environ={}))
     view.costs_applied[0] = 9  # the published totals include offsets up to 9
     offsets = CostOffsets(view)
-    assert offsets.in_order(0, 10) and offsets.in_order(0, 3)  # next, and a replay
-    assert not offsets.in_order(0, 15)  # 10-14 skipped
-    assert offsets.expected(0) == 10 and offsets.expected(0, log_start=12) == 12
-    offsets.rewound(0, 10)
-    assert not offsets.in_order(0, 16), "fetched before the rewind: ignored"
-    assert offsets.in_order(0, 10) and not offsets.waiting(0)
-    offsets.counted(0, 10)
-    assert offsets.expected(0) == 11 and offsets.in_order(0, 11)
-    assert offsets.in_order(1, 0) and not offsets.in_order(1, 1), "an unseen partition starts at 0"
+    assert offsets.order.expected(0) == 10 and offsets.order.expected(1) == 0
+    offsets.order.admit(0, 10)
+    assert offsets.order.expected(0) == 11
     offsets.on_assigned()
-    assert offsets.expected(0) == 10, "after an assignment, the published totals decide again"
+    assert offsets.order.expected(0) == 10, "after an assignment, the published totals decide again"
 
 
 class _Positions:
@@ -796,17 +782,17 @@ class _Positions:
     def generation(self) -> int:
         return self.generation_id
 
-    def owns(self, tp: object) -> bool:
+    def owns(self, topic: str, partition: int) -> bool:
         return self.owned
 
-    async def log_start(self, tp: object) -> int:
+    async def log_start(self, topic: str, partition: int) -> int:
         if self.rebalance_while_asked:
             self.generation_id += 1
             self.offsets.on_assigned()  # type: ignore[attr-defined]
         return 0
 
-    async def seek(self, tp: object, offset: int) -> None:
-        self.sought.append((tp.partition, offset))  # type: ignore[attr-defined]
+    async def seek(self, topic: str, partition: int, offset: int) -> None:
+        self.sought.append((partition, offset))
 
 
 def _cost_source(partition: int, offset: int) -> object:
@@ -816,43 +802,60 @@ def _cost_source(partition: int, offset: int) -> object:
 
 
 async def test_cost_offsets_send_the_consumer_back_to_skipped_events() -> None:
-    from streams.guardrails.cost_role import CostOffsets, Rewound
+    from streams.roles.cost import CostOffsets, Rewound
 
     view = GuardrailView(load_settings(environ={}))
     view.costs_applied[0] = 9
     offsets = CostOffsets(view)
     consumer = _Positions(offsets)
     await offsets.admit(_cost_source(0, 10), 1, consumer)  # in order: no exception
+    await offsets.admit(_cost_source(0, 3), 1, consumer)  # a replay: counted, the totals know it
     with pytest.raises(Rewound):
         await offsets.admit(_cost_source(0, 14), 1, consumer)
-    assert consumer.sought == [(0, 10)] and offsets.waiting(0)
+    assert consumer.sought == [(0, 11)] and offsets.order.rewinding(0)
     with pytest.raises(Rewound):
         await offsets.admit(_cost_source(0, 15), 1, consumer)  # fetched before the rewind
-    assert consumer.sought == [(0, 10)], "one seek per rewind"
-    await offsets.admit(_cost_source(0, 10), 1, consumer)
-    assert not offsets.waiting(0)
+    assert consumer.sought == [(0, 11)], "one seek per rewind"
+    await offsets.admit(_cost_source(0, 11), 1, consumer)
+    assert not offsets.order.rewinding(0)
+
+
+async def test_cost_offsets_pass_over_events_gone_by_retention() -> None:
+    from streams.roles.cost import CostOffsets
+
+    view = GuardrailView(load_settings(environ={}))
+    offsets = CostOffsets(view)
+    consumer = _Positions(offsets)
+
+    async def log_start(topic: str, partition: int) -> int:
+        return 40
+
+    consumer.log_start = log_start  # type: ignore[method-assign]
+    await offsets.admit(_cost_source(0, 40), 1, consumer)  # 0-39 no longer exist
+    assert consumer.sought == [] and offsets.order.expected(0) == 41
 
 
 async def test_a_rewind_still_unanswered_after_its_patience_is_repeated() -> None:
     """A partition that waits for a seek that was lost or overtaken would count nothing
     again: the seek is repeated once ``patience`` seconds pass without the event."""
-    from streams.guardrails.cost_role import CostOffsets
+    from streams.roles.cost import CostOffsets
 
     view = GuardrailView(load_settings(environ={}))
     offsets = CostOffsets(view, patience=5.0)
     consumer = _Positions(offsets)
-    offsets.rewound(0, 10, now=100.0)
-    offsets.rewound(1, 20, now=103.0)
+    offsets.order.rewind(0, 10, now=100.0)
+    offsets.order.rewind(1, 20, now=103.0)
     await offsets.repeat_overdue("costs", consumer, now=104.9)
     assert consumer.sought == []
     await offsets.repeat_overdue("costs", consumer, now=105.0)
     assert consumer.sought == [(0, 10)], "only the partition waiting 5 s"
     await offsets.repeat_overdue("costs", consumer, now=108.0)
     assert consumer.sought == [(0, 10), (1, 20)], "partition 0's clock restarted with its seek"
-    assert offsets.in_order(0, 10) and offsets.in_order(1, 20)
+    offsets.order.admit(0, 10)
+    offsets.order.admit(1, 20)
     await offsets.repeat_overdue("costs", consumer, now=200.0)
     assert consumer.sought == [(0, 10), (1, 20)], "nothing is waiting once the events came"
-    offsets.rewound(2, 5, now=300.0)
+    offsets.order.rewind(2, 5, now=300.0)
     consumer.owned = False
     await offsets.repeat_overdue("costs", consumer, now=400.0)
     assert consumer.sought == [(0, 10), (1, 20)], "no seek on a partition this consumer no longer owns"
@@ -862,7 +865,7 @@ async def test_cost_offsets_decide_nothing_across_a_rebalance() -> None:
     """A rebalance that completes while the log start is asked for clears what the cost
     role knew and seeks to the committed offsets itself: a rewind decided from the old
     state would stall the partition (every later event taken for one fetched before it)."""
-    from streams.guardrails.cost_role import CostOffsets, Rewound
+    from streams.roles.cost import CostOffsets, Rewound
 
     view = GuardrailView(load_settings(environ={}))
     view.costs_applied[0] = 9
@@ -870,7 +873,7 @@ async def test_cost_offsets_decide_nothing_across_a_rebalance() -> None:
     consumer = _Positions(offsets, rebalance_while_asked=True)
     with pytest.raises(Rewound):
         await offsets.admit(_cost_source(0, 14), consumer.generation(), consumer)
-    assert consumer.sought == [] and not offsets.waiting(0)
+    assert consumer.sought == [] and not offsets.order.rewinding(0)
     # The new assignment starts at its committed offset, here above the stale rewind
     # target: the event is counted once the published totals say it is next.
     view.costs_applied[0] = 19
@@ -884,7 +887,7 @@ async def test_cost_offsets_decide_nothing_across_a_rebalance() -> None:
 
 def test_a_spend_batch_publishes_the_latest_snapshot_per_key_hours_first() -> None:
     from streams.envelope import Outgoing
-    from streams.guardrails.cost_role import SpendBatch
+    from streams.roles.cost import SpendBatch
 
     built: list[tuple[str, str, int, int]] = []
 
@@ -911,65 +914,47 @@ def test_a_spend_batch_publishes_the_latest_snapshot_per_key_hours_first() -> No
     assert (len(batch), batch.take()) == (0, [])
 
 
-class _Event:
-    def __init__(self, partition: int) -> None:
-        self.message = SimpleNamespace(partition=partition)
-
-
 class _RecordingTables:
-    """Stand-ins for the cost role's two Faust tables that record each write with the
-    partition of Faust's current event (where Faust takes a changelog partition from)."""
+    """Stand-ins for the cost role's two tables that record each write with its partition."""
 
     def __init__(self) -> None:
-        import faust
-
-        self.current_event = faust.current_event
         self.hours: dict[tuple[str, int], list[float | int]] = {}
         self.workflows: dict[str, list[float | int]] = {}
         self.writes: list[tuple[str, object, int]] = []
-        self.at = 0.0
 
-    # the windowed table
-    def relative_to(self, timestamp: float) -> _RecordingTables:
-        self.at = timestamp
-        return self
+    # the hourly table
+    def get(self, key: str, at: float) -> list[float | int]:
+        return self.hours.get((key, hour_window(at)), [])
 
-    def __getitem__(self, key: str) -> SimpleNamespace:
-        return SimpleNamespace(current=lambda: self.hours.get((key, hour_window(self.at)), []))
-
-    def __setitem__(self, key: str, value: list[float | int]) -> None:
-        event = self.current_event()
-        assert event is not None, "a table write outside any event"
-        self.hours[(key, hour_window(self.at))] = value
-        self.writes.append(("hour", key, event.message.partition))
+    def set(self, key: str, value: list[float | int], at: float, partition: int) -> None:
+        self.hours[(key, hour_window(at))] = value
+        self.writes.append(("hour", key, partition))
 
 
 class _RecordingWorkflows(dict):  # type: ignore[type-arg]
     def __init__(self, log: list[tuple[str, object, int]]) -> None:
-        import faust
-
         super().__init__()
-        self.log, self.current_event = log, faust.current_event
+        self.log = log
 
-    def __setitem__(self, key: str, value: object) -> None:
-        self.log.append(("workflow", key, self.current_event().message.partition))
-        super().__setitem__(key, value)
+    def get(self, key: str) -> list[float | int]:  # type: ignore[override]
+        return super().get(key) or []
 
-    def __delitem__(self, key: str) -> None:
-        self.log.append(("delete", key, self.current_event().message.partition))
-        super().__delitem__(key)
+    def set(self, key: str, value: list[float | int], partition: int) -> None:
+        self.log.append(("workflow", key, partition))
+        self[key] = value
+
+    def delete(self, key: str, partition: int) -> None:
+        self.log.append(("delete", key, partition))
+        self.pop(key, None)
 
 
 def test_pending_writes_reach_each_table_once_per_batch_in_their_partitions() -> None:
-    import faust
-
-    from streams.faust_transport import as_current_event
-    from streams.guardrails.cost_role import PendingWrites
+    from streams.roles.cost import PendingWrites
 
     hourly = _RecordingTables()
     workflows = _RecordingWorkflows(hourly.writes)
     dict.__setitem__(workflows, "old", Total(5, 1, 10.0).to_list())  # restored, not written
-    pending = PendingWrites(hourly, workflows)  # type: ignore[arg-type]
+    pending = PendingWrites(hourly, workflows)
     ts, window = 7200.0 + 30, 7200
     key0, key1 = hour_key("global", 0), hour_key("global", 1)
 
@@ -979,21 +964,18 @@ def test_pending_writes_reach_each_table_once_per_batch_in_their_partitions() ->
     pending.set_hour(key1, window, Total(7, 0, ts), 1, ts)
     pending.set_workflow("wf", Total(25, 1, ts), 0)
     pending.forget_workflow("old", 1)
-    hourly.at = ts
     assert pending.hour(key0, window) == Total(25, 1, ts)
     assert pending.workflow("wf") == Total(25, 1, ts)
     assert pending.workflow("old") == Total(), "forgotten, though still in the table"
     assert hourly.writes == [] and len(pending) == 4
 
-    events = {0: _Event(0), 1: _Event(1)}
-    pending.write(lambda p: as_current_event(events[p]))  # type: ignore[arg-type]
-    assert faust.current_event() is None, "the event context ends with the writes"
+    pending.write()
     assert sorted(hourly.writes) == sorted([
         ("hour", key0, 0), ("hour", key1, 1), ("workflow", "wf", 0), ("delete", "old", 1),
     ]), "one write per key, in the partition of the events that made it"
     assert hourly.hours[(key0, window)] == [25, 1, ts] and "old" not in workflows
     assert len(pending) == 0 and pending.hour(key0, window) == Total(25, 1, ts), "read back from the table"
-    pending.write(lambda p: as_current_event(events[p]))  # type: ignore[arg-type]
+    pending.write()
     assert len(hourly.writes) == 4, "nothing pending, nothing written"
 
 
@@ -1001,19 +983,17 @@ def test_idle_workflows_are_forgotten_with_one_watch_each_and_announce_again() -
     """Each workflow is watched once, however many events it has (the watch list grew by
     one entry per event before, for a day's worth of events), and one forgotten as idle
     starts a new budget that can reach its limit, and be announced, again."""
-    from collections import defaultdict
-
-    from benchmarks.baseline import HourWindows
+    from benchmarks.baseline import HourWindows, Workflows
     from schemas.models import CostEvent, Tier
     from streams.envelope import Source
-    from streams.guardrails.cost_role import CostAccountant
+    from streams.roles.cost import CostAccountant
 
     settings = load_settings(environ={}, overrides={"cost_guardrails": {
         "max_cost_per_workflow_usd": 0.05, "workflow_idle_expiry_seconds": 60,
     }})
     topology = Topology(settings)
-    hourly, workflows = HourWindows(), defaultdict(list)
-    accountant = CostAccountant(settings, topology, hourly, workflows, GuardrailView(settings))  # type: ignore[arg-type]
+    hourly, workflows = HourWindows(), Workflows()
+    accountant = CostAccountant(settings, topology, hourly, workflows, GuardrailView(settings))
     offsets = iter(range(1_000))
 
     def spend(wf: str, usd: float, at: float) -> list[str]:
@@ -1022,10 +1002,9 @@ def test_idle_workflows_are_forgotten_with_one_watch_each_and_announce_again() -
             provider="openai", model="gpt-5-nano", attempt=1, input_tokens=1, output_tokens=1,
             cost_usd=usd,
         )
-        hourly.at = at
         source = Source(topology.costs.name, 0, next(offsets), wf.encode(), encode(event), at)
         out = accountant.apply(source, at)
-        accountant.tables.write(lambda p: contextlib.nullcontext())  # type: ignore[arg-type]
+        accountant.tables.write()
         accountant.batch.take()
         return [GuardrailEvent.model_validate_json(o.value).kind for o in out
                 if o.topic == topology.guardrails.name and o.value and b'"workflow:' in o.value]

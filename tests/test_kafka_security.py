@@ -11,7 +11,6 @@ import os
 import ssl
 import stat
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,11 +32,11 @@ from streams.broker import LocalBroker
 from streams.kafka_security import (
     KafkaSecurityError,
     aiokafka_kwargs,
-    faust_settings,
     read_sasl_password,
 )
 from streams.processes import simulator_env
-from tests.support import Pipeline, collect
+from streams.runtime.credentials import faust_settings
+from tests.support import Pipeline, collect, wait_until
 from topologies.config import ConfigError, KafkaSettings, load_settings
 
 SECRET = "s3cr3t-Pa55w0rd-do-not-leak"
@@ -457,11 +456,13 @@ async def test_worker_processes_over_sasl_and_refuses_a_wrong_password(
         admin = AIOKafkaAdminClient(**kwargs)
         await admin.start()
         try:
-            deadline = time.monotonic() + 90
-            while topology.tiers[Tier.NANO].name not in set(await admin.list_topics()):
+
+            async def tier_topic_made() -> bool:
                 pipeline.assert_workers_alive()
-                assert time.monotonic() < deadline, f"no topics after 90s; logs in {pipeline.log_dir}"
-                await asyncio.sleep(0.5)
+                return topology.tiers[Tier.NANO].name in set(await admin.list_topics())
+
+            await wait_until(tier_topic_made, 90, f"the worker to create its topics (logs in {pipeline.log_dir})",
+                             interval=0.5)
         finally:
             await admin.close()
         producer = AIOKafkaProducer(acks="all", **kwargs)

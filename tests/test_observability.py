@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from datetime import UTC, datetime
 
 import aiohttp
@@ -14,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from schemas.codec import encode
 from schemas.models import AgentResult, CostEvent, Tier, Timings
-from streams.envelope import Outgoing, Source, dead_letter
+from streams.envelope import DeadLetters, Outgoing, Source
 from streams.guardrails.view import GuardrailView
 from streams.observability import (
     HealthServer,
@@ -25,6 +23,7 @@ from streams.observability import (
 from streams.providers.pool import PoolStats
 from streams.supervisor import HEALTH_PORT_ENV, role_env
 from tests.monitoring import FakeLagConsumer, spend
+from tests.support import wait_until
 from topologies.config import load_settings
 from topologies.topics import Topology
 
@@ -66,7 +65,7 @@ def _cost(tier: Tier = Tier.NANO) -> Outgoing:
 
 def _dead_letter(code: str = "provider_error", big: bool = False) -> Outgoing:
     source = Source(SOURCE.topic, 0, 1, b"k", b"x" * (500_000 if big else 10))
-    return dead_letter(TOPOLOGY.dead_letters.name, source, code=code, reason="boom", stage="t")  # type: ignore[arg-type]
+    return DeadLetters(TOPOLOGY.dead_letters.name, "t").letter(source, code, "boom")  # type: ignore[arg-type]
 
 
 def test_tier_result_and_cost_are_recorded(metrics: Metrics) -> None:
@@ -147,34 +146,27 @@ def test_supervisor_gives_each_child_its_own_health_port() -> None:
 
 class FakeConsumer:
     def __init__(self) -> None:
-        self.assigned: set[tuple[str, int]] = set()
+        self.partitions: set[tuple[str, int]] = set()
 
-    def assignment(self) -> set[tuple[str, int]]:
-        return self.assigned
-
-
-class FakeApp:
-    def __init__(self) -> None:
-        self.consumer = FakeConsumer()
+    def assigned(self) -> set[tuple[str, int]]:
+        return self.partitions
 
 
 async def _wait_status(http: aiohttp.ClientSession, url: str, want: int, timeout: float = 10.0) -> str:
-    """Poll until ``url`` answers ``want``; fail with the last answer at the deadline."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
+    """Poll until ``url`` answers ``want``, and return the body; fail with the last answer at the deadline."""
+
+    async def answer() -> tuple[int, str]:
         async with http.get(url) as resp:
-            last = f"{resp.status} {await resp.text()}"
-            if resp.status == want:
-                return await resp.text()
-        await asyncio.sleep(0.02)  # poll interval, bounded by the deadline
-    raise AssertionError(f"{url} did not answer {want} within {timeout}s; last: {last}")
+            return resp.status, await resp.text()
+
+    _, body = await wait_until(answer, timeout, f"{url} to answer {want}", accept=lambda a: a[0] == want, interval=0.02)
+    return body
 
 
 async def test_health_server_endpoints(metrics: Metrics) -> None:
     metrics.record_classified("classifier", "nano")
-    app = FakeApp()
-    server = HealthServer(app, port=0, host="127.0.0.1", registry=metrics.registry)
+    consumer = FakeConsumer()
+    server = HealthServer(consumer, port=0, host="127.0.0.1", registry=metrics.registry)
     await server.start()
     try:
         assert server.bound_port
@@ -184,7 +176,7 @@ async def test_health_server_endpoints(metrics: Metrics) -> None:
             async with http.get(f"{base}/ready") as resp:
                 assert resp.status == 503
                 assert "no partitions assigned" in (await resp.json())["reason"]
-            app.consumer.assigned.add(("agent.requests", 0))
+            consumer.partitions.add(("agent.requests", 0))
             await _wait_status(http, f"{base}/ready", 200)
             async with http.get(f"{base}/metrics") as resp:
                 assert resp.status == 200
@@ -208,12 +200,10 @@ async def test_health_server_endpoints(metrics: Metrics) -> None:
 
 async def test_ready_is_503_while_the_consumer_has_not_started(metrics: Metrics) -> None:
     class NotStarted:
-        def assignment(self) -> set[tuple[str, int]]:
+        def assigned(self) -> set[tuple[str, int]]:
             raise RuntimeError("ConsumerNotStarted")
 
-    app = FakeApp()
-    app.consumer = NotStarted()  # type: ignore[assignment]
-    server = HealthServer(app, port=0, host="127.0.0.1", registry=metrics.registry)
+    server = HealthServer(NotStarted(), port=0, host="127.0.0.1", registry=metrics.registry)
     await server.start()
     try:
         async with aiohttp.ClientSession() as http:
@@ -224,10 +214,10 @@ async def test_ready_is_503_while_the_consumer_has_not_started(metrics: Metrics)
 
 
 async def test_a_busy_port_does_not_stop_the_worker(metrics: Metrics) -> None:
-    first = HealthServer(FakeApp(), port=0, host="127.0.0.1", registry=metrics.registry)
+    first = HealthServer(FakeConsumer(), port=0, host="127.0.0.1", registry=metrics.registry)
     await first.start()
     try:
-        second = HealthServer(FakeApp(), port=first.bound_port or 0, host="127.0.0.1", registry=metrics.registry)
+        second = HealthServer(FakeConsumer(), port=first.bound_port or 0, host="127.0.0.1", registry=metrics.registry)
         await second.start()
         assert second.bound_port is None
         await second.stop()
@@ -284,7 +274,7 @@ def test_guardrail_gauges_follow_the_view(metrics: Metrics) -> None:
 def test_consumer_lag_per_topic_from_highwater_and_committed_offsets(metrics: Metrics) -> None:
     a0, a1, b0 = TP("agent.requests.nano", 0), TP("agent.requests.nano", 1), TP("agent.costs", 0)
     consumer = FakeLagConsumer({a0: 10, a1: 5, b0: None}, {a0: 4, a1: None})
-    metrics.consumers.watch(lambda: consumer)
+    metrics.consumers.watch(consumer)
     reg = metrics.registry
     # partition 0: 10 - 4; partition 1: nothing committed yet, 5 - 0; b0: not fetched yet
     assert reg.get_sample_value("tierstream_consumer_lag_messages", {"topic": "agent.requests.nano"}) == 11
@@ -296,10 +286,11 @@ def test_consumer_lag_per_topic_from_highwater_and_committed_offsets(metrics: Me
 
 
 def test_a_failing_source_leaves_its_samples_out_but_the_scrape_succeeds(metrics: Metrics) -> None:
-    def broken() -> FakeLagConsumer:
-        raise RuntimeError("ConsumerNotStarted")
+    class Broken(FakeLagConsumer):
+        def assigned(self) -> set[tuple[str, int]]:
+            raise RuntimeError("ConsumerNotStarted")
 
-    metrics.consumers.watch(broken)
+    metrics.consumers.watch(Broken({}, {}))
     metrics.record_classified("classifier", "nano")
     text = generate_latest(metrics.registry).decode()
     assert "tierstream_consumer_lag_messages{" not in text
@@ -309,10 +300,10 @@ def test_a_failing_source_leaves_its_samples_out_but_the_scrape_succeeds(metrics
 async def test_ready_needs_every_check_and_reports_do_not_decide(metrics: Metrics) -> None:
     problems = {"providers": "providers not answering: openai: ClientConnectorError"}
     report = {"paused": False}
-    app = FakeApp()
-    app.consumer.assigned.add(("agent.requests.nano", 0))
+    consumer = FakeConsumer()
+    consumer.partitions.add(("agent.requests.nano", 0))
     server = HealthServer(
-        app, port=0, host="127.0.0.1", registry=metrics.registry,
+        consumer, port=0, host="127.0.0.1", registry=metrics.registry,
         checks={"providers": lambda: problems.get("providers")},
         reports={"guardrails": lambda: dict(report)},
     )
@@ -327,7 +318,7 @@ async def test_ready_needs_every_check_and_reports_do_not_decide(metrics: Metric
             report["paused"] = True
             body = json.loads(await _wait_status(http, url, 200))
             assert body["status"] == "ready" and body["guardrails"] == {"paused": True}
-            app.consumer.assigned.clear()
+            consumer.partitions.clear()
             problems["providers"] = "providers not answering: x"
             body = json.loads(await _wait_status(http, url, 503))
             assert body["reasons"] == ["no partitions assigned yet", "providers not answering: x"]

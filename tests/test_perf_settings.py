@@ -9,8 +9,8 @@ import anthropic
 import openai
 import pytest
 
-from streams.app import producer_max_batch_bytes, use_event_loop
 from streams.providers.transport import anthropic_http_client, openai_http_client, transport
+from streams.runtime.worker import producer_max_batch_bytes, use_event_loop
 from topologies.config import load_settings
 
 

@@ -20,8 +20,8 @@ from streams.pricing import PriceBook
 from streams.processes import simulator_env
 from streams.providers import ProviderRegistry
 from streams.ratelimit import RateLimiter, Throttle, Throttles, bucket_sizes
+from streams.roles.tier import TierHandler
 from streams.simulator import ProviderSimulator
-from streams.tier_worker import TierHandler
 from streams.tokens import estimate_input_tokens
 from topologies import Settings, Topology, load_settings
 from topologies.config import ConfigError
@@ -237,7 +237,7 @@ def tiered(task: str, agent_type: str = "researcher") -> bytes:
     return orjson.dumps(req.model_dump(mode="json"))
 
 
-async def handle(settings: Settings, registry: ProviderRegistry, body: bytes, limiter: RateLimiter | None = None):  # noqa: ANN201
+async def handle(settings: Settings, registry: ProviderRegistry, body: bytes, limiter: RateLimiter | None = None):
     topology = Topology(settings)
     handler = TierHandler(Tier.PREMIUM, settings, topology, registry, PriceBook(settings), None, limiter)
     return await handler.handle(Source(topology.tiers[Tier.PREMIUM].name, 3, 41, b"wf-1", body))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ from streams import processes
 from streams.broker import free_ports
 from streams.guardrails.operator import set_limit
 from tests.monitoring import LOCAL_PROMTOOL
-from tests.support import produce_raw
+from tests.support import produce_raw, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -45,14 +44,11 @@ async def poll(
     http: aiohttp.ClientSession, urls: list[str], until: Callable[[list[Answer]], bool], timeout: float, what: str
 ) -> list[Answer]:
     """Ask every url until ``until(answers)``; fail with the last answers at the deadline."""
-    deadline = time.monotonic() + timeout
-    answers: list[Answer] = []
-    while time.monotonic() < deadline:
-        answers = [await get(http, url) for url in urls]
-        if until(answers):
-            return answers
-        await asyncio.sleep(0.25)  # poll interval, bounded by the deadline
-    raise AssertionError(f"{what}: not within {timeout}s; last answers: {answers}")
+
+    async def answers() -> list[Answer]:
+        return [await get(http, url) for url in urls]
+
+    return await wait_until(answers, timeout, what, accept=until)
 
 
 def sample(metrics_text: str, name: str, **labels: str) -> float | None:

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from schemas.codec import decode
 from schemas.models import AgentRequest, Tier, TieredRequest
-from streams.classifier import Classifier, ClassifierHandler
 from streams.cli import app as cli
 from streams.envelope import Source
 from streams.pricing import PriceBook
+from streams.roles.classifier import Classifier, ClassifierHandler
 from streams.routing.curves import quality_curve
 from streams.routing.data import RoutingDataError, load_routing_data, parse_lines
 from streams.routing.evaluate import evaluate

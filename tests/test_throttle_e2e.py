@@ -27,7 +27,7 @@ from streams import processes
 from streams.admin import wait_for_roles
 from streams.broker import free_ports
 from streams.ratelimit_metrics import read_status
-from tests.support import Pipeline, collect, new_pipeline, produce_raw
+from tests.support import Pipeline, collect, new_pipeline, produce_raw, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -102,14 +102,14 @@ def calls(state: State) -> float:
 async def until(
     pipeline: Pipeline, urls: list[str], check: Callable[[list[State]], bool], timeout: float, what: str
 ) -> list[State]:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The workers' states once ``check`` holds for them (they are all up and alive)."""
+
+    def now() -> list[State] | None:
         pipeline.assert_workers_alive()
-        now = await asyncio.to_thread(reachable, urls)
-        if now is not None and check(now):
-            return now
-        assert time.monotonic() < deadline, f"not {what} within {timeout:.0f} s: {now}"
-        await asyncio.sleep(0.2)
+        return reachable(urls)
+
+    return await wait_until(lambda: asyncio.to_thread(now), timeout, what,
+                            accept=lambda states: states is not None and check(states), interval=0.2)
 
 
 async def model_calls(port: int, model: str) -> int:
@@ -117,7 +117,7 @@ async def model_calls(port: int, model: str) -> int:
 
 
 @pytest.mark.timeout(480)
-async def test_a_429_pauses_every_replica_and_they_recover_together(kafka_bootstrap: str, tmp_path) -> None:  # noqa: ANN001
+async def test_a_429_pauses_every_replica_and_they_recover_together(kafka_bootstrap: str, tmp_path) -> None:
     sim_port, *health = free_ports(4)
     sim = processes.spawn(["provider-sim", "--port", str(sim_port), "--latency-ms", "20"], log_path=tmp_path / "simulator.log")
     # No retry: the request that drew the 429 is dead-lettered rather than drawing another.
@@ -141,7 +141,7 @@ async def test_a_429_pauses_every_replica_and_they_recover_together(kafka_bootst
         )
         paused = await until(
             pipeline, urls, lambda now: all(throttle(s, model).get("pause_seconds", 0) > 0 for s in now),
-            30, "paused on every replica",
+            30, "every replica paused",
         )
         all_paused_after = time.monotonic() - produced_at
         receivers = [s for s in paused if throttle(s, model).get("provider_429", 0) > 0]
@@ -158,12 +158,10 @@ async def test_a_429_pauses_every_replica_and_they_recover_together(kafka_bootst
         assert window_end - window_start > RETRY_AFTER / 2, f"the broadcast took too long: {pause_left:.1f} s left"
 
         # Over the pause: no call for the model from any replica, though each holds requests.
-        while time.monotonic() < window_start:
-            await asyncio.sleep(0.05)
+        await asyncio.sleep(window_start - time.monotonic())  # the margin after the pause began
         at_start = await model_calls(sim_port, model)
-        while time.monotonic() < window_end:  # the measurement window: its length is the point
-            pipeline.assert_workers_alive()
-            await asyncio.sleep(0.25)
+        await asyncio.sleep(window_end - time.monotonic())  # the measurement window: its length is the point
+        pipeline.assert_workers_alive()
         at_end = await model_calls(sim_port, model)
         held = await asyncio.to_thread(states, urls)
         print(

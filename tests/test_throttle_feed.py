@@ -53,7 +53,7 @@ class Replica:
         self.monotonic.advance(seconds)
 
     @property
-    def throttle(self):  # noqa: ANN201
+    def throttle(self):
         return self.throttles.get(*MODEL)
 
 

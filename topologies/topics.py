@@ -6,6 +6,7 @@ autoscalers and the ACL example are derived from here. Change a topic in one pla
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,7 +93,7 @@ class Topology:
     """Every topic of one deployment (one ``kafka.topic_prefix``)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        self.routing_calls_models = settings.classifier.strategy == "llm"
         kafka = settings.kafka
         prefix = kafka.topic_prefix
         parts = kafka.partitions
@@ -154,7 +155,7 @@ class Topology:
     def flows(self) -> list[Flow]:
         tier_names = tuple(spec.name for spec in self.tiers.values())
         # The llm strategy's routing call is a model call, costed like any other.
-        llm = self.settings.classifier.strategy == "llm"
+        llm = self.routing_calls_models
         routing_costs = (self.costs.name,) if llm else ()
         # Every process that calls models follows the 429 back-off and publishes its own.
         routing_throttles = (self.throttles.name,) if llm else ()
@@ -186,3 +187,16 @@ class Topology:
     def consumer_group(self, app_id: str, role: Role) -> str:
         """One consumer group per role, so any mix of processes consumes each topic once."""
         return f"{app_id}-{role}"
+
+
+_BUILT: dict[int, Topology] = {}  # id(settings) -> its topology, while the settings live
+
+
+def topology_of(settings: Settings) -> Topology:
+    """The topology of ``settings``, built once per settings object."""
+    key = id(settings)
+    found = _BUILT.get(key)
+    if found is None:
+        found = _BUILT[key] = Topology(settings)
+        weakref.finalize(settings, _BUILT.pop, key, None)  # an id is reused once its object is gone
+    return found

@@ -19,7 +19,7 @@ from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import aiokafka_kwargs
 from topologies.config import Settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 LimitName = Literal["hour", "workflow", "alert"]
 
@@ -39,7 +39,7 @@ async def _publish(settings: Settings, event: GuardrailEvent) -> None:
     await producer.start()
     try:
         await producer.send_and_wait(
-            Topology(settings).guardrails.name, encode(event), key=event.scope.encode()
+            topology_of(settings).guardrails.name, encode(event), key=event.scope.encode()
         )
     finally:
         await producer.stop()

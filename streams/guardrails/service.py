@@ -1,7 +1,7 @@
-"""Runs the guardrail view inside a Faust worker and reports when the hour is spent.
+"""Says when a spent hour starts and stops holding a tier role's model calls.
 
-The budget gate holds every model call while the hour is spent; this service does not
-also call Faust's ``pause_partitions``: Faust drops records already fetched for a
+The budget gate holds every model call while the hour is spent; consumption is not also
+paused with Faust's ``pause_partitions``: Faust drops records already fetched for a
 partition paused mid-batch and then commits past them as a gap, which loses requests.
 Fetched but unanswered requests stay uncommitted, bounded by Faust's stream buffer.
 """
@@ -9,27 +9,21 @@ Fetched but unanswered requests stay uncommitted, bounded by Faust's stream buff
 from __future__ import annotations
 
 import logging
-
-import mode
+from collections.abc import Awaitable, Callable
 
 from streams.guardrails.view import GuardrailView
-from streams.tail import FollowerService
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 0.2
 
 
-class GuardrailService(FollowerService):
-    def __init__(self, view: GuardrailView, source_topic: str | None, **kwargs: object) -> None:
+class PauseReport:
+    def __init__(self, view: GuardrailView, source_topic: str) -> None:
         self.view = view
         self.source_topic = source_topic
         self.paused = False
-        super().__init__(view, **kwargs)
 
-    @mode.Service.timer(CHECK_SECONDS)
-    async def _report_pause(self) -> None:
-        if self.source_topic is None:
-            return
+    async def check(self) -> None:
         paused = self.view.hour_paused()
         if paused != self.paused:
             log.warning(
@@ -37,3 +31,6 @@ class GuardrailService(FollowerService):
                 "spent: pausing" if paused else "available again: resuming", self.source_topic,
             )
             self.paused = paused
+
+    def timer(self) -> tuple[float, Callable[[], Awaitable[None]]]:
+        return CHECK_SECONDS, self.check

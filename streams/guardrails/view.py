@@ -18,7 +18,7 @@ from schemas.models import GuardrailEvent, SpendSnapshot
 from streams.guardrails.money import hour_window, nanos_to_usd, usd_to_nanos
 from streams.tail import TopicTail
 from topologies.config import Settings
-from topologies.topics import Topology
+from topologies.topics import topology_of
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class WorkflowTotal:
 class GuardrailView:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.topology = Topology(settings)
+        self.topology = topology_of(settings)
         guard = settings.cost_guardrails
         self.hour_limit = usd_to_nanos(guard.max_cost_per_hour_usd)
         self.workflow_limit = usd_to_nanos(guard.max_cost_per_workflow_usd)

@@ -122,6 +122,9 @@ class ProviderRegistry:
         for pool in self.pools.values():
             await pool.start()
 
+    async def stop(self) -> None:
+        await self.close()
+
     async def close(self) -> None:
         for pool in self.pools.values():
             await pool.close()

@@ -282,7 +282,7 @@ def load_router(path: str | Path) -> RouterModel:
             evidence_scores=state["evidence_scores"],
             metadata=meta,
         )
-    except Exception as exc:  # whatever a damaged pickle raises: the file is unusable
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged pickle raises: the file is unusable
         raise RouterModelError(f"{path} is corrupt: {type(exc).__name__}: {exc}") from None
 
 

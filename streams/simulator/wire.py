@@ -124,10 +124,10 @@ class Wire(Protocol):
         self,
         status: int,
         message: str,
-        request_id: str,
+        request_id: str,  # OpenAI sends it only as a header
         *,
         error_type: str | None = None,
-        param: str | None = None,
+        param: str | None = None,  # not part of Anthropic's error shape
         code: str | None = None,
     ) -> bytes: ...
     def quota_headers(self, quota: Quota) -> dict[str, str]: ...
@@ -229,7 +229,7 @@ class OpenAIWire:
         self,
         status: int,
         message: str,
-        request_id: str,  # noqa: ARG002 - OpenAI sends it only as a header
+        request_id: str,
         *,
         error_type: str | None = None,
         param: str | None = None,
@@ -326,7 +326,7 @@ class AnthropicWire:
             },
         }
 
-    def rate_limit_type(self, kind: str) -> str:  # noqa: ARG002
+    def rate_limit_type(self, kind: str) -> str:
         return "rate_limit_error"
 
     def error(
@@ -336,8 +336,8 @@ class AnthropicWire:
         request_id: str,
         *,
         error_type: str | None = None,
-        param: str | None = None,  # noqa: ARG002 - not part of Anthropic's error shape
-        code: str | None = None,  # noqa: ARG002
+        param: str | None = None,
+        code: str | None = None,
     ) -> bytes:
         if error_type is None:
             error_type = self._error_types.get(

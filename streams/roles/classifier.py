@@ -1,4 +1,10 @@
-"""The classifier role: give each request a model tier and route it to that tier's topic."""
+"""The classifier role: give each request a model tier and route it to that tier's topic.
+
+Consumes the requests topic; produces tiered requests (keyed by workflow_id, so a
+workflow keeps its order on its tier topic), the costs of meta-routing calls, and dead
+letters. Classifies in batches: one agent reads each partition in offset order and a
+batch's outputs are sent in that order, so the requests of a workflow stay in order.
+""" 
 
 from __future__ import annotations
 
@@ -10,12 +16,13 @@ from dataclasses import dataclass
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import AgentRequest, ChatMessage, RoutedBy, Tier, TieredRequest
 from streams.costing import cost_event
-from streams.envelope import Outgoing, Source, dead_letter, dead_letter_for
+from streams.envelope import DeadLetters, Outgoing, Source
 from streams.logs import log_context
 from streams.pricing import PriceBook
 from streams.providers import Completion, ProviderError, ProviderRegistry
 from streams.routing.model import RouterModel, configured_router
 from streams.routing.rules import rules_tier
+from streams.runtime.types import RoleSpec, Worker
 from streams.tokens import estimate_input_tokens
 from topologies.config import ClassifierSettings, Settings
 from topologies.topics import CLASSIFIER_ROLE, Topology
@@ -131,6 +138,7 @@ class ClassifierHandler:
         self.classifier = classifier
         self.prices = prices
         self.max_bytes = settings.worker.max_request_bytes
+        self.dead_letters = DeadLetters(topology.dead_letters.name, self.stage)
 
     def _over_context_window(self, request: AgentRequest, tier: Tier) -> str | None:
         """Why the request cannot fit its tier model's context window, if it cannot: a
@@ -148,29 +156,16 @@ class ClassifierHandler:
 
     def _admit(self, source: Source) -> AgentRequest | Outgoing:
         """The request, or the dead letter that says why there is none."""
-        dlq = self.topology.dead_letters.name
         try:
             request = decode(source.value, AgentRequest, max_bytes=self.max_bytes)
         except DecodeError as exc:
-            return dead_letter_for(dlq, source, exc, self.stage)
-        if request.agent_type not in self.settings.agent_types:
-            known = ", ".join(sorted(self.settings.agent_types))
-            return dead_letter(
-                dlq, source, code="unknown_agent_type", stage=self.stage,
-                reason=f"agent_type '{request.agent_type}' is not configured (known: {known})",
-                payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
-            )
-        return request
+            return self.dead_letters.undecodable(source, exc)
+        return self.dead_letters.unknown_agent_type(source, request, self.settings.agent_types) or request
 
     def _route(self, source: Source, request: AgentRequest, decision: Classification) -> list[Outgoing]:
         too_long = self._over_context_window(request, decision.tier)
         if too_long is not None:
-            letter = dead_letter(
-                self.topology.dead_letters.name, source, code="context_too_long", stage=self.stage,
-                reason=too_long,
-                payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
-            )
-            return [letter]
+            return [self.dead_letters.letter(source, "context_too_long", too_long, request)]
         tiered = TieredRequest(
             **request.model_dump(), tier=decision.tier, routed_by=decision.routed_by
         )
@@ -203,3 +198,21 @@ class ClassifierHandler:
     async def handle(self, source: Source) -> list[Outgoing]:
         [outgoing] = await self.handle_batch([source])
         return outgoing
+
+
+def build(worker: Worker) -> RoleSpec:
+    settings, topology = worker.settings, worker.topology
+    providers = ProviderRegistry(settings) if settings.classifier.strategy == "llm" else None
+    handler = ClassifierHandler(settings, topology, Classifier(settings, providers), PriceBook(settings))
+    size = settings.classifier.batch_size
+    if providers is not None:  # a batch's meta-routing calls run at once
+        size = min(size, settings.worker.max_concurrent_tasks)
+    return RoleSpec(
+        consumes=topology.requests,
+        # with the llm strategy, the routing calls' costs too
+        produces=(*topology.tiers.values(), *([topology.costs] if providers else []), topology.dead_letters),
+        handle_batch=handler.handle_batch,
+        batch_size=size,
+        batch_wait_seconds=settings.classifier.batch_wait_seconds,
+        providers=providers,
+    )

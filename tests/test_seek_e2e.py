@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
-from streams.faust_transport import seek_to_committed_or_beginning
+from streams.runtime.transport import seek_to_committed_or_beginning
 from tests.support import produce_raw
 
 pytestmark = pytest.mark.e2e
@@ -65,17 +65,3 @@ async def test_partitions_without_a_committed_offset_are_rewound(kafka_bootstrap
         assert await consumer.position(changelog) == end, "a skipped topic must keep its position"
     finally:
         await consumer.stop()
-
-
-async def test_every_role_produces_idempotently() -> None:
-    """A produce request retried after a broker restart must not be written twice."""
-    from streams.app import build_role_app
-    from topologies.config import load_settings
-    from topologies.topics import ALL_ROLES
-
-    for role in ALL_ROLES:
-        app = build_role_app(load_settings(environ={}), role)
-        producer = app.producer._new_producer()
-        assert producer._txn_manager is not None, role  # aiokafka's idempotence state
-        assert producer._txn_manager.transactional_id is None, role  # not transactions
-        await producer.stop()

@@ -1,6 +1,7 @@
 """The cost role: windowed spend tables fed by the costs topic, and guardrail events.
 
-Tables (Faust, changelog-backed, so they survive restarts and move with partitions):
+Consumes the costs topic; produces spend snapshots, guardrail events and dead letters.
+Tables (changelog-backed, so they survive restarts and move with partitions):
 hourly spend, a tumbling one-hour window keyed ``<scope>|p<partition>`` for the global and
 per-tier scopes, and per-workflow spend keyed by workflow_id, written once per key and
 batch of cost events (:class:`PendingWrites`). The totals are published per batch
@@ -13,140 +14,66 @@ restored from the changelog.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import logging
-import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from datetime import UTC, datetime, timedelta
-from typing import Protocol
-
-import faust
-from faust.types import TP
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import CostEvent, GuardrailEvent, SpendSnapshot
-from streams.envelope import Outgoing, Source, dead_letter_for
+from streams.envelope import DeadLetters, Outgoing, Source
 from streams.guardrails.ledger import Total, expired, hour_key
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
 from streams.guardrails.view import GuardrailView, PartTotal, WorkflowTotal
+from streams.runtime.offsets import OffsetOrder, Verdict
+from streams.runtime.types import Handled, HourlyTable, KeyedTable, Partitions, RoleSpec, Worker
 from topologies.config import Settings
 from topologies.topics import COST_ROLE, Topology
 
 log = logging.getLogger(__name__)
 
 
-class Rewound(Exception):  # noqa: N818 - a control-flow signal, not an error
+class Rewound(Exception):  # a control-flow signal, not an error
     """This cost event is not counted now: it is read again (after a seek back to events
     that were skipped, or from the committed offset of a new assignment)."""
-
-
-class Positions(Protocol):
-    """What :meth:`CostOffsets.admit` needs of the consumer."""
-
-    def generation(self) -> int: ...
-
-    def owns(self, tp: TP) -> bool:
-        """``tp`` is assigned to this consumer and no rebalance is under way."""
-        ...
-
-    async def log_start(self, tp: TP) -> int: ...
-
-    async def seek(self, tp: TP, offset: int) -> None: ...
-
-
-class FaustPositions:
-    """:class:`Positions` of a Faust app's consumer."""
-
-    def __init__(self, app: faust.App) -> None:
-        self.app = app
-
-    def generation(self) -> int:
-        return self.app.consumer_generation_id
-
-    def owns(self, tp: TP) -> bool:
-        return not self.app.rebalancing and tp in self.app.consumer.assignment()
-
-    async def log_start(self, tp: TP) -> int:
-        return (await self.app.consumer.earliest_offsets(tp))[tp]
-
-    async def seek(self, tp: TP, offset: int) -> None:
-        await self.app.consumer.seek(tp, offset)
 
 
 class CostOffsets:
     """Checks that the cost role counts every offset of a costs partition, in order.
 
-    A skipped cost event would make the totals short for good. Faust can commit past
-    records its stream skipped around a rebalance (see streams.faust_transport), so the
-    cost role does not rely on it: after an assignment, a partition must resume right
-    after the last offset the published totals include, and continue without holes
-    (the costs topic has no control records: its producers are not transactional).
-    When a hole shows, the consumer is sent back to its start and every event after the
-    hole is ignored (not acked) until the first missing one arrives; if it has not come
+    A skipped cost event would make the totals short for good, so the cost role does not
+    rely on the consumer alone: after an assignment, a partition must resume right after
+    the last offset the published totals include, and continue without holes (the costs
+    topic has no control records: its producers are not transactional). When a hole
+    shows, the consumer is sent back to its start and every event after the hole is
+    ignored (not acked) until the first missing one arrives; if it has not come
     ``patience`` seconds after the seek, the seek is repeated (:meth:`repeat_overdue`):
-    Faust calls aiokafka's ``seek`` from outside the thread the consumer runs in, so
-    nothing orders it against a fetch under way, and a partition waiting for a seek that
-    was lost or overtaken would count nothing again.
+    the seek is made from outside the consumer's own task, so nothing orders it against a
+    fetch under way, and a partition waiting for a seek that was overtaken would count
+    nothing again.
     """
 
     def __init__(self, view: GuardrailView, patience: float = 5.0) -> None:
         self.view = view
         self.patience = patience
-        self._next: dict[int, int] = {}
-        self._waiting_for: dict[int, int] = {}
-        self._rewound_at: dict[int, float] = {}
+        self.order: OffsetOrder[int] = OffsetOrder(start=lambda p: view.costs_applied.get(p, -1) + 1)
 
-    def on_assigned(self) -> None:
-        self._next.clear()
-        self._waiting_for.clear()
-        self._rewound_at.clear()
+    def on_assigned(self, _assigned: object = ()) -> None:
+        self.order.clear()  # the published totals decide again where each partition resumes
 
-    def expected(self, partition: int, log_start: int = 0) -> int:
-        found = self._next.get(partition)
-        if found is None:
-            found = self.view.costs_applied.get(partition, -1) + 1
-        return max(found, log_start)
-
-    def in_order(self, partition: int, offset: int) -> bool:
-        """False if events before ``offset`` were skipped (or are being read again)."""
-        waiting = self._waiting_for.get(partition)
-        if waiting is not None:
-            if offset > waiting:
-                return False  # fetched before the rewind: ignored, it comes again
-            del self._waiting_for[partition]
-            self._rewound_at.pop(partition, None)
-            return True
-        return offset <= self.expected(partition)  # below: a replay the totals recognise
-
-    def waiting(self, partition: int) -> bool:
-        return partition in self._waiting_for
-
-    def rewound(self, partition: int, to: int, now: float | None = None) -> None:
-        self._waiting_for[partition] = to
-        self._rewound_at[partition] = time.monotonic() if now is None else now
-
-    async def repeat_overdue(self, topic: str, consumer: Positions, now: float | None = None) -> None:
+    async def repeat_overdue(self, topic: str, partitions: Partitions, now: float | None = None) -> None:
         """Seek again every partition still waiting ``patience`` seconds after its rewind."""
-        now = time.monotonic() if now is None else now
-        for p, at in list(self._rewound_at.items()):
-            to = self._waiting_for.get(p)
-            tp = TP(topic, p)
-            if to is None or now - at < self.patience or not consumer.owns(tp):
-                continue
-            log.warning("cost event %d of partition %d has not come %.0f s after the seek back to it: "
-                        "seeking again", to, p, now - at)
-            self._rewound_at[p] = now
-            await consumer.seek(tp, to)
+        for p, to in self.order.overdue(self.patience, now):
+            if partitions.owns(topic, p):
+                log.warning("cost event %d of partition %d has not come %.0f s after the seek back to it: "
+                            "seeking again", to, p, self.patience)
+                await partitions.seek(topic, p, to)
 
-    def counted(self, partition: int, offset: int) -> None:
-        self._next[partition] = max(self._next.get(partition, 0), offset + 1)
-
-    async def admit(self, source: Source, generation: int, consumer: Positions) -> None:
+    async def admit(self, source: Source, generation: int, partitions: Partitions) -> None:
         """Return if ``source`` (handed over in consumer generation ``generation``) is
-        to be counted now; raise :class:`Rewound` if not, after sending the consumer back
-        to the first skipped event when that is why.
+        to be counted now (a replay is: the totals recognise the offsets they include);
+        raise :class:`Rewound` if not, after sending the consumer back to the first
+        skipped event when that is why.
 
         A rebalance can complete while this waits for the log start: the new assignment
         then cleared what this knew (:meth:`on_assigned`) and seeks to the committed
@@ -155,22 +82,23 @@ class CostOffsets:
         taken for one fetched before the rewind: the partition would stall for good. So
         nothing is decided across a rebalance; the event is read again in the new one.
         """
-        p = source.partition
-        if self.in_order(p, source.offset):
-            return
-        if self.waiting(p):
+        p, topic = source.partition, source.topic
+        verdict = self.order.admit(p, source.offset)
+        if verdict is Verdict.REWINDING:
             raise Rewound  # fetched before the rewind: it comes again
-        tp = TP(source.topic, p)
-        log_start = await consumer.log_start(tp)
-        if consumer.generation() != generation or not consumer.owns(tp):
+        if verdict is not Verdict.HOLE:
+            return
+        log_start = await partitions.log_start(topic, p)
+        if partitions.generation() != generation or not partitions.owns(topic, p):
             raise Rewound
-        back_to = self.expected(p, log_start)
+        back_to = max(self.order.expected(p) or 0, log_start)
         if back_to >= source.offset:
-            return  # the events before it no longer exist (retention)
+            self.order.passed(p, source.offset)  # the events before it no longer exist (retention)
+            return
         log.warning("cost events %d-%d of partition %d were skipped: reading them again",
                     back_to, source.offset - 1, p)
-        self.rewound(p, back_to)
-        await consumer.seek(tp, back_to)
+        self.order.rewind(p, back_to)
+        await partitions.seek(topic, p, back_to)
         raise Rewound
 
 
@@ -200,17 +128,16 @@ class PendingWrites:
     """The cost role's table updates, written to the tables once per key and batch.
 
     Each cost event updates three totals (its partition's hour, global and per tier, and
-    its workflow's); written at once, that was three table writes, so three changelog
-    records, per event: about half of the cost role's CPU (a 5,000-request run: 3.5 s
-    with them, 1.7 s without). Updates wait here, where reads find them, until the batch
+    its workflow's); written at once, that would be three table writes, so three changelog
+    records, per event, the largest part of the cost role's CPU. Updates wait here, where reads find them, until the batch
     they belong to is published (:meth:`write`); the spend snapshots of the same batch
     carry the same totals and are sent after them, before any offset is committed. A
     worker killed before that loses the batch's table updates and its commits alike: the
     events are read again.
     """
 
-    def __init__(self, hourly: faust.Table, workflows: faust.Table) -> None:
-        self.hourly = hourly  # tumbling windows: written relative to an event's timestamp
+    def __init__(self, hourly: HourlyTable, workflows: KeyedTable) -> None:
+        self.hourly = hourly
         self.workflows = workflows
         # (hour key, window) -> (total, costs partition, timestamp of its last event)
         self._hours: dict[tuple[str, int], tuple[Total, int, float]] = {}
@@ -223,7 +150,7 @@ class PendingWrites:
     def hour(self, key: str, window: int) -> Total:
         """The total of ``key`` in the hour ``window`` (that of the event being applied)."""
         pending = self._hours.get((key, window))
-        return pending[0] if pending is not None else Total.from_list(self.hourly[key].current())
+        return pending[0] if pending is not None else Total.from_list(self.hourly.get(key, window))
 
     def set_hour(self, key: str, window: int, total: Total, partition: int, timestamp: float) -> None:
         self._hours[(key, window)] = (total, partition, timestamp)
@@ -240,30 +167,17 @@ class PendingWrites:
     def forget_workflow(self, wf: str, partition: int) -> None:
         self._workflows[wf] = (None, partition)
 
-    def write(self, as_event_of: Callable[[int], AbstractContextManager[object]]) -> None:
-        """Write what is pending. ``as_event_of(partition)``: a context in which a table
-        write goes to that partition's changelog (Faust takes it from the current event)."""
-        by_partition: dict[int, list[Callable[[], None]]] = {}
+    def write(self) -> None:
+        """Write what is pending, each update to its costs partition's changelog."""
         for (key, _window), (total, p, timestamp) in self._hours.items():
-            by_partition.setdefault(p, []).append(functools.partial(
-                self.hourly.relative_to(timestamp).__setitem__, key, total.to_list()
-            ))
+            self.hourly.set(key, total.to_list(), timestamp, p)
         for wf, (maybe_total, p) in self._workflows.items():
             if maybe_total is not None:
-                write = functools.partial(self.workflows.__setitem__, wf, maybe_total.to_list())
+                self.workflows.set(wf, maybe_total.to_list(), p)
             else:
-                write = functools.partial(self._delete_workflow, wf)
-            by_partition.setdefault(p, []).append(write)
+                self.workflows.delete(wf, p)
         self._hours.clear()
         self._workflows.clear()
-        for p, writes in by_partition.items():
-            with as_event_of(p):
-                for write in writes:
-                    write()
-
-    def _delete_workflow(self, wf: str) -> None:
-        if wf in self.workflows:
-            del self.workflows[wf]
 
 
 class CostAccountant:
@@ -271,10 +185,11 @@ class CostAccountant:
     snapshots (:attr:`batch`); returns the rest to publish (guardrail events, dead letters)."""
 
     def __init__(
-        self, settings: Settings, topology: Topology, hourly: faust.Table, workflows: faust.Table,
+        self, settings: Settings, topology: Topology, hourly: HourlyTable, workflows: KeyedTable,
         view: GuardrailView,
     ) -> None:
         self.topology = topology
+        self.dead_letters = DeadLetters(topology.dead_letters.name, COST_ROLE)
         self.tables = PendingWrites(hourly, workflows)
         self.batch = SpendBatch(self._snapshot)  # the snapshots, per batch of events
         self.view = view
@@ -289,7 +204,7 @@ class CostAccountant:
         try:
             event = decode(source.value, CostEvent)
         except DecodeError as exc:
-            return [dead_letter_for(self.topology.dead_letters.name, source, exc, COST_ROLE)]
+            return [self.dead_letters.undecodable(source, exc)]
         nanos = usd_to_nanos(event.cost_usd)
         p, offset = source.partition, source.offset
         window = hour_window(timestamp)
@@ -390,30 +305,27 @@ class CostAccountant:
                 self.tables.forget_workflow(wf, p)
 
 
-def cost_tables(app: faust.App, topology: Topology) -> tuple[faust.Table, faust.Table]:
-    partitions = topology.costs.partitions
-    hourly = app.Table(
-        "spend-hourly", default=list, partitions=partitions,
-        help="Spend per hour, per scope and costs partition: [nanos, last_offset, last_seen].",
-    ).tumbling(timedelta(seconds=HOUR_SECONDS), expires=timedelta(hours=3))
-    workflows = app.Table(
-        "spend-workflows", default=list, partitions=partitions,
-        help="Spend per workflow: [nanos, last_offset, last_seen].",
+COST_BATCH_EVENTS = 500  # cost events per batch of tables writes and snapshots
+COST_BATCH_SECONDS = 0.02  # at most this long after a batch's first event
+
+
+def cost_tables(worker: Worker) -> tuple[HourlyTable, KeyedTable]:
+    partitions = worker.topology.costs.partitions
+    hourly = worker.hourly_table(
+        "spend-hourly", "Spend per hour, per scope and costs partition: [nanos, last_offset, last_seen].",
+        partitions, expires_hours=3,
     )
+    workflows = worker.table("spend-workflows", "Spend per workflow: [nanos, last_offset, last_seen].", partitions)
     return hourly, workflows
-
-
-
 
 
 class SpendBatch:
     """The cost role's output for several cost events, published together.
 
     Each cost event updates three running totals (its partition's hour, global and per
-    tier, and its workflow's), and each update used to be published as a snapshot: three
-    records on the spend topic per call, each read back by every worker's view. A batch
-    publishes the latest snapshot of each key once, and builds only those (building one
-    per update was 9 % of the cost role's samples). The totals are cumulative, so the
+    tier, and its workflow's); publishing each update would put three records on the
+    spend topic per call, each read back by every worker's view. A batch publishes the
+    latest snapshot of each key once, and builds only those. The totals are cumulative, so the
     latest snapshot says everything the earlier ones did; every hour snapshot goes before
     every workflow snapshot (one spend partition), so a reader that has seen a workflow
     total has seen the hour totals of the same events. Guardrail events and dead letters
@@ -449,3 +361,56 @@ class SpendBatch:
         out.extend(self._others)
         self._hours, self._workflows, self._others, self.events = {}, {}, [], 0
         return out
+
+
+class CostRole:
+    """Counts a batch of cost events: each applied in offset order, then the batch's
+    table updates written and its snapshots published (:class:`SpendBatch`). The batch's
+    output goes with its first counted event; the runtime acks a batch's events together
+    once all of it is with the producer, and Faust flushes the producer before it
+    commits, so a snapshot is in Kafka before the offsets it includes are committed."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.view = GuardrailView(worker.settings)
+        hourly, workflows = cost_tables(worker)
+        self.accountant = CostAccountant(worker.settings, worker.topology, hourly, workflows, self.view)
+        self.offsets = CostOffsets(self.view)
+        self.partitions = worker.partitions
+        self.topic = worker.topology.costs.name
+
+    async def handle_batch(self, sources: Sequence[Source]) -> list[Handled]:
+        generation = self.partitions.generation()
+        # The published totals must be read before the first event is counted.
+        await self.view.caught_up.wait()
+        handled: list[Handled] = []
+        for source in sources:
+            try:
+                await self.offsets.admit(source, generation, self.partitions)
+            except Rewound:
+                handled.append(None)  # not handled: read again (see Rewound)
+                continue
+            self.accountant.batch.add(self.accountant.apply(source, source.timestamp))
+            handled.append([])
+        first = next((i for i, out in enumerate(handled) if out is not None), None)
+        if first is not None:
+            self.accountant.tables.write()  # the batch's table updates, then its snapshots
+            handled[first] = self.accountant.batch.take()
+        return handled
+
+    async def repeat_overdue_rewinds(self) -> None:
+        await self.offsets.repeat_overdue(self.topic, self.partitions)
+
+
+def build(worker: Worker) -> RoleSpec:
+    topology = worker.topology
+    role = CostRole(worker)
+    return RoleSpec(
+        consumes=topology.costs,
+        produces=(topology.spend, topology.guardrails, topology.dead_letters),
+        handle_batch=role.handle_batch,
+        batch_size=COST_BATCH_EVENTS,  # one agent: tables are updated in offset order
+        batch_wait_seconds=COST_BATCH_SECONDS,
+        view=role.view,
+        timers=[(role.offsets.patience, role.repeat_overdue_rewinds)],
+        on_assigned=[role.offsets.on_assigned],
+    )

@@ -1,72 +1,48 @@
-"""Faust's aiokafka transport, with six fixes and one shortcut.
+"""Faust's aiokafka transport with the delivery rules tierstream relies on.
 
-Idempotent producers. Faust turns idempotence on only in exactly-once mode; without it a
-produce request that the broker wrote but could not acknowledge (a broker restart) is
-retried and written twice: the broker-restart test saw 8 results and 12 cost events
-doubled out of 1,500 requests. Every role's producer is idempotent.
+Faust's consumer was written for at-most-once streams with table gaps in mind; these
+overrides make every record of a tracked topic reach its agent before its offset can be
+committed (docs/architecture.md, "Faust pitfalls the design answers").
 
-Seeking. A partition without a committed offset is rewound to its beginning whenever
-Faust seeks to the committed offsets.
+* Idempotent producers, in every role: Faust enables idempotence only for exactly-once
+  processing, and a produce request retried after a broker restart would otherwise be
+  written twice.
+* Seeking: a partition without a committed offset is rewound to its beginning whenever
+  Faust seeks to the committed offsets (aiokafka's ``seek_to_committed`` leaves a
+  partition whose committed offset is none or zero where it is, so records Faust dropped
+  when its flow stopped mid-batch would be skipped for good).
+* Acks: Faust's stream acks the events it skips (fetched in an earlier generation, or read
+  while a rebalance suspends the flow); only messages an agent marks as handled are acked
+  here, so a skipped one is read again after the seek.
+* Delivery order: Faust fills offset gaps it sees as if they were processed and drops any
+  record below its read offset; a record fetched before a rebalance but drained after the
+  seek back would make the records between look like a gap (faust-streaming #221, #606).
+  Here a record of an earlier generation never moves the position, a record ahead of it
+  sends the consumer back (:class:`streams.runtime.offsets.OffsetOrder`), and a commit
+  never moves past an offset that was not acked (``_Consumer._new_offset``). The tracked
+  topics have no gaps of their own: not compacted, no transactional producers.
+* The seek window: after an assignment Faust resumes the stream partitions and then seeks
+  to the committed offsets, which take a moment to come back; records fetched meanwhile
+  would be handed on before their positions are known. They are held back and their
+  partitions sought again once the positions are known (``_Consumer.perform_seek``); the
+  window lasts until Faust resumes the flow, which empties every stream queue.
+* Giving back: with ``stream_wait_empty`` a rebalance waits until every message handed to
+  an agent is acked; a message an agent leaves to be read again after a seek is taken off
+  that list (``_Consumer.release``), or the rebalance would wait out its timeout.
+* The hand-over: Faust hands each fetched record to its streams in a race against a flow
+  stop (four tasks and two turns of the event loop per record); a record that cannot block
+  (flow on, no full stream queue of its partition, read from the conductor's private
+  ``_tp_index``) is handed over inline (``_Consumer._delivers_at_once``).
 
-Acks. Faust's stream acks the events it skips (fetched in an earlier generation, or read
-while a rebalance suspends the flow), so the next commit can move past records nobody
-processed: a 5,000-request kill loop came out 3.4 % short in the cost totals with the cost
-role's lag at 0. Only messages the agent marks as handled are acked here; a skipped one
-is read again after the seek.
-
-Faust drops records it has already fetched when its flow stops mid-batch (a rebalance
-starting) and relies on "seek to committed" to read them again. aiokafka's
-``seek_to_committed`` only moves partitions whose committed offset is above zero, so on
-a partition that has none (a new consumer group, or one whose first commit has not
-happened yet) the dropped records are skipped for good, and the next commit moves past
-them. Found by the SIGKILL test of the cost role: a restarted cost worker began every
-partition about twenty events in, and the spend totals came out 17 % short.
-
-Delivery order. Faust fills offset gaps it sees in the fetched records as if they had
-been processed (meant for compacted and transactional topics) and drops any record below
-its read offset. A record fetched before a rebalance but drained after it (the fetch
-loop was awaiting a commit or a full stream buffer) lands after Faust has seeked back to
-the committed offset, so the records between the two look like a gap: they were
-committed unprocessed and, when fetched again, dropped as already read. The
-20,000-request kill loop lost 96 requests this way (faust-streaming issues #221, #606).
-Here a record of an earlier generation never moves the read position; a record that
-jumps ahead on a topic whose records are acked sends the consumer back to the first
-missing offset; and a commit never moves past an offset that was not acked
-(:class:`DeliveryOrder`, ``_Consumer._new_offset``). These topics have no gaps of their
-own: they are not compacted and their producers are not transactional.
-
-The seek window. After every assignment Faust resumes the stream partitions and then
-seeks to the committed offsets, which take 1-2 s to come back; records fetched meanwhile
-were handed on before their positions were known, and lost. A restarted cost role whose
-partitions were fetched whole in that window processed nothing (the test that SIGKILLs
-the cost worker: 2 of 15 runs, 4 of 10 under load). Such records are held back and
-their partitions sought again once the positions are known (``_Consumer.perform_seek``).
-The window lasts until Faust resumes the flow: in a role with tables the flow was
-already resumed to restore them, so records fetched after the seek were handed on, and
-resuming the flow again empties every stream queue (mode's ``clear_on_resume``): the
-cost role was given event 39 of a partition first where 17 was next.
-
-Giving back. With ``stream_wait_empty`` a rebalance first waits until every message
-Faust's streams handed to an agent is acked. A message an agent leaves unhandled, to be
-read again after a seek (the cost role's rewinds), is never acked, and the agent holds
-the last one it was given until the next arrives, which no message does during a
-rebalance: the rebalance waited out the rebalance timeout. ``_Consumer.release`` takes
-such a message off Faust's list.
-
-The hand-over (the shortcut). Faust hands each fetched record to its streams in a race
-against a flow stop: four tasks and at least two turns of the event loop per record. A
-record that cannot block (the flow on, no full stream queue of its partition: read from
-the conductor's private ``_tp_index``, hence the pin below 0.16) is handed over inline:
-half the workers' CPU per result in scenario 1 (``_Consumer._delivers_at_once``).
+Every Faust member used here is pinned by tests/test_runtime_boundary.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import weakref
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -76,6 +52,8 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT, Message
 from faust.utils.functional import consecutive_numbers
+
+from streams.runtime.offsets import OffsetOrder, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -95,58 +73,6 @@ async def seek_to_committed_or_beginning(
     return {**committed, **await consumer.beginning_offsets(rewind)}
 
 
-class Verdict(enum.Enum):
-    DELIVER = "deliver"
-    GONE = "gone"  # deliver: the records before it no longer exist (retention)
-    REPLAY = "replay"  # below the position: already delivered
-    HOLE = "hole"  # records before it were not delivered: seek back to them
-    REWINDING = "rewinding"  # fetched before the seek back: comes again
-
-
-class DeliveryOrder:
-    """The next offset each partition's stream must see, so that none is skipped.
-
-    ``fetch`` numbers the consumer's fetches: records that arrive in the same fetch as a
-    hole were fetched before the seek back and are dropped; the first record of a later
-    fetch is where the seek landed (above the hole only if those records are gone)."""
-
-    def __init__(self) -> None:
-        self._next: dict[TP, int] = {}
-        self._rewound_in: dict[TP, int] = {}
-
-    def reset(self, positions: Mapping[TP, int | None]) -> None:
-        for tp, offset in positions.items():
-            self._rewound_in.pop(tp, None)
-            if offset is None:
-                self._next.pop(tp, None)
-            else:
-                self._next[tp] = offset
-
-    def forget(self, tps: Iterable[TP]) -> None:
-        self.reset(dict.fromkeys(tps))
-
-    def expected(self, tp: TP) -> int | None:
-        return self._next.get(tp)
-
-    def admit(self, tp: TP, offset: int, fetch: int) -> Verdict:
-        expected = self._next.get(tp)
-        rewound_in = self._rewound_in.get(tp)
-        verdict = Verdict.DELIVER
-        if rewound_in is not None and expected is not None:
-            if fetch == rewound_in or offset < expected:
-                return Verdict.REWINDING
-            del self._rewound_in[tp]
-            if offset > expected:
-                verdict = Verdict.GONE
-        elif expected is not None and offset != expected:
-            if offset < expected:
-                return Verdict.REPLAY
-            self._rewound_in[tp] = fetch
-            return Verdict.HOLE
-        self._next[tp] = offset + 1
-        return verdict
-
-
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def seek_to_committed(self) -> Mapping[TopicPartition, int | None]:
         return await self.call_thread(self._seek_to_committed_or_beginning)
@@ -161,7 +87,7 @@ class _Consumer(faust_aiokafka.Consumer):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self._handled: weakref.WeakSet[Message] = weakref.WeakSet()
-        self.delivery = DeliveryOrder()
+        self.delivery: OffsetOrder[TP] = OffsetOrder()
         self._fetches = 0
         # From a seek to the committed offsets until the flow resumes, records of the new
         # positions are held back and read again afterwards (the seek window).
@@ -259,9 +185,9 @@ class _Consumer(faust_aiokafka.Consumer):
         self.delivery.forget(revoked)
         await super().on_partitions_revoked(revoked)
 
-    async def _drain_messages(self, fetcher: Any) -> None:  # noqa: C901 - Faust's loop, fixed
+    async def _drain_messages(self, fetcher: Any) -> None:
         # faust.transport.consumer.Consumer._drain_messages (faust-streaming 0.15), with
-        # the read offset and gap handling replaced by DeliveryOrder.
+        # the read offset and gap handling replaced by OffsetOrder.
         callback = self.callback
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
@@ -340,6 +266,7 @@ class _Consumer(faust_aiokafka.Consumer):
         verdict = self.delivery.admit(tp, offset, fetch)
         if verdict is Verdict.HOLE and expected is not None:
             log.warning("%s: records %d-%d were not delivered: reading them again", tp, expected, offset - 1)
+            self.delivery.rewind(tp, expected, fetch)
             await super().seek(tp, expected)
             return False
         if verdict is Verdict.GONE:
@@ -365,8 +292,7 @@ def as_current_event(event: EventT) -> Iterator[None]:
     """Run as if the agent were handling ``event``. Faust takes a table write's changelog
     partition from the task-local event its stream set; writes made for a batch of events,
     outside the handling of any one of them, name theirs this way.
-    ``faust.streams._current_event`` is the variable Faust sets per event (faust-streaming
-    is pinned below 0.16, see the module docstring)."""
+    ``faust.streams._current_event`` is the variable Faust sets per event."""
     token = faust_streams._current_event.set(weakref.ref(event))
     try:
         yield

@@ -1,26 +1,34 @@
-"""The tier role: answer a classified request with its tier's model.
+"""The tier roles: answer a classified request with its tier's model.
 
+Consumes its tier topic; produces results, the cost of each call, and dead letters.
 Stateless: everything a call needs is in the message, so any replica can take over any
-partition, and a task whose worker died is simply read again from Kafka.
+partition, and a task whose worker died is read again from Kafka by the next owner.
+Up to ``worker.max_concurrent_tasks`` calls are in flight, under the agent types' rate
+limits (quotas follow the partitions assigned) and the cost guardrails' budget gate.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import partial
 
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import AgentResult, Tier, TieredRequest, Timings
 from streams.costing import cost_event
-from streams.envelope import Outgoing, Source, dead_letter, dead_letter_for
+from streams.dedupe import AnsweredIndex
+from streams.envelope import DeadLetters, Outgoing, Source
 from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
 from streams.guardrails.money import nanos_to_usd, usd_to_nanos
+from streams.guardrails.service import PauseReport
+from streams.guardrails.view import GuardrailView
 from streams.logs import log_context
 from streams.pricing import PriceBook
 from streams.providers import ProviderError, ProviderRegistry
 from streams.ratelimit import Permit, RateLimiter
+from streams.runtime.types import Partition, RoleSpec, Worker
 from streams.tokens import estimate_input_tokens
 from topologies.config import Settings
 from topologies.topics import Topology, tier_role
@@ -49,13 +57,13 @@ class TierHandler:
         self.log_prompts = settings.worker.log_prompts
         self.budget = budget
         self.limiter = limiter
+        self.dead_letters = DeadLetters(topology.dead_letters.name, self.stage)
 
     async def handle(self, source: Source) -> list[Outgoing]:
-        dlq = self.topology.dead_letters.name
         try:
             request = decode(source.value, TieredRequest, max_bytes=self.settings.worker.max_request_bytes)
         except DecodeError as exc:
-            return [dead_letter_for(dlq, source, exc, self.stage)]
+            return [self.dead_letters.undecodable(source, exc)]
         with log_context(request_id=request.request_id, workflow_id=request.workflow_id):
             return await self._answer(source, request)
 
@@ -63,14 +71,9 @@ class TierHandler:
         served_tier, downgraded_from = self._serving_tier()
         choice = self.settings.tiers[served_tier]
         provider, model = choice.provider, choice.model
-        if request.agent_type not in self.settings.agent_types:
-            return [
-                dead_letter(
-                    self.topology.dead_letters.name, source, code="unknown_agent_type",
-                    stage=self.stage, reason=f"agent_type '{request.agent_type}' is not configured",
-                    payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
-                )
-            ]
+        unknown = self.dead_letters.unknown_agent_type(source, request, self.settings.agent_types)
+        if unknown is not None:
+            return [unknown]
         if self.limiter is not None and request.agent_type in self.limiter.out_of_scope:
             return [self._out_of_rate_limit_scope(source, request)]
         input_estimate = estimate_input_tokens(request)
@@ -106,13 +109,7 @@ class TierHandler:
             if reservation is not None:
                 self.budget.release(reservation)  # type: ignore[union-attr]
             log.warning("model call failed after %d attempt(s): %s", exc.attempts, exc)
-            return [
-                dead_letter(
-                    self.topology.dead_letters.name, source, code="provider_error",
-                    stage=self.stage, reason=str(exc), attempts=exc.attempts,
-                    payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
-                )
-            ]
+            return [self.dead_letters.letter(source, "provider_error", str(exc), request, exc.attempts)]
         latency_ms = (time.perf_counter() - t0) * 1000
         completion = attempted.completion
         if self.limiter is not None and permit is not None:
@@ -176,13 +173,11 @@ class TierHandler:
         """A rate limit that names its tiers gives this tier no share: no call can be made."""
         assert self.limiter is not None
         tiers = ", ".join(t.value for t in self.limiter.out_of_scope[request.agent_type])
-        return dead_letter(
-            self.topology.dead_letters.name, source, code="rate_limit_scope", stage=self.stage,
-            reason=(
-                f"agent_type '{request.agent_type}' is rate-limited to tiers [{tiers}] "
-                f"(rate_limits.{request.agent_type}.tiers) but was routed to {self.tier.value}"
-            ),
-            payload={"request_id": request.request_id, "workflow_id": request.workflow_id},
+        return self.dead_letters.letter(
+            source, "rate_limit_scope",
+            f"agent_type '{request.agent_type}' is rate-limited to tiers [{tiers}] "
+            f"(rate_limits.{request.agent_type}.tiers) but was routed to {self.tier.value}",
+            request,
         )
 
     def _budget_exceeded(self, request: TieredRequest) -> Outgoing:
@@ -211,3 +206,33 @@ class TierHandler:
             metadata=request.metadata,
         )
         return Outgoing(self.topology.results.name, request.workflow_id.encode(), encode(result))
+
+
+def build(worker: Worker, tier: Tier) -> RoleSpec:
+    settings, topology = worker.settings, worker.topology
+    providers = ProviderRegistry(settings)
+    view = GuardrailView(settings)
+    limiter = RateLimiter(settings, tier, topology, providers.throttles)
+    handler = TierHandler(tier, settings, topology, providers, PriceBook(settings), BudgetGate(view), limiter)
+    source = topology.tiers[tier]
+
+    def share_rate_limits(assigned: Iterable[Partition]) -> None:
+        # Quotas follow partitions: recomputed from the full assignment on every rebalance.
+        limiter.on_assignment(assigned)
+
+    return RoleSpec(
+        consumes=source,
+        produces=(topology.results, topology.costs, topology.dead_letters),
+        handle=handler.handle,
+        concurrency=settings.worker.max_concurrent_tasks,
+        # A call can be held by the budget gate for the rest of an hour; a rebalance must
+        # not wait for it (the answered index keeps the answer single).
+        wait_empty=False,
+        answered=AnsweredIndex(settings),
+        costs_topic=topology.costs.name,
+        providers=providers,
+        limiter=limiter,
+        view=view,
+        timers=[PauseReport(view, source.name).timer()],
+        on_assigned=[share_rate_limits],
+    )
