@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.roles import BUILDERS, build_role
+from streams.roles import MODULES, build_role
 from streams.runtime.worker import FaustWorker
 from topologies.config import load_settings
 from topologies.topics import ALL_ROLES, topology_of
@@ -30,7 +30,7 @@ def _imports(path: Path) -> set[str]:
 def test_every_role_consumes_and_produces_what_its_flow_says(strategy: str) -> None:
     settings = load_settings(environ={}, overrides={"classifier": {"strategy": strategy}})
     flows = {flow.role: flow for flow in topology_of(settings).flows()}
-    assert set(BUILDERS) == set(ALL_ROLES)
+    assert set(MODULES) == set(ALL_ROLES)
     for role in ALL_ROLES:
         spec = build_role(FaustWorker(settings, role))
         flow = flows[role]

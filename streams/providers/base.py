@@ -81,3 +81,11 @@ def error_from_status(provider: str, exc: Exception, status: int | None) -> Prov
         retryable=retryable,
         retry_after=_retry_after(exc),
     )
+
+
+def malformed_response(provider: str, status: int, exc: Exception) -> ProviderError:
+    """A 2xx answer that is not the API's response shape: retried like a server error."""
+    return ProviderError(
+        provider, f"HTTP {status}: malformed response body ({type(exc).__name__}: {exc})"[:500],
+        status=status, retryable=True,
+    )

@@ -1,12 +1,42 @@
-"""OpenAI Chat Completions through the official async SDK."""
+"""OpenAI Chat Completions through the official async SDK.
+
+The call goes through the SDK's documented low-level request method
+(``client.post(path, body=..., cast_to=httpx2.Response)``): authentication, base URL,
+headers, timeouts, retries honouring Retry-After, typed errors with their status codes and
+the aiohttp transport all stay the SDK's, while the per-call work that only builds and
+parses typed objects (validating the body against its TypedDicts, constructing response
+models) is skipped; the answer is read with orjson into the project's own
+:class:`~streams.providers.base.Completion`. ``TIERSTREAM_SDK_CALL=typed`` uses
+``chat.completions.create`` instead (docs/benchmarks.md), which gives the same
+Completion.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import httpx2
 import openai
+import orjson
 
 from schemas.models import ChatMessage
-from streams.providers.base import Completion, error_from_status
-from streams.providers.transport import openai_http_client
+from streams.providers.base import Completion, error_from_status, malformed_response
+from streams.providers.transport import openai_http_client, typed_calls
+
+
+def completion_from_payload(payload: Any, model: str) -> Completion:
+    """A Chat Completions response body, parsed."""
+    choice = payload["choices"][0]
+    usage = payload.get("usage") or {}
+    return Completion(
+        text=choice["message"].get("content") or "",
+        finish_reason=choice.get("finish_reason"),
+        model=payload.get("model") or model,
+        input_tokens=usage.get("prompt_tokens") or 0,
+        output_tokens=usage.get("completion_tokens") or 0,
+        cached_input_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+        reasoning_tokens=(usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0,
+    )
 
 
 class OpenAIClient:
@@ -17,33 +47,29 @@ class OpenAIClient:
             api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries,
             http_client=openai_http_client(),
         )
+        self._typed = typed_calls()
 
     async def complete(
         self, model: str, messages: list[ChatMessage], max_output_tokens: int
     ) -> Completion:
+        body = {
+            "model": model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "max_completion_tokens": max_output_tokens,
+        }
         try:
-            response = await self._sdk.chat.completions.create(
-                model=model,
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                max_completion_tokens=max_output_tokens,
-            )
+            if self._typed:
+                typed = await self._sdk.chat.completions.create(**body)  # type: ignore[call-overload]
+                return completion_from_payload(typed.model_dump(), model)
+            response = await self._sdk.post("/chat/completions", body=body, cast_to=httpx2.Response)
         except openai.APIStatusError as exc:
             raise error_from_status(self.provider, exc, exc.status_code) from None
         except openai.APIError as exc:  # connection errors and timeouts
             raise error_from_status(self.provider, exc, None) from None
-        choice = response.choices[0]
-        usage = response.usage
-        prompt_details = getattr(usage, "prompt_tokens_details", None) if usage else None
-        completion_details = getattr(usage, "completion_tokens_details", None) if usage else None
-        return Completion(
-            text=choice.message.content or "",
-            finish_reason=choice.finish_reason,
-            model=response.model,
-            input_tokens=usage.prompt_tokens if usage else 0,
-            output_tokens=usage.completion_tokens if usage else 0,
-            cached_input_tokens=(getattr(prompt_details, "cached_tokens", 0) or 0),
-            reasoning_tokens=(getattr(completion_details, "reasoning_tokens", 0) or 0),
-        )
+        try:
+            return completion_from_payload(orjson.loads(response.content), model)
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise malformed_response(self.provider, response.status_code, exc) from None
 
     async def close(self) -> None:
         await self._sdk.close()

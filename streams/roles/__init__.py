@@ -1,30 +1,36 @@
 """The roles, one module each: what each consumes, produces and needs (a
 :class:`streams.runtime.types.RoleSpec`), built from the worker that runs it. Roles see
-the runtime's interfaces only, never Faust, and no role imports another."""
+the runtime's interfaces only, never Faust, and no role imports another.
+
+A process imports only the module of the role it runs: the classifier's learned router
+brings scikit-learn and SciPy, which the other roles have no use for.
+"""
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 
 from schemas.models import Tier
-from streams.roles import classifier, cost, tier
 from streams.runtime.types import RoleSpec, Worker
 from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, tier_role
 
-BUILDERS = {
-    CLASSIFIER_ROLE: classifier.build,
-    COST_ROLE: cost.build,
-    **{tier_role(t): partial(tier.build, tier=t) for t in Tier},
+MODULES: dict[Role, str] = {
+    CLASSIFIER_ROLE: "streams.roles.classifier",
+    COST_ROLE: "streams.roles.cost",
+    **{tier_role(t): "streams.roles.tier" for t in Tier},
 }
 
 
 def build_role(worker: Worker) -> RoleSpec:
     """The spec of ``worker.role``."""
     try:
-        build = BUILDERS[worker.role]
+        module = importlib.import_module(MODULES[worker.role])
     except KeyError:
-        raise ValueError(f"unknown role {worker.role!r}; roles: {', '.join(BUILDERS)}") from None
+        raise ValueError(f"unknown role {worker.role!r}; roles: {', '.join(MODULES)}") from None
+    tiers = {tier_role(t): t for t in Tier}
+    build = partial(module.build, tier=tiers[worker.role]) if worker.role in tiers else module.build
     return build(worker)
 
 
-__all__ = ["BUILDERS", "Role", "build_role"]
+__all__ = ["MODULES", "Role", "build_role"]
