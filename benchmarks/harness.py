@@ -141,6 +141,7 @@ FIGURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     *((f"overhead_{q}_ms", ("latency_ms", "overhead", q)) for q in ("p50", "p95", "p99")),
     *((f"classifier_hop_{q}_ms", ("latency_ms", "classifier_hop", q)) for q in ("p50", "p99")),
     *((f"tier_wait_{q}_ms", ("latency_ms", "tier_wait", q)) for q in ("p50", "p99")),
+    *((f"budget_wait_{q}_ms", ("latency_ms", "budget_wait", q)) for q in ("p50", "p99")),
     *((f"recv_{q}_ms", ("latency_ms", "receive_minus_produce", q)) for q in ("p50", "p95", "p99")),
     ("model_p50_ms", ("latency_ms", "model", "p50")),
     ("model_p99_ms", ("latency_ms", "model", "p99")),

@@ -53,6 +53,7 @@ class Observed:
     e2e_ms: list[float] = field(default_factory=list)
     receive_ms: list[float] = field(default_factory=list)
     model_ms: list[float] = field(default_factory=list)
+    budget_wait_ms: list[float] = field(default_factory=list)
     # where the overhead goes: created -> classified (the classifier hop), classified ->
     # started (the tier topic and the tier worker's queue)
     classifier_hop_ms: list[float] = field(default_factory=list)
@@ -165,6 +166,8 @@ async def drive(
                         seen.classifier_hop_ms.append((classified - created) * 1000)
                         seen.tier_wait_ms.append((started - classified) * 1000)
                         seen.model_ms.append(float(timings["model_latency_ms"]))
+                        if timings.get("budget_wait_ms") is not None:
+                            seen.budget_wait_ms.append(float(timings["budget_wait_ms"]))
                         seen.call_spans.append((started, finished))
                         status = item.get("status", "?")
                         seen.statuses[status] = seen.statuses.get(status, 0) + 1
@@ -252,6 +255,8 @@ def figures(seen: Observed, requested: int) -> dict[str, object]:
             # (the rest is the tier worker's own time around the call: limiter, retries)
             "classifier_hop": distribution(seen.classifier_hop_ms),
             "tier_wait": distribution(seen.tier_wait_ms),
+            # result.timings.budget_wait_ms: admission under the budget leases (tierstream only)
+            "budget_wait": distribution(seen.budget_wait_ms),
         },
         "cdf_ms": {"end_to_end": cdf(seen.e2e_ms), "overhead": cdf(overhead)},
         # Model calls open at the same instant, from the results' started_at/finished_at

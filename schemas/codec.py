@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from schemas.models import SCHEMA_VERSION, DeadLetterCode, WireModel
+from schemas.models import SCHEMA_VERSION, BudgetRecord, CostEvent, DeadLetterCode, WireModel
 
 M = TypeVar("M", bound=WireModel)
 
@@ -38,7 +38,8 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(parts)
 
 
-def decode(raw: bytes | None, model: type[M], *, max_bytes: int | None = None) -> M:
+def parse(raw: bytes | None, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """The JSON object of a message of this contract's version, not yet validated."""
     if raw is None:
         raise DecodeError("invalid_json", "message has no value (a tombstone?)")
     if max_bytes is not None and len(raw) > max_bytes:
@@ -61,6 +62,10 @@ def decode(raw: bytes | None, model: type[M], *, max_bytes: int | None = None) -
             f"schema_version {version!r} is not supported (this worker reads {SCHEMA_VERSION})",
             payload,
         )
+    return payload
+
+
+def validate(payload: dict[str, Any], model: type[M]) -> M:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
@@ -71,6 +76,16 @@ def decode(raw: bytes | None, model: type[M], *, max_bytes: int | None = None) -
         ) from None
 
 
+def decode(raw: bytes | None, model: type[M], *, max_bytes: int | None = None) -> M:
+    return validate(parse(raw, max_bytes=max_bytes), model)
+
+
+def decode_cost_record(raw: bytes | None) -> CostEvent | BudgetRecord:
+    """A record of the costs topic: a budget lease's record has a ``budget`` field."""
+    payload = parse(raw)
+    return validate(payload, BudgetRecord if "budget" in payload else CostEvent)
+
+
 def payload_field(payload: Any, name: str) -> str | None:
     """A string field of a parsed-but-invalid payload, for labelling its dead letter."""
     if isinstance(payload, dict):
@@ -78,3 +93,12 @@ def payload_field(payload: Any, name: str) -> str | None:
         if isinstance(value, str) and len(value) <= 128:
             return value
     return None
+
+
+def is_cost_event(raw: bytes | None) -> bool:
+    """Whether a costs-topic record is a call's cost (not a budget lease's record)."""
+    try:
+        payload = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and "budget" not in payload

@@ -111,6 +111,9 @@ class Timings(WireModel):
     started_at: datetime
     finished_at: datetime
     model_latency_ms: float = Field(ge=0, description="Time spent in the provider call(s).")
+    budget_wait_ms: float | None = Field(
+        default=None, ge=0, description="Time the call waited for budget (its leases) before it was admitted.",
+    )
 
 
 class AgentResult(WireModel):
@@ -156,6 +159,36 @@ class CostEvent(WireModel):
     reasoning_tokens: TokenCount = 0
     cost_usd: Usd
     timestamp: datetime = Field(default_factory=utcnow)
+    lease_id: str | None = Field(
+        default=None, max_length=200,
+        description="The workflow budget lease the call was admitted under (see BudgetRecord).",
+    )
+
+
+class BudgetRecord(WireModel):
+    """A budget lease's request, renewal, return or spend, on the costs topic beside the
+    cost events (key: the workflow_id for a workflow's budget, ``hour`` for the hourly
+    limit), so the cost role that counts a scope's spend also grants its leases, in the
+    same order. Readers of the costs topic tell the two apart by the ``budget`` field.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    budget: Literal["request", "renew", "return", "spend"]
+    lease_id: str = Field(min_length=1, max_length=200, description="'<holder>#<n>'")
+    scope: str = Field(min_length=1, max_length=128, description="'hour' or a workflow_id.")
+    window_start: datetime | None = Field(default=None, description="The hour of an hourly lease.")
+    want_nanos: int = Field(default=0, ge=0, description="request: the amount asked for.")
+    least_nanos: int = Field(default=0, ge=0, description="request: the least worth granting.")
+    spent_nanos: int = Field(default=0, ge=0, description="spend: one call's cost under the lease.")
+    timestamp: datetime = Field(default_factory=utcnow)
+
+
+class LeaseState(WireModel):
+    """One outstanding lease, as the cost role last counted it."""
+
+    granted_nanos: int = Field(ge=0)
+    spent_nanos: int = Field(ge=0)
+    renewed_at: float = Field(description="Epoch seconds of its request or last renewal.")
 
 
 GuardrailKind = Literal["alert", "limit_reached", "cleared", "limit_set"]
@@ -200,6 +233,10 @@ class SpendSnapshot(WireModel):
     spent_nanos: int = Field(ge=0, description="Spend in units of 1e-9 USD: sums stay exact.")
     last_offset: int = Field(ge=0)
     updated_at: datetime = Field(default_factory=utcnow)
+    leases: dict[str, LeaseState] = Field(
+        default_factory=dict,
+        description="Outstanding budget leases of this scope ('ledger' hours and workflows).",
+    )
 
     @property
     def spent_usd(self) -> float:
@@ -272,6 +309,7 @@ WIRE_MODELS: dict[str, type[WireModel]] = {
     "tiered_request": TieredRequest,
     "agent_result": AgentResult,
     "cost_event": CostEvent,
+    "budget_record": BudgetRecord,
     "guardrail_event": GuardrailEvent,
     "spend_snapshot": SpendSnapshot,
     "throttle_event": ThrottleEvent,

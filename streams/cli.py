@@ -198,7 +198,8 @@ def bench(ctx: typer.Context) -> None:
 
 @app.command("bench-guardrails", context_settings=PASS_THROUGH)
 def bench_guardrails(ctx: typer.Context) -> None:
-    """Guardrail benchmark: hourly-limit pause reaction time per worker, and overspend."""
+    """Guardrail benchmark: overspend past the hourly limit and a workflow budget per replica
+    count, the usable share of the hourly limit, pause reaction and admission wait."""
     from benchmarks.guardrails import main as bench_guardrails_main
 
     raise typer.Exit(bench_guardrails_main(ctx.args))
@@ -262,13 +263,19 @@ def acls(
 
 @guardrail_app.command("status")
 def guardrail_status(config: ConfigOption = None) -> None:
-    """Spend this hour against its limits, and the workflows out of budget (JSON)."""
+    """Spend this hour against its limits, the workflows out of budget, the budget leases
+    outstanding per process, and the costs records the cost role has not counted (JSON)."""
     import orjson
 
-    from streams.guardrails.operator import read_state
+    from streams.guardrails.operator import cost_role_backlog, read_state
 
-    view = asyncio.run(read_state(_settings(config)))
-    print(orjson.dumps(view.status(), option=orjson.OPT_INDENT_2).decode())
+    async def status() -> dict[str, object]:
+        settings = _settings(config)
+        view = await read_state(settings)
+        # Lease requests wait among these: a backlog that does not drain means no grants.
+        return {**view.status(), "cost_role_backlog": await cost_role_backlog(settings, view)}
+
+    print(orjson.dumps(asyncio.run(status()), option=orjson.OPT_INDENT_2).decode())
 
 
 @guardrail_app.command("resume")

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # rather than prometheus_client's global one keeps /metrics to tierstream's own series
 # and lets tests build isolated ones.
 REGISTRY = CollectorRegistry()
+ADMISSION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 
 UNCLASSIFIED = "unclassified"  # tier label of a request dead-lettered before classification
 _DEAD_LETTER_CODES = frozenset(get_args(DeadLetterCode))
@@ -72,6 +73,11 @@ class Metrics:
             "tierstream_classifier_decisions_total",
             "Requests the classifier routed, by the tier it chose.",
             ["tier"], registry=registry,
+        )
+        self.budget_admission = Histogram(
+            "tierstream_budget_admission_seconds",
+            "Time a model call waited for budget (leases of its workflow and of the hour).",
+            ["tier"], buckets=ADMISSION_BUCKETS, registry=registry,
         )
         self.model_latency = Histogram(
             "tierstream_model_call_duration_seconds",
@@ -357,6 +363,8 @@ class OutgoingObserver:
             )
         elif topic == self._costs:
             cost: dict[str, Any] = orjson.loads(out.value)
+            if "budget" in cost:
+                return  # a budget lease's record, not a call's cost
             self.metrics.record_cost(
                 cost["tier"], cost["provider"], cost["input_tokens"], cost["output_tokens"],
                 cost["cost_usd"],

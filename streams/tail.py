@@ -70,7 +70,7 @@ class TopicTail:
         await consumer.start()
         self._consumer = consumer
         partitions = [
-            TopicPartition(topic, p) for topic in self.topics for p in sorted(await _partitions(self.settings, consumer, topic))
+            TopicPartition(topic, p) for topic in self.topics for p in sorted(await topic_partitions(self.settings, consumer, topic))
         ]
         ends = await until_answered(functools.partial(offsets.end_offsets, partitions))
         consumer.assign(partitions)
@@ -141,7 +141,7 @@ class TopicTail:
                 await consumer.stop()
 
 
-async def _partitions(settings: Settings, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+async def topic_partitions(settings: Settings, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     found = consumer.partitions_for_topic(topic)
     if found:
         return found

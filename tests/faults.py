@@ -32,6 +32,7 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from schemas.codec import is_cost_event
 from streams import processes
 from streams.admin import ensure_topics
 from streams.broker import LocalBroker
@@ -113,7 +114,7 @@ async def cost_truth(pipeline: Pipeline) -> tuple[int, Counter[str], Counter[int
     """Every cost event on the topic: (count, nanos by workflow, nanos by hour window)."""
     by_workflow: Counter[str] = Counter()
     by_hour: Counter[int] = Counter()
-    records = await read_to_end(pipeline, pipeline.topology.costs.name)
+    records = [r for r in await read_to_end(pipeline, pipeline.topology.costs.name) if is_cost_event(r.value)]
     for record in records:
         cost = orjson.loads(record.value)
         by_workflow[cost["workflow_id"]] += usd_to_nanos(cost["cost_usd"])

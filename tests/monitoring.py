@@ -81,6 +81,7 @@ def exercised_metrics() -> Metrics:
     metrics.record_result("tier-nano", "nano", "openai", "ok", 0.2)
     metrics.record_cost("nano", "openai", 10, 20, 0.001)
     metrics.record_dead_letter("tier-premium", "premium", "provider_error")
+    metrics.budget_admission.labels("premium").observe(0.002)
     with metrics.track_in_flight("tier-nano"):
         pass
     metrics.pools.watch(lambda: [PoolStats("openai", 1, 0, 2, 5, 1, 0, 1, 256, 100_000, 300.0)])

@@ -199,8 +199,16 @@ async def produce_raw(bootstrap: str, topic: str, messages: Iterable[tuple[bytes
     return len(futures)
 
 
-async def read_topic(pipeline: Pipeline, topic: str, expected: int, timeout: float) -> list[dict]:
-    """Every JSON message of ``topic`` from the start, once ``expected`` arrived or at the deadline."""
+def is_cost(item: dict) -> bool:
+    """A costs-topic record that is a call's cost, not a budget lease's record."""
+    return "budget" not in item
+
+
+async def read_topic(
+    pipeline: Pipeline, topic: str, expected: int, timeout: float, keep: Callable[[dict], bool] | None = None,
+) -> list[dict]:
+    """Every JSON message of ``topic`` from the start (those ``keep`` accepts), once
+    ``expected`` arrived or at the deadline."""
     consumer = AIOKafkaConsumer(
         topic,
         group_id=None,
@@ -214,7 +222,7 @@ async def read_topic(pipeline: Pipeline, topic: str, expected: int, timeout: flo
         deadline = time.monotonic() + timeout
         while len(items) < expected and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=250)).values():
-                items.extend(orjson.loads(r.value) for r in records)
+                items.extend(i for i in map(orjson.loads, (r.value for r in records)) if keep is None or keep(i))
     finally:
         await consumer.stop()
     return items

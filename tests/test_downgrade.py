@@ -3,23 +3,24 @@ the STANDARD model and the result says so. Off by default."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import orjson
 
 from schemas import AgentResult, CostEvent, Tier, decode, encode
-from schemas.models import SpendSnapshot
-from streams.envelope import Source
-from streams.guardrails.budget import BudgetGate
-from streams.guardrails.money import hour_window
-from streams.guardrails.view import GuardrailView
+from schemas.models import BudgetRecord, SpendSnapshot
+from streams.envelope import Outgoing, Source
+from streams.guardrails.money import hour_window, usd_to_nanos
 from streams.pricing import PriceBook
 from streams.processes import simulator_env
 from streams.providers import ProviderRegistry
 from streams.roles.tier import TierHandler
 from streams.simulator import ProviderSimulator
-from topologies import Settings, Topology, load_settings
+from tests.test_leases import Cluster
+from topologies import Settings, load_settings
 
 
 def settings_for(sim: ProviderSimulator, downgrade: bool) -> Settings:
@@ -31,27 +32,45 @@ def settings_for(sim: ProviderSimulator, downgrade: bool) -> Settings:
     })
 
 
+async def served(cluster: Cluster, work: Awaitable[list[Outgoing]], timeout: float = 10) -> list[Outgoing]:
+    """``work`` run while the in-memory cost role answers the lease requests it writes."""
+    task = asyncio.ensure_future(work)
+    deadline = time.monotonic() + timeout
+    while not task.done():
+        assert time.monotonic() < deadline, "the request was not answered"
+        cluster.pump()
+        await asyncio.wait([task], timeout=0.01)
+    return task.result()
+
+
 async def answer(settings: Settings, hour_spent_usd: float) -> tuple[AgentResult, CostEvent]:
-    topology = Topology(settings)
-    view = GuardrailView(settings)
-    view.caught_up.set()
+    cluster = Cluster(settings, holders=1)
+    # The downgrade reads the hour's spend at the wall-clock hour: the leases use it too.
+    cluster.now = time.time()
+    topology, view, gate = cluster.topology, cluster.views[0], cluster.gates[0]
     snapshot = SpendSnapshot(
         kind="hour", scope="global", partition=0, spent_nanos=round(hour_spent_usd * 1e9), last_offset=0,
-        window_start=datetime.fromtimestamp(hour_window(time.time()), UTC),
+        window_start=datetime.fromtimestamp(hour_window(cluster.now), UTC),
     )
     view.apply(topology.spend.name, encode(snapshot))
     registry = ProviderRegistry(settings)
-    handler = TierHandler(Tier.PREMIUM, settings, topology, registry, PriceBook(settings), BudgetGate(view))
+    handler = TierHandler(Tier.PREMIUM, settings, topology, registry, PriceBook(settings), gate)
     body = orjson.dumps({
         "request_id": "d-1", "workflow_id": "wf-d", "agent_type": "planner", "task": "Plan it.",
         "max_output_tokens": 64, "tier": "premium", "routed_by": "hint",
     })
     try:
-        out = await handler.handle(Source(topology.tiers[Tier.PREMIUM].name, 0, 0, b"wf-d", body))
+        out = await served(cluster, handler.handle(Source(topology.tiers[Tier.PREMIUM].name, 0, 0, b"wf-d", body)))
     finally:
         await registry.close()
-    assert [o.topic for o in out] == [topology.results.name, topology.costs.name]
-    return decode(out[0].value, AgentResult), decode(out[1].value, CostEvent)
+    # the result, the hour's spend under its lease, then the call's cost naming its workflow lease
+    assert [o.topic for o in out] == [topology.results.name, topology.costs.name, topology.costs.name]
+    result = decode(out[0].value, AgentResult)
+    spend, cost = decode(out[1].value, BudgetRecord), decode(out[2].value, CostEvent)
+    assert (spend.budget, spend.scope, spend.spent_nanos) == ("spend", "hour", usd_to_nanos(cost.cost_usd))
+    granted = cluster.cost_view.workflow_spend("wf-d")
+    assert granted is not None and cost.lease_id in granted.leases
+    return result, cost
 
 
 async def test_premium_is_served_by_standard_above_the_alert_threshold(simulator) -> None:

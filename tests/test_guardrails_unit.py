@@ -1,29 +1,34 @@
-"""Unit tests of the cost guardrails without a broker: money, ledger totals, the view, the gate.
+"""Unit tests of the cost guardrails without a broker: money, ledger totals, the view,
+the budget gate and the cost role's leases.
 
 The view is fed encoded messages through ``apply`` exactly as its consumer would, and its
-listeners are called by hand afterwards (as ``TopicTail._run`` does after a batch).
-The gate's clock is pinned to a fixed instant so no test depends on the wall-clock hour.
+listeners are called by hand afterwards (as ``TopicTail._run`` does after a batch). The
+gate's leases come from the in-memory cost role of :mod:`tests.test_leases`, on a clock
+the tests move, so no test depends on the wall-clock hour.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from types import SimpleNamespace
 
+import orjson
 import pytest
 
-from schemas.codec import encode
-from schemas.models import GuardrailEvent, SpendSnapshot
-from streams.guardrails import budget as budget_mod
-from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
-from streams.guardrails.ledger import Total, expired, hour_key
+from benchmarks.baseline import HourWindows, Workflows
+from schemas.codec import decode, decode_cost_record, encode
+from schemas.models import BudgetRecord, CostEvent, GuardrailEvent, LeaseState, SpendSnapshot, Tier
+from streams.envelope import Source
+from streams.guardrails.budget import RECHECK_SECONDS, BudgetExceeded, BudgetGate, Reservation
+from streams.guardrails.ledger import Lease, Total, expired, hour_key
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
-from streams.guardrails.view import GuardrailView, PartTotal, WorkflowTotal
+from streams.guardrails.view import LEDGER, GuardrailView, PartTotal, WorkflowTotal
+from streams.roles.cost import CostAccountant, _newest
 from tests.support import wait_until
-from topologies.config import load_settings
+from tests.test_leases import Cluster, settings_with
+from topologies.config import Settings, load_settings
 from topologies.topics import Topology
 
 NOW = 1_700_000_000.0 + 1234.5  # a fixed instant, well inside its hour
@@ -54,16 +59,22 @@ def guard_topic(view: GuardrailView) -> str:
     return Topology(view.settings).guardrails.name
 
 
-def hour_snap(nanos: int, partition: int, offset: int, window: int = WINDOW, scope: str = "global") -> bytes:
+def hour_snap(
+    nanos: int, partition: int, offset: int, window: int = WINDOW, scope: str = "global",
+    leases: dict[str, LeaseState] | None = None,
+) -> bytes:
     return encode(SpendSnapshot(
         kind="hour", scope=scope, partition=partition, spent_nanos=nanos, last_offset=offset,
-        window_start=datetime.fromtimestamp(window, UTC),
+        window_start=datetime.fromtimestamp(window, UTC), leases=leases or {},
     ))
 
 
-def wf_snap(workflow_id: str, nanos: int, partition: int, offset: int) -> bytes:
+def wf_snap(
+    workflow_id: str, nanos: int, partition: int, offset: int, leases: dict[str, LeaseState] | None = None
+) -> bytes:
     return encode(SpendSnapshot(
         kind="workflow", scope=workflow_id, partition=partition, spent_nanos=nanos, last_offset=offset,
+        leases=leases or {},
     ))
 
 
@@ -88,51 +99,6 @@ def feed(view: GuardrailView, topic: str, *values: bytes) -> None:
         view.apply(topic, value)
     for listener in view.listeners:
         listener()
-
-
-async def blocked_in_admit(gate: BudgetGate, task: asyncio.Task[Reservation], waiters: int = 1) -> None:
-    """Wait until ``task`` is parked inside admit's re-check loop (or has finished)."""
-    await wait_until(lambda: task.done() or gate.waiting >= waiters, 5, "admit to wait", interval=0)
-    assert not task.done(), "admit returned (or raised) instead of waiting"
-
-
-def count_attempts(gate: BudgetGate) -> list[int]:
-    """Count the gate's admission checks, to know a waiter has re-checked (and still waits)."""
-    attempts = [0]
-    original = gate._try_reserve
-
-    def counted(*args: object) -> Reservation | None:
-        attempts[0] += 1
-        return original(*args)  # type: ignore[arg-type]
-
-    gate._try_reserve = counted  # type: ignore[method-assign]
-    return attempts
-
-
-async def rechecked_and_still_waiting(
-    gate: BudgetGate, task: asyncio.Task[Reservation], attempts: list[int], before: int
-) -> None:
-    await wait_until(lambda: task.done() or (attempts[0] > before and gate.waiting >= 1), 5, "admit to check again",
-                     interval=0)
-    assert not task.done(), "the waiter was admitted (or raised) on re-check"
-
-
-@pytest.fixture
-def pinned_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # Only the gate's module sees the fixed clock; asyncio keeps its monotonic clock.
-    monkeypatch.setattr(budget_mod, "time", SimpleNamespace(time=lambda: NOW))
-    yield
-
-
-@pytest.fixture
-def no_recheck(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the periodic re-check too slow to matter: a waiter proceeds only when notified."""
-    monkeypatch.setattr(budget_mod, "RECHECK_SECONDS", 3600.0)
-
-
-def ready_gate(view: GuardrailView) -> BudgetGate:
-    view.caught_up.set()
-    return BudgetGate(view)
 
 
 # ----------------------------------------------------------------------------- money
@@ -226,6 +192,26 @@ def test_total_list_round_trip() -> None:
     assert type(restored.nanos) is int and type(restored.last_offset) is int
 
 
+def test_total_list_round_trip_with_leases() -> None:
+    leased = Total(300, 8, 5.0, {"h#1": Lease(100, 40, 4.5), "h#2": Lease(7, 0, 5.0)})
+    assert leased.to_list() == [300, 8, 5.0, {"h#1": [100, 40, 4.5], "h#2": [7, 0, 5.0]}]
+    # as the table's changelog gives it back: JSON, numbers possibly floats
+    assert Total.from_list(orjson.loads(orjson.dumps(leased.to_list()))) == leased
+    restored = Total.from_list([300, 8, 5.0, {"h#1": [100.0, 40.0, 4]}])
+    assert restored.leases == {"h#1": Lease(100, 40, 4.0)} and type(restored.leases["h#1"].granted) is int
+    assert Total(1, 2, 3.0).to_list() == [1, 2, 3.0], "no leases: the three-field form"
+
+
+def test_total_add_counts_spend_against_the_lease_it_names() -> None:
+    t = Total(0, 0, 1.0, {"h#1": Lease(500, 0, 1.0)})
+    added = t.add(120, 1, 2.0, "h#1")
+    assert added is not None and added.nanos == 120 and added.leases == {"h#1": Lease(500, 120, 1.0)}
+    assert added.outstanding() == 380 and added.room(1_000) == 1_000 - 120 - 380
+    other = added.add(30, 2, 3.0, "gone#4")  # a lease returned or expired since: the total only
+    assert other is not None and other.nanos == 150 and other.leases == added.leases
+    assert t.leases == {"h#1": Lease(500, 0, 1.0)}, "frozen: add returns a new total"
+
+
 def test_expired() -> None:
     assert not expired(Total(), now=1e12, idle_seconds=1)  # never seen
     t = Total(10, 1, 1000.0)
@@ -267,8 +253,8 @@ def test_view_sums_hour_partitions_per_window_and_scope() -> None:
     assert view.hour_spend(WINDOW, "tier:premium") == 0
     assert view.hour_spend(OTHER_WINDOW) == 1000
     assert view.hour_spend(WINDOW + HOUR_SECONDS) == 0
-    assert view.hour_part(WINDOW, 1) == PartTotal(200, 9)
-    assert view.hour_part(WINDOW, 3, "tier:nano") == PartTotal(11, 4)
+    assert view.hour_part(WINDOW, 1) == PartTotal(200, 9, 1)
+    assert view.hour_part(WINDOW, 3, "tier:nano") == PartTotal(11, 4, 3)
     assert view.hour_part(WINDOW, 2) is None
 
 
@@ -279,7 +265,7 @@ def test_view_later_snapshot_replaces_earlier_for_same_key() -> None:
     view.apply(topic, hour_snap(170, partition=2, offset=8))
     view.apply(topic, hour_snap(30, partition=3, offset=1))
     assert view.hour_spend(WINDOW) == 200  # 170 + 30, not 100 + 170 + 30
-    assert view.hour_part(WINDOW, 2) == PartTotal(170, 8)
+    assert view.hour_part(WINDOW, 2) == PartTotal(170, 8, 2)
     view.apply(topic, wf_snap("wf-a", 10, partition=4, offset=3))
     view.apply(topic, wf_snap("wf-a", 25, partition=4, offset=6))
     assert view.workflow_spend("wf-a") == WorkflowTotal(25, 4, 6)
@@ -419,9 +405,12 @@ def test_view_status() -> None:
         "caught_up": False,  # made here, never started: nothing read from Kafka yet
         "workflow_limit_usd": 0.5,
         "blocked_workflows": ["wf-a", "wf-b"],
+        "leases": {},
     }
     summary = view.summary(NOW)  # what /ready shows: the same, without workflow ids
-    assert summary == {k: v for k, v in view.status(NOW).items() if k not in ("workflow_limit_usd", "blocked_workflows")}
+    assert summary == {
+        k: v for k, v in view.status(NOW).items() if k not in ("workflow_limit_usd", "blocked_workflows", "leases")
+    }
     view.apply(spend, hour_snap(50_000_000, partition=1, offset=1))
     status = view.status(NOW)
     assert (status["hour_spent_usd"], status["alerting"], status["paused"]) == (0.25, True, False)
@@ -435,321 +424,586 @@ def test_view_status() -> None:
     assert (status["paused"], status["resumed_by_operator"], status["hour_spent_usd"]) == (False, True, 1.0)
 
 
+def test_view_keeps_the_leases_of_workflows_and_of_the_hour_ledger() -> None:
+    view = make_view()
+    spend = spend_topic(view)
+    view.apply(spend, wf_snap("wf-a", 40, 1, 6, leases={
+        "h#1": LeaseState(granted_nanos=100, spent_nanos=40, renewed_at=NOW),
+    }))
+    view.apply(spend, hour_snap(40, 2, 3, scope=LEDGER, leases={
+        "h#2": LeaseState(granted_nanos=500, spent_nanos=40, renewed_at=NOW - 1),
+    }))
+    view.apply(spend, hour_snap(99, 2, 1, window=OTHER_WINDOW, scope=LEDGER))
+    wf = view.workflow_spend("wf-a")
+    assert wf is not None and wf.leases == {"h#1": Lease(100, 40, NOW)}
+    ledger = view.hour_ledger(WINDOW)
+    assert ledger == PartTotal(40, 3, 2) and ledger.leases == {"h#2": Lease(500, 40, NOW - 1)}
+    assert view.hour_ledger(OTHER_WINDOW) == PartTotal(99, 1, 2)
+    assert view.hour_ledger(WINDOW + HOUR_SECONDS) is None
+    assert view.hour_spend(WINDOW) == 0, "the ledger's spend is counted in the hour from the calls' cost events"
+    # a lease returned: the next snapshot of its scope no longer has it
+    view.apply(spend, wf_snap("wf-a", 40, 1, 7))
+    assert view.workflow_spend("wf-a").leases == {}  # type: ignore[union-attr]
+
+
+def test_view_lists_the_outstanding_leases_by_holder() -> None:
+    view = make_view()  # lease_seconds: 10
+    assert view.settings.cost_guardrails.lease_seconds == 10.0
+    spend = spend_topic(view)
+    view.apply(spend, hour_snap(100_000_000, 0, 4, scope=LEDGER, leases={
+        "tier-a@x:1:ab#1": LeaseState(granted_nanos=300_000_000, spent_nanos=100_000_000, renewed_at=NOW - 10),
+        "tier-b@y:2:cd#5": LeaseState(granted_nanos=200_000_000, spent_nanos=0, renewed_at=NOW - 10.5),  # expired
+    }))
+    view.apply(spend, hour_snap(0, 0, 1, window=OTHER_WINDOW, scope=LEDGER, leases={
+        "tier-c@z:3:ef#1": LeaseState(granted_nanos=5, spent_nanos=0, renewed_at=NOW),  # another hour's
+    }))
+    view.apply(spend, wf_snap("wf-a", 0, 1, 1, leases={
+        "tier-a@x:1:ab#2": LeaseState(granted_nanos=50_000_000, spent_nanos=10_000_000, renewed_at=NOW),
+    }))
+    view.apply(spend, wf_snap("wf-b", 0, 1, 2, leases={
+        "tier-a@x:1:ab#3": LeaseState(granted_nanos=50_000_000, spent_nanos=50_000_000, renewed_at=NOW),
+        "tier-d@w:4:gh#9": LeaseState(granted_nanos=1_000, spent_nanos=0, renewed_at=NOW),
+    }))
+    expected = {
+        "tier-a@x:1:ab": {"hour_outstanding_usd": 0.2, "workflow_leases": 2, "workflow_outstanding_usd": 0.04},
+        "tier-d@w:4:gh": {"hour_outstanding_usd": 0.0, "workflow_leases": 1, "workflow_outstanding_usd": 0.000001},
+    }
+    assert view.leases_by_holder(NOW) == expected
+    assert view.status(NOW)["leases"] == expected
+
+
 # ------------------------------------------------------------------------------ gate
-async def test_gate_workflow_admits_while_worst_case_fits(pinned_clock: None) -> None:
-    gate = ready_gate(make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1"))
-    r1 = await gate.admit("wf-a", 400_000_000)
-    r2 = await gate.admit("wf-a", 600_000_000)  # exactly fills the budget
-    assert (r1.workflow_id, r1.window, r1.worst_nanos) == ("wf-a", WINDOW, 400_000_000)
-    assert gate.workflow_committed("wf-a") == (0, USD)
-    assert gate.in_flight_nanos() == USD
-    assert gate.hour_committed(WINDOW) == USD
-    # another workflow has its own budget
-    r3 = await gate.admit("wf-b", USD)
-    assert gate.workflow_committed("wf-b") == (0, USD)
-    for r in (r1, r2, r3):
-        gate.release(r)
+# The gate gets its leases from a real cost role in memory (tests.test_leases.Cluster):
+# its clock is ``cluster.now``, moved by hand here, and its cost role counts what was
+# written when a test says so (``answered``), or every turn of ``Cluster.run``.
 
 
-async def test_gate_raises_when_spent_plus_worst_exceeds_budget(pinned_clock: None) -> None:
-    view = make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1")
-    gate = ready_gate(view)
-    with pytest.raises(BudgetExceeded):
-        await gate.admit("wf-a", USD + 1)  # can never fit
-    view.apply(spend_topic(view), wf_snap("wf-a", 700_000_000, partition=0, offset=4))
-    with pytest.raises(BudgetExceeded):
-        await gate.admit("wf-a", 300_000_001)
-    r = await gate.admit("wf-a", 300_000_000)
-    assert gate.workflow_committed("wf-a") == (700_000_000, 300_000_000)
-    assert gate.waiting == 0
-    gate.release(r)
+def lease_records(cluster: Cluster, op: str | None = None) -> list[tuple[BudgetRecord, float]]:
+    """The lease records written to the costs topic (of one kind, if ``op``), with when."""
+    found = []
+    for records in cluster.log.values():
+        for _key, value, at in records:
+            record = decode_cost_record(value)
+            if isinstance(record, BudgetRecord) and op in (None, record.budget):
+                found.append((record, at))
+    return sorted(found, key=lambda item: item[1])
 
 
-async def test_gate_waits_not_raises_when_spent_plus_worst_exactly_fills_budget(
-    pinned_clock: None, no_recheck: None
-) -> None:
-    view = make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1")
-    gate = ready_gate(view)
-    view.apply(spend_topic(view), wf_snap("wf-a", 700_000_000, partition=0, offset=4))
-    r1 = await gate.admit("wf-a", 100_000_000)
-    # 700M + 100M + 300M > 1e9, but 700M + 300M fits once the call in flight settles
-    waiter = asyncio.create_task(gate.admit("wf-a", 300_000_000))
-    await blocked_in_admit(gate, waiter)
-    gate.release(r1)
-    r2 = await asyncio.wait_for(waiter, 5)
-    assert gate.workflow_committed("wf-a") == (700_000_000, 300_000_000)
-    gate.release(r2)
+async def written(cluster: Cluster) -> None:
+    """Every lease record a holder has started to write is in the log."""
+    pending = [task for gate in cluster.gates for task in gate._tasks]
+    if pending:
+        await asyncio.wait(pending)
 
 
-async def test_gate_waits_on_in_flight_then_proceeds_after_cheaper_settle(
-    pinned_clock: None, no_recheck: None
-) -> None:
-    gate = ready_gate(make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1"))
-    r1 = await gate.admit("wf-a", 400_000_000)
-    r2 = await gate.admit("wf-a", 400_000_000)
-    # 0 spent + 800M reserved + 400M > 1e9, but 0 spent + 400M fits: wait, do not raise
-    third = asyncio.create_task(gate.admit("wf-a", 400_000_000))
-    await blocked_in_admit(gate, third)
-    assert gate.in_flight_nanos() == 800_000_000
-    gate.settle(r1, 100_000_000)
-    r3 = await asyncio.wait_for(third, 5)
-    assert r3.worst_nanos == 400_000_000
-    assert gate.workflow_committed("wf-a") == (100_000_000, 800_000_000)
-    assert gate.waiting == 0
-    gate.release(r2)
-    gate.release(r3)
+async def answered(cluster: Cluster) -> None:
+    """The cost role has counted everything written, and every view read its totals."""
+    await written(cluster)
+    cluster.pump()
 
 
-async def test_gate_waiter_raises_once_settled_spend_leaves_no_room(
-    pinned_clock: None, no_recheck: None
-) -> None:
-    gate = ready_gate(make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1"))
-    r1 = await gate.admit("wf-a", 800_000_000)
-    waiter = asyncio.create_task(gate.admit("wf-a", 300_000_000))
-    await blocked_in_admit(gate, waiter)
-    gate.settle(r1, 750_000_000)  # 750M + 300M > 1e9: it can never fit now
-    with pytest.raises(BudgetExceeded):
-        await asyncio.wait_for(waiter, 5)
-    assert gate.workflow_committed("wf-a") == (750_000_000, 0)
-    assert gate.waiting == 0
+async def admitting(gate: BudgetGate, workflow_id: str, worst: int) -> asyncio.Task[Reservation]:
+    """An admission that has asked for the leases it lacks (or was admitted at once)."""
+    before = gate.waiting
+    task = asyncio.ensure_future(gate.admit(workflow_id, worst))
+    await wait_until(lambda: task.done() or gate.waiting > before, 2, "admit to try", interval=0)
+    return task
 
 
-async def test_gate_release_returns_the_reservation(pinned_clock: None, no_recheck: None) -> None:
-    gate = ready_gate(make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1"))
-    r1 = await gate.admit("wf-a", 700_000_000)
-    waiter = asyncio.create_task(gate.admit("wf-a", 700_000_000))
-    await blocked_in_admit(gate, waiter)
-    gate.release(r1)
-    assert gate.workflow_committed("wf-a") == (0, 0)
-    assert gate.in_flight_nanos() == 0
-    r2 = await asyncio.wait_for(waiter, 5)
-    assert gate.workflow_committed("wf-a") == (0, 700_000_000)
-    assert gate.hour_committed(WINDOW) == 700_000_000
-    gate.release(r2)
-    assert gate.in_flight_nanos() == 0
-    assert gate.hour_committed(WINDOW) == 0
-    assert gate.workflow_committed("wf-a") == (0, 0)
+async def admitted(cluster: Cluster, gate: BudgetGate, workflow_id: str, worst: int) -> Reservation:
+    task = await admitting(gate, workflow_id, worst)
+    await answered(cluster)
+    return await asyncio.wait_for(task, 2)
 
 
-async def test_gate_hour_admits_below_limit_and_holds_at_it(
-    pinned_clock: None, no_recheck: None
-) -> None:
-    view = make_view(hour_usd="1.0", workflow_usd="100", alert_usd="0.5")
-    gate = ready_gate(view)
-    view.apply(spend_topic(view), hour_snap(600_000_000, partition=0, offset=3))
-    r1 = await gate.admit("wf-a", 300_000_000)  # committed 600M < 1e9
-    r2 = await gate.admit("wf-b", 300_000_000)  # committed 900M < 1e9: admitted, may overshoot
-    assert gate.hour_committed(WINDOW) == 1_200_000_000
-    attempts = count_attempts(gate)
-    held = asyncio.create_task(gate.admit("wf-c", 1))
-    await blocked_in_admit(gate, held)
-    # settling below the worst case brings committed to exactly the limit: still held
-    before = attempts[0]
-    gate.settle(r1, 100_000_000)
-    gate.settle(r2, 300_000_000)
-    assert gate.hour_committed(WINDOW) == USD
-    await rechecked_and_still_waiting(gate, held, attempts, before)
-    held.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await held
-    assert gate.waiting == 0
-
-
-async def test_gate_hour_holds_when_view_spend_is_at_limit(pinned_clock: None) -> None:
-    view = make_view(hour_usd="1.0", workflow_usd="100", alert_usd="0.5")
-    gate = ready_gate(view)
-    view.apply(spend_topic(view), hour_snap(USD - 1, partition=0, offset=3))
-    r = await gate.admit("wf-a", 5 * USD)  # one nano below the limit still admits
-    gate.release(r)
-    view.apply(spend_topic(view), hour_snap(USD, partition=0, offset=4))
-    held = asyncio.create_task(gate.admit("wf-a", 1))
-    await blocked_in_admit(gate, held)
-    assert gate.in_flight_nanos() == 0
-    held.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await held
-
-
-async def test_gate_hour_wait_ends_when_limit_is_raised(pinned_clock: None, no_recheck: None) -> None:
-    view = make_view(hour_usd="1.0", workflow_usd="100", alert_usd="0.5")
-    gate = ready_gate(view)
-    feed(view, spend_topic(view), hour_snap(USD, partition=0, offset=3))
-    held = asyncio.create_task(gate.admit("wf-a", 200_000_000))
-    await blocked_in_admit(gate, held)
-    view.apply(guard_topic(view), limit_set("hour", 2.0))  # applied, listeners not yet called
-    assert view.hour_limit == 2 * USD
-    feed(view, guard_topic(view))  # the listeners, as after a consumed batch
-    r = await asyncio.wait_for(held, 5)
-    assert (r.workflow_id, r.worst_nanos, r.window) == ("wf-a", 200_000_000, WINDOW)
-    assert gate.hour_committed(WINDOW) == 1_200_000_000
-    gate.release(r)
-
-
-async def test_gate_hour_wait_ends_when_operator_resumes_this_hour(
-    pinned_clock: None, no_recheck: None
-) -> None:
-    view = make_view(hour_usd="1.0", workflow_usd="100", alert_usd="0.5")
-    gate = ready_gate(view)
-    feed(view, spend_topic(view), hour_snap(3 * USD, partition=0, offset=3))
-    attempts = count_attempts(gate)
-    held = asyncio.create_task(gate.admit("wf-a", 200_000_000))
-    await blocked_in_admit(gate, held)
-    before = attempts[0]
-    feed(view, guard_topic(view), resume(OTHER_WINDOW))
-    await rechecked_and_still_waiting(gate, held, attempts, before)
-    feed(view, guard_topic(view), resume(WINDOW))
-    r = await asyncio.wait_for(held, 5)
-    assert r.window == WINDOW
-    gate.release(r)
-
-
-async def test_gate_unreflected_spend_counts_until_the_view_includes_it(pinned_clock: None) -> None:
-    view = make_view(hour_usd="10", workflow_usd="1.0", alert_usd="5")
-    gate = ready_gate(view)
-    spend = spend_topic(view)
-    # the view already knows 100M of wf-a from earlier events on costs partition 2
-    feed(view, spend, hour_snap(100_000_000, partition=2, offset=9), wf_snap("wf-a", 100_000_000, 2, 9))
-    r = await gate.admit("wf-a", 800_000_000)
-    gate.settle(r, 600_000_000)
-    assert r.settled and r.actual_nanos == 600_000_000
-    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
-    assert gate.hour_committed(WINDOW) == 700_000_000
-    gate.delivered(r, partition=2, offset=12)
-    assert (r.cost_partition, r.cost_offset) == (2, 12)
-    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
-
-    # a snapshot that stops short of the delivered offset: still unreflected
-    feed(view, spend, wf_snap("wf-a", 100_000_000, 2, 11))
-    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
-    # a snapshot from another costs partition at a higher offset does not prove inclusion
-    feed(view, spend, wf_snap("wf-a", 100_000_000, 3, 50))
-    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
-    with pytest.raises(BudgetExceeded):
-        await gate.admit("wf-a", 300_000_001)
-
-    # the cost role has counted it: the view's total carries it, the gate stops adding it
-    feed(
-        view, spend,
-        hour_snap(700_000_000, partition=2, offset=12),
-        wf_snap("wf-a", 700_000_000, 2, 12),
+async def counted_spend(cluster: Cluster, workflow_id: str, nanos: int) -> None:
+    """A cost event of a call not made under this test's leases, counted if the cost role is up."""
+    event = CostEvent(
+        request_id=f"r-{len(cluster.log[0])}-{nanos}", workflow_id=workflow_id, agent_type="researcher",
+        tier=Tier.STANDARD, provider="openai", model="gpt-5-mini", attempt=1, input_tokens=1,
+        output_tokens=1, cost_usd=nanos_to_usd(nanos),
     )
-    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
-    assert gate.hour_committed(WINDOW) == 700_000_000
-    r2 = await gate.admit("wf-a", 300_000_000)  # exactly fits: no double count
-    gate.release(r2)
+    await cluster.send(workflow_id.encode(), encode(event))
+    cluster.pump()
 
 
-async def test_gate_delivered_after_the_view_already_includes_it(pinned_clock: None) -> None:
-    view = make_view(hour_usd="10", workflow_usd="1.0", alert_usd="5")
-    gate = ready_gate(view)
-    r = await gate.admit("wf-a", 500_000_000)
-    gate.settle(r, 400_000_000)
-    # the cost role was quicker than the producer's acknowledgement
-    feed(view, spend_topic(view), hour_snap(400_000_000, 1, 20), wf_snap("wf-a", 400_000_000, 1, 20))
-    assert gate.workflow_committed("wf-a") == (800_000_000, 0)  # not known to be the same yet
-    gate.delivered(r, partition=1, offset=20)
-    assert gate.workflow_committed("wf-a") == (400_000_000, 0)
-    assert gate.hour_committed(WINDOW) == 400_000_000
+def operator(cluster: Cluster, value: bytes) -> None:
+    """A guardrail event, read by every process (the cost role's view included)."""
+    for view in (*cluster.views, cluster.cost_view):
+        feed(view, guard_topic(view), value)
 
 
-async def test_gate_unreflected_sums_match_a_rescan_of_every_settled_call(pinned_clock: None) -> None:
-    """The gate keeps unreflected spend as running sums (a rescan per call was quadratic in
-    a burst); after every step of a random run they equal a rescan of all settled calls."""
-    import random
+async def let_time_pass(cluster: Cluster, seconds: float) -> None:
+    """The cluster runs (its cost role counting, its holders ticking) for ``seconds`` of its clock."""
+    end = cluster.now + seconds
 
-    rng = random.Random(11)
-    view = make_view(hour_usd="1000", workflow_usd="1000", alert_usd="999")
-    gate = ready_gate(view)
-    spend = spend_topic(view)
-    home = {"wf-a": 0, "wf-b": 1, "wf-c": 1}  # each workflow's costs partition
-    next_offset = {0: 0, 1: 0, 2: 0}
-    settled: list[Reservation] = []  # every settled call, reflected or not
-    reflected: set[int] = set()  # ids of calls a snapshot has shown included, once and for all
+    async def until_end() -> None:
+        while cluster.now < end:
+            await asyncio.sleep(0)
 
-    def rescan(workflow_id: str | None) -> int:
-        for r in settled:
-            total = view.workflow_spend(r.workflow_id)
-            if (
-                r.cost_offset is not None and total is not None
-                and total.partition == r.cost_partition and total.last_offset >= r.cost_offset
-            ):
-                reflected.add(id(r))
-        return sum(
-            r.actual_nanos for r in settled
-            if id(r) not in reflected and workflow_id in (None, r.workflow_id)
-        )
-
-    for _ in range(600):
-        step = rng.random()
-        undelivered = [r for r in settled if r.cost_offset is None]
-        if step < 0.45:
-            wf = rng.choice(list(home))
-            r = await gate.admit(wf, 1_000)
-            gate.settle(r, rng.randrange(1_000) if rng.random() < 0.7 else 0)  # some calls cost nothing
-            settled.append(r)
-        elif step < 0.8 and undelivered:
-            r = rng.choice(undelivered)
-            p = home[r.workflow_id]
-            gate.delivered(r, p, next_offset[p])
-            next_offset[p] += 1
-        else:  # the cost role reports a workflow's total, now and then from a stray partition
-            wf = rng.choice(list(home))
-            p = home[wf] if rng.random() < 0.9 else 2
-            if next_offset[p]:
-                feed(view, spend, wf_snap(wf, rng.randrange(10**6), p, rng.randrange(next_offset[p])))
-        for wf in home:
-            known = view.workflow_spend(wf)
-            assert gate.workflow_committed(wf) == ((known.nanos if known else 0) + rescan(wf), 0)
-        assert gate.hour_committed(WINDOW) == view.hour_spend(WINDOW) + rescan(None)
-    assert reflected and len(reflected) < len(settled), "the run covered both cases"
+    await cluster.run(until_end())
 
 
-async def test_gate_calls_that_cost_nothing_leave_no_trace(pinned_clock: None) -> None:
-    view = make_view(hour_usd="10", workflow_usd="1.0", alert_usd="5")
-    gate = ready_gate(view)
-    free = [await gate.admit("wf-a", 100) for _ in range(2)]
-    for offset, r in enumerate(free):
-        gate.settle(r, 0)
-        gate.delivered(r, partition=0, offset=offset)
-    feed(view, spend_topic(view), wf_snap("wf-a", 0, 0, 1))  # includes both
-    assert gate.workflow_committed("wf-a") == (0, 0) and gate.hour_committed(WINDOW) == 0
-    assert not gate._unreflected and not gate._unreflected_hour
-
-
-async def test_gate_admit_waits_for_view_caught_up(pinned_clock: None) -> None:
-    view = make_view(hour_usd="100", workflow_usd="1.0", alert_usd="1")
-    gate = BudgetGate(view)
-    assert view.listeners == [gate._on_view_update]
-    task = asyncio.create_task(gate.admit("wf-a", 100))
-    for _ in range(20):
+async def test_gate_admit_waits_for_view_caught_up() -> None:
+    cluster = Cluster(settings_with(workflow_usd=1.0), holders=1)
+    gate, view = cluster.gates[0], cluster.views[0]
+    view.caught_up.clear()
+    task = asyncio.ensure_future(gate.admit("wf-a", 100))
+    for _ in range(20):  # turns enough for an admission to ask for its leases
         await asyncio.sleep(0)
-    assert not task.done()
-    assert gate.waiting == 0 and gate.in_flight_nanos() == 0
-    # the state read before catching up is what the admission sees afterwards
-    view.apply(spend_topic(view), wf_snap("wf-a", USD, 0, 5))
+    await written(cluster)
+    assert not task.done() and gate.waiting == 0
+    assert lease_records(cluster) == [], "nothing is asked before the view has read Kafka"
+    # what the view read before catching up is what the admission sees
+    feed(view, spend_topic(view), wf_snap("wf-a", USD, 0, 5))
     view.caught_up.set()
     with pytest.raises(BudgetExceeded):
-        await asyncio.wait_for(task, 5)
-    task2 = asyncio.create_task(gate.admit("wf-b", 100))
-    r = await asyncio.wait_for(task2, 5)
-    assert r.worst_nanos == 100
-    gate.release(r)
+        await asyncio.wait_for(task, 2)
+    r = await admitted(cluster, gate, "wf-b", 100)
+    assert (r.workflow_id, r.worst_nanos, r.window) == ("wf-b", 100, hour_window(cluster.now))
+
+
+async def test_gate_raises_when_counted_spend_plus_worst_exceeds_budget() -> None:
+    cluster = Cluster(settings_with(workflow_usd=1.0), holders=1)
+    gate = cluster.gates[0]
+    with pytest.raises(BudgetExceeded):
+        await gate.admit("wf-a", USD + 1)  # can never fit
+    await counted_spend(cluster, "wf-a", 700_000_000)
+    with pytest.raises(BudgetExceeded):
+        await gate.admit("wf-a", 300_000_001)
+    await written(cluster)
+    assert lease_records(cluster) == [], "no lease is asked for a call that cannot fit"
+    r = await admitted(cluster, gate, "wf-a", 300_000_000)  # exactly what is left
+    assert r.workflow_lease.granted == 300_000_000
+    assert gate.workflow_committed("wf-a") == (700_000_000, 0)
+    assert gate.waiting == 0
+
+
+async def test_gate_waiter_raises_once_counted_spend_leaves_no_room() -> None:
+    cluster = Cluster(settings_with(workflow_usd=1.0), holders=1)
+    gate = cluster.gates[0]
+    cluster.cost_role_up = False
+    waiter = await admitting(gate, "wf-a", 400_000_000)
+    await written(cluster)
+    # another holder's calls are written after the request, and counted with it
+    await counted_spend(cluster, "wf-a", 700_000_000)
+    assert not waiter.done()
+    cluster.cost_role_up = True
+    await answered(cluster)
+    with pytest.raises(BudgetExceeded):
+        await asyncio.wait_for(waiter, 2)
+    assert gate.waiting == 0
+
+
+async def hour_spent_and_waiting(cluster: Cluster) -> asyncio.Task[Reservation]:
+    """The hour's limit spent by calls counted from their cost events, and an admission
+    waiting: its workflow's lease granted, the hour's denied."""
+    gate = cluster.gates[0]
+    await counted_spend(cluster, "wf-old", cluster.cost_view.hour_limit)
+    task = await admitting(gate, "wf-a", 1_000)
+    await answered(cluster)
+    assert not task.done()
+    assert (gate.granted, gate.denied) == (1, 1), "the workflow's lease granted, the hour's denied"
+    return task
+
+
+async def test_gate_hour_waits_while_the_ledger_has_no_room_until_the_operator_resumes_it() -> None:
+    cluster = Cluster(settings_with(hour_usd=1.0), holders=1)
+    gate = cluster.gates[0]
+    window = hour_window(cluster.now)
+    task = await hour_spent_and_waiting(cluster)
+    since = cluster.now
+    await let_time_pass(cluster, 3.0)
+    assert not task.done()
+    asked = [r for r, at in lease_records(cluster, "request") if r.scope == "hour" and at > since]
+    # The hour's spend reached its limit: asking again cannot help until room comes back
+    # (a lease returned or expired) or a limit changes, so nothing is asked meanwhile.
+    assert asked == [], f"{len(asked)} requests while the hour was spent"
+    assert gate.summary()["lease_requests_waiting"] == 0, "denied, not unanswered"
+    operator(cluster, resume(window - HOUR_SECONDS))
+    await let_time_pass(cluster, 1.0)
+    assert not task.done(), "a resume of another hour does not apply"
+    operator(cluster, resume(window))
+    await cluster.run(task, limit_seconds=0.5)
+    r = task.result()
+    assert r.hour_lease is None and r.workflow_lease.granted > 0
+    assert gate.settle(r, 500) == [], "no hourly lease, no spend record for the hour's ledger"
+
+
+def count_attempts(gate: BudgetGate) -> list[int]:
+    """Counts the gate's admission checks, to know a waiter has checked again."""
+    attempts = [0]
+    check = gate._try_reserve
+
+    def counted(workflow_id: str, worst: int, now: float) -> Reservation | None:
+        attempts[0] += 1
+        return check(workflow_id, worst, now)
+
+    gate._try_reserve = counted  # type: ignore[method-assign]
+    return attempts
+
+
+async def test_gate_a_denied_scope_is_asked_again_after_a_second_or_when_its_room_grows() -> None:
+    """A workflow's room held by another process's lease: the waiter does not ask again on
+    every wake-up, but a second after the denial, or at once when the lease comes back."""
+    cluster = Cluster(settings_with(workflow_usd=0.003), holders=2)
+    holder, waiter = cluster.gates
+    worst = usd_to_nanos(0.002)
+    held = await admitted(cluster, holder, "wf", worst)  # its lease leaves less than a call
+    task = await admitting(waiter, "wf", worst)
+    await answered(cluster)
+    assert waiter.denied >= 1 and not task.done()
+    denied_at = cluster.now
+    attempts = count_attempts(waiter)
+
+    def requests() -> int:
+        return sum(1 for record, _ in lease_records(cluster, "request") if record.lease_id.startswith("h1#"))
+
+    asked = requests()
+    cluster.now = denied_at + 0.25
+    await waiter.tick()
+    before = attempts[0]
+    operator(cluster, limit_set("hour", 50.0))  # wakes the waiters; the workflow is unchanged
+    await wait_until(lambda: attempts[0] > before, 2, "the waiter to check again", interval=0)
+    await written(cluster)
+    assert requests() == asked, "denied 0.25 s ago and nothing changed since: not asked again"
+    cluster.now = denied_at + RECHECK_SECONDS
+    before = attempts[0]
+    await waiter.tick()
+    await wait_until(lambda: attempts[0] > before, 2, "the tick to wake the waiter", interval=0)
+    await written(cluster)
+    assert requests() == asked + 1, "asked again a second after the denial"
+    await answered(cluster)
+    assert not task.done()
+    # The holder's call is settled and its lease returned: the room grows, the waiter asks.
+    asked = requests()
+    for out in holder.settle(held, worst // 2):
+        out.on_delivered(*await cluster.send(out.key or b"", out.value))  # type: ignore[misc]
+    holder.delivered(held)
+    cluster.now += 0.1
+    for lease in list(holder._allowances[("wf", None)].leases):
+        lease.last_used = cluster.now - 3600  # idle: returned at the next tick
+    await holder.tick()
+    await answered(cluster)
+    await cluster.run(task, limit_seconds=0.5)
+    assert requests() == asked + 1 and task.result().workflow_lease.granted >= worst
+
+
+async def test_gate_hour_wait_ends_when_limit_is_raised() -> None:
+    cluster = Cluster(settings_with(hour_usd=1.0), holders=1)
+    task = await hour_spent_and_waiting(cluster)
+    operator(cluster, limit_set("hour", 2.0))
+    # asked again within a second of the denial, and granted out of the new limit
+    await cluster.run(task, limit_seconds=RECHECK_SECONDS + 0.5)
+    r = task.result()
+    assert r.hour_lease is not None
+    ledger = cluster.cost_view.hour_ledger(hour_window(cluster.now))
+    assert ledger is not None and ledger.leases[r.hour_lease.lease_id].granted == r.hour_lease.granted > 0
+
+
+async def test_gate_release_gives_the_reservation_back_to_the_next_call() -> None:
+    cluster = Cluster(settings_with(workflow_usd=0.0015), holders=1)
+    gate = cluster.gates[0]
+    worst = usd_to_nanos(0.001)
+    r1 = await admitted(cluster, gate, "wf-a", worst)
+    assert r1.workflow_lease.granted == worst, "half the budget is less than a call: one call's worth"
+    waiter = await admitting(gate, "wf-a", worst)
+    await answered(cluster)
+    assert not waiter.done() and gate.denied == 1, "what the budget has left does not fit a call"
+    assert gate.in_flight_nanos() == worst
+    requests = len(lease_records(cluster, "request"))
+    gate.release(r1)
+    assert gate.in_flight_nanos() == 0
+    r2 = await asyncio.wait_for(waiter, 2)
+    assert r2.workflow_lease is r1.workflow_lease and r2.hour_lease is r1.hour_lease
+    assert len(lease_records(cluster, "request")) == requests, "no new lease was needed"
+    assert gate.in_flight_nanos() == worst and gate.workflow_committed("wf-a") == (0, 0)
+
+
+async def test_gate_renews_a_lease_in_use_every_third_of_lease_seconds() -> None:
+    cluster = Cluster(settings_with(lease_seconds=9.0), holders=1)
+    gate = cluster.gates[0]
+    asked_at = cluster.now
+    r = await admitted(cluster, gate, "wf-a", 1_000)  # a call that takes 12 s
+    for step in range(1, 121):
+        cluster.now = asked_at + step / 10
+        await gate.tick()
+        await answered(cluster)
+    for lease in (r.workflow_lease, r.hour_lease):
+        assert lease is not None
+        renewed = [at - asked_at for rec, at in lease_records(cluster, "renew") if rec.lease_id == lease.lease_id]
+        assert renewed == [3.0, 6.0, 9.0, 12.0], lease.scope
+    assert lease_records(cluster, "return") == [], "a lease in use is never returned"
+    wf = cluster.cost_view.workflow_spend("wf-a")
+    ledger = cluster.cost_view.hour_ledger(hour_window(asked_at))
+    assert wf is not None and ledger is not None
+    assert wf.leases[r.workflow_lease.lease_id].renewed == asked_at + 12.0, "not expired by the cost role"
+    assert ledger.leases[r.hour_lease.lease_id].renewed == asked_at + 12.0  # type: ignore[union-attr]
+    await cluster.settle(gate, r, 700)
+    cluster.pump()
+    wf = cluster.cost_view.workflow_spend("wf-a")
+    assert wf is not None and wf.leases[r.workflow_lease.lease_id].spent == 700, "still there to count the call"
+
+
+async def test_gate_returns_a_lease_idle_for_half_of_lease_seconds() -> None:
+    cluster = Cluster(settings_with(lease_seconds=9.0), holders=1)
+    gate = cluster.gates[0]
+    r = await admitted(cluster, gate, "wf-a", 1_000)
+    used_at = cluster.now
+    await cluster.settle(gate, r, 400)  # the call is over: its cost records are in the log
+    for step in range(1, 61):
+        cluster.now = used_at + step / 10
+        await gate.tick()
+        await answered(cluster)
+    returned = {rec.lease_id: at - used_at for rec, at in lease_records(cluster, "return")}
+    assert r.hour_lease is not None
+    assert returned == pytest.approx({r.workflow_lease.lease_id: 4.6, r.hour_lease.lease_id: 4.6}, abs=1e-3)
+    wf = cluster.cost_view.workflow_spend("wf-a")
+    ledger = cluster.cost_view.hour_ledger(hour_window(used_at))
+    assert wf is not None and (wf.nanos, wf.leases) == (400, {}), "the cost role freed what was not spent"
+    assert ledger is not None and (ledger.nanos, ledger.leases) == (400, {})
+
+
+async def test_gate_stops_using_a_lease_at_80_percent_of_lease_seconds() -> None:
+    """A lease not renewed (no tick ran: the loop was busy) is not used past 80 % of
+    ``lease_seconds`` from when it was asked for, before the cost role may expire it."""
+    cluster = Cluster(settings_with(lease_seconds=10.0), holders=1)
+    gate = cluster.gates[0]
+    asked_at = cluster.now
+    first = await admitted(cluster, gate, "wf-a", 1_000)
+    gate.release(first)
+    assert first.hour_lease is not None
+    held = {first.workflow_lease.lease_id, first.hour_lease.lease_id}
+    cluster.now = asked_at + 7.9
+    second = await admitted(cluster, gate, "wf-a", 1_000)
+    assert second.hour_lease is not None
+    assert {second.workflow_lease.lease_id, second.hour_lease.lease_id} == held
+    gate.release(second)
+    cluster.now = asked_at + 8.0
+    third = await admitted(cluster, gate, "wf-a", 1_000)
+    assert third.hour_lease is not None
+    assert not {third.workflow_lease.lease_id, third.hour_lease.lease_id} & held, "new leases"
+    assert {rec.lease_id for rec, _ in lease_records(cluster, "return")} == held, "the old ones given back"
+
+
+async def test_gate_returns_a_lease_only_once_its_calls_cost_records_are_delivered() -> None:
+    cluster = Cluster(settings_with(lease_seconds=9.0), holders=1)
+    gate = cluster.gates[0]
+    r = await admitted(cluster, gate, "wf-a", 1_000)
+    assert r.hour_lease is not None
+    [spend] = gate.settle(r, 600)
+    record = decode(spend.value, BudgetRecord)
+    assert (spend.topic, spend.key) == (cluster.topology.costs.name, b"hour")
+    assert (record.budget, record.lease_id, record.scope, record.spent_nanos) == (
+        "spend", r.hour_lease.lease_id, "hour", 600
+    )
+    assert record.window_start == datetime.fromtimestamp(hour_window(cluster.now), UTC)
+    assert (r.workflow_lease.spent, r.workflow_lease.reserved) == (600, 0)
+    cluster.now += 6.0  # idle for longer than lease_seconds / 2
+
+    async def returned() -> set[str]:
+        await gate.tick()
+        await written(cluster)
+        return {rec.lease_id for rec, _ in lease_records(cluster, "return")}
+
+    assert await returned() == set(), "neither of its cost records is in Kafka yet"
+    assert spend.on_delivered is not None
+    spend.on_delivered(0, 0)
+    assert await returned() == set(), "its cost event is not in Kafka yet"
+    gate.delivered(r, 1, 0)
+    assert await returned() == {r.workflow_lease.lease_id, r.hour_lease.lease_id}
+
+
+async def test_gate_a_call_that_cost_nothing_writes_no_spend_record() -> None:
+    cluster = Cluster(settings_with(), holders=1)
+    gate = cluster.gates[0]
+    r = await admitted(cluster, gate, "wf-a", 1_000)
+    assert gate.settle(r, 0) == []
+    gate.delivered(r)  # its cost event
+    for lease in (r.workflow_lease, r.hour_lease):
+        assert lease is not None and (lease.spent, lease.reserved, lease.calls) == (0, 0, 0)
+
+
+async def test_gate_summary_shows_the_leases_held_and_requests_unanswered() -> None:
+    cluster = Cluster(settings_with(lease_seconds=8.0), holders=1)
+    gate, view = cluster.gates[0], cluster.views[0]
+    asked_at = cluster.now
+    cluster.cost_role_up = False
+    task = await admitting(gate, "wf-a", 1_000)
+    await written(cluster)
+    cluster.now = asked_at + 5.0
+    assert gate.summary() == {
+        "leases_held": 0, "leases_held_usd": 0.0, "lease_requests_waiting": 2,
+        "lease_request_oldest_seconds": 5.0, "grants_stalled": False,
+    }
+    cluster.now = asked_at + 5.5
+    assert gate.summary()["grants_stalled"] is True, "unanswered for longer than 5 s (at least lease_seconds / 2)"
+    assert {k: view.summary()[k] for k in ("lease_requests_waiting", "grants_stalled")} == {
+        "lease_requests_waiting": 2, "grants_stalled": True,
+    }, "on /ready"
+    cluster.cost_role_up = True
+    await answered(cluster)
+    await asyncio.wait_for(task, 2)
+    # two leases of an eighth of their scope's room ($100 each, nothing spent yet), one
+    # call's worth reserved in each
+    assert gate.summary() == {
+        "leases_held": 2, "leases_held_usd": nanos_to_usd(2 * (100 * 10**9 // 8 - 1_000)), "lease_requests_waiting": 0,
+        "lease_request_oldest_seconds": 0.0, "grants_stalled": False,
+    }
+
+
+# ------------------------------------------------------------------ cost role: leases
+class CostRoleBench:
+    """The cost role's accountant over in-memory tables, its view reading back what it
+    publishes; ``apply`` counts one record of the costs topic."""
+
+    def __init__(self, settings: Settings, published: Sequence[bytes] = ()) -> None:
+        self.topology = Topology(settings)
+        self.view = GuardrailView(settings)
+        for value in published:
+            self.view.apply(self.topology.spend.name, value)
+        self.accountant = CostAccountant(settings, self.topology, HourWindows(), Workflows(), self.view)
+        self.published: list[bytes] = []
+
+    def apply(
+        self, record: BudgetRecord | CostEvent, partition: int, offset: int, at: float = NOW
+    ) -> list[SpendSnapshot]:
+        """The spend snapshots published for ``record``."""
+        key = record.scope if isinstance(record, BudgetRecord) else record.workflow_id
+        source = Source(self.topology.costs.name, partition, offset, key.encode(), encode(record), at)
+        self.accountant.batch.add(self.accountant.apply(source, at))
+        self.accountant.tables.write()
+        out = [o.value for o in self.accountant.batch.take() if o.topic == self.topology.spend.name]
+        for value in out:
+            self.view.apply(self.topology.spend.name, value)
+        self.published.extend(out)
+        return [decode(value, SpendSnapshot) for value in out]
+
+
+def lease_request(lease_id: str, scope: str, want: int, least: int, window: int | None = None) -> BudgetRecord:
+    return BudgetRecord(
+        budget="request", lease_id=lease_id, scope=scope, want_nanos=want, least_nanos=least,
+        window_start=datetime.fromtimestamp(window, UTC) if window is not None else None,
+    )
+
+
+def hour_spend(lease_id: str, nanos: int) -> BudgetRecord:
+    return BudgetRecord(
+        budget="spend", lease_id=lease_id, scope="hour", spent_nanos=nanos,
+        window_start=datetime.fromtimestamp(WINDOW, UTC),
+    )
+
+
+def call_cost(workflow_id: str, nanos: int, lease_id: str | None = None) -> CostEvent:
+    return CostEvent(
+        request_id=f"r-{nanos}", workflow_id=workflow_id, agent_type="researcher", tier=Tier.NANO,
+        provider="openai", model="gpt-5-nano", attempt=1, input_tokens=1, output_tokens=1,
+        cost_usd=nanos_to_usd(nanos), lease_id=lease_id,
+    )
+
+
+def only(snaps: list[SpendSnapshot], scope: str) -> SpendSnapshot:
+    [snap] = [s for s in snaps if s.scope == scope]
+    return snap
 
 
 def test_a_published_workflow_total_keeps_its_idle_clock() -> None:
     """A workflow whose table entry was dropped as idle (or lost in a restart) comes back
     from its published total with the time it was last active, so it still expires."""
-    from streams.guardrails.ledger import Total, expired
-    from streams.guardrails.view import PartTotal, WorkflowTotal
-    from streams.roles.cost import _newest
-
-    published = WorkflowTotal(500, 2, 9, updated_at=1_000.0)
+    published = WorkflowTotal(500, 2, 9, updated_at=1_000.0, leases={"h#1": Lease(900, 500, 990.0)})
     restored = _newest(Total(), published)
-    assert restored == Total(500, 9, 1_000.0)
+    assert restored == Total(500, 9, 1_000.0, {"h#1": Lease(900, 500, 990.0)})
     assert expired(restored, 1_000.0 + 3_601, 3_600) and not expired(restored, 1_000.0 + 3_599, 3_600)
     # the table wins when it includes as much; hour totals carry no idle clock
     assert _newest(Total(700, 9, 5.0), published) == Total(700, 9, 5.0)
     assert _newest(Total(), PartTotal(40, 3)) == Total(40, 3, 0.0)
+
+
+def test_cost_role_grants_a_workflow_lease_in_the_workflow_snapshot() -> None:
+    role = CostRoleBench(settings_with(workflow_usd=1.0))
+    [snap] = role.apply(lease_request("a#1", "wf-a", want=300_000_000, least=100_000_000), partition=2, offset=7)
+    assert (snap.kind, snap.scope, snap.partition, snap.last_offset, snap.spent_nanos) == ("workflow", "wf-a", 2, 7, 0)
+    assert snap.leases == {"a#1": LeaseState(granted_nanos=300_000_000, spent_nanos=0, renewed_at=NOW)}
+    [snap] = role.apply(lease_request("b#1", "wf-a", want=USD, least=100_000_000), partition=2, offset=8)
+    assert snap.leases["b#1"].granted_nanos == 350_000_000, "half of what the first lease left"
+    assert set(snap.leases) == {"a#1", "b#1"}
+
+
+def test_cost_role_grants_an_hour_lease_in_the_hour_ledger() -> None:
+    role = CostRoleBench(settings_with(hour_usd=1.0))
+    # 600M spent this hour by calls made under no hourly lease: the ledger has 400M of room
+    role.apply(call_cost("wf-x", 600_000_000), partition=3, offset=0)
+    snaps = role.apply(lease_request("a#1", "hour", want=USD, least=100_000_000, window=WINDOW), partition=1, offset=4)
+    ledger = only(snaps, LEDGER)
+    assert len(snaps) == 1
+    assert (ledger.kind, ledger.partition, ledger.last_offset, ledger.spent_nanos) == ("hour", 1, 4, 0)
+    assert ledger.window_start == datetime.fromtimestamp(WINDOW, UTC)
+    assert ledger.leases == {"a#1": LeaseState(granted_nanos=200_000_000, spent_nanos=0, renewed_at=NOW)}
+    denied = only(role.apply(lease_request("b#1", "hour", want=USD, least=250_000_000, window=WINDOW), 1, 5), LEDGER)
+    assert set(denied.leases) == {"a#1"} and denied.last_offset == 5, "no room for its least: counted, not granted"
+    assert role.view.hour_ledger(WINDOW) == PartTotal(0, 5, 1)
+
+
+def test_cost_role_counts_a_calls_cost_against_its_lease() -> None:
+    role = CostRoleBench(settings_with(hour_usd=1.0, workflow_usd=1.0))
+    role.apply(lease_request("a#1", "wf-a", 300_000_000, 100_000_000), partition=2, offset=0)
+    role.apply(lease_request("a#2", "hour", 300_000_000, 100_000_000, window=WINDOW), partition=1, offset=0)
+    wf = only(role.apply(call_cost("wf-a", 120_000_000, lease_id="a#1"), partition=2, offset=1), "wf-a")
+    assert wf.spent_nanos == 120_000_000
+    assert wf.leases["a#1"] == LeaseState(granted_nanos=300_000_000, spent_nanos=120_000_000, renewed_at=NOW)
+    ledger = only(role.apply(hour_spend("a#2", 120_000_000), partition=1, offset=1), LEDGER)
+    assert ledger.spent_nanos == 120_000_000 and ledger.leases["a#2"].spent_nanos == 120_000_000
+    # a cost naming no lease of the workflow counts in its total only
+    wf = only(role.apply(call_cost("wf-a", 5_000_000, lease_id="gone#9"), partition=2, offset=2), "wf-a")
+    assert wf.spent_nanos == 125_000_000 and set(wf.leases) == {"a#1"}
+    assert wf.leases["a#1"].spent_nanos == 120_000_000
+    assert role.view.hour_spend(WINDOW) == 125_000_000, "both counted in the hour from their cost events"
+
+
+def test_cost_role_replaying_an_offset_changes_nothing() -> None:
+    role = CostRoleBench(settings_with(hour_usd=1.0, workflow_usd=1.0))
+    records = [
+        (lease_request("a#1", "wf-a", 300_000_000, 100_000_000), 2, 0),
+        (call_cost("wf-a", 120_000_000, lease_id="a#1"), 2, 1),
+        (BudgetRecord(budget="return", lease_id="a#1", scope="wf-a"), 2, 2),
+        (lease_request("a#2", "hour", 300_000_000, 100_000_000, window=WINDOW), 1, 0),
+        (hour_spend("a#2", 120_000_000), 1, 1),
+    ]
+    for record, p, offset in records:
+        role.apply(record, p, offset)
+    wf, ledger = role.view.workflow_spend("wf-a"), role.view.hour_ledger(WINDOW)
+    assert wf is not None and (wf.nanos, wf.last_offset, wf.leases) == (120_000_000, 2, {})
+    assert ledger is not None and set(ledger.leases) == {"a#2"}
+    for record, p, offset in records:  # read again after a crash before the commit
+        for snap in role.apply(record, p, offset, at=NOW + 1):
+            if snap.scope == "wf-a":
+                assert (snap.spent_nanos, snap.last_offset, snap.leases) == (120_000_000, 2, {}), record
+            elif snap.scope == LEDGER:
+                assert (snap.spent_nanos, snap.last_offset) == (120_000_000, 1), record
+                assert snap.leases == {"a#2": LeaseState(granted_nanos=300_000_000, spent_nanos=120_000_000,
+                                                         renewed_at=NOW)}, record
+    assert role.view.hour_spend(WINDOW) == 120_000_000
+
+
+def test_a_restarted_cost_role_continues_from_the_published_leases() -> None:
+    settings = settings_with(hour_usd=1.0, workflow_usd=1.0)
+    before = CostRoleBench(settings)
+    before.apply(lease_request("a#1", "hour", 600_000_000, 100_000_000, window=WINDOW), 1, 0)  # half: 500M
+    before.apply(lease_request("a#2", "wf-a", 600_000_000, 100_000_000), 2, 0)  # half: 500M
+    before.apply(hour_spend("a#1", 100_000_000), 1, 1)
+    before.apply(call_cost("wf-a", 100_000_000, lease_id="a#2"), 2, 1)
+    # a new cost role with empty tables (their changelog lost its tail): it reads the spend topic back
+    after = CostRoleBench(settings, published=before.published)
+    wf = only(after.apply(lease_request("b#1", "wf-a", USD, 1), 2, 2), "wf-a")
+    assert (wf.spent_nanos, wf.last_offset) == (100_000_000, 2)
+    assert wf.leases["a#2"] == LeaseState(granted_nanos=500_000_000, spent_nanos=100_000_000, renewed_at=NOW)
+    assert wf.leases["b#1"].granted_nanos == 250_000_000, "half of 1e9 - 100M spent - 400M still held"
+    ledger = only(after.apply(lease_request("b#2", "hour", USD, 1, window=WINDOW), 1, 2), LEDGER)
+    assert (ledger.spent_nanos, ledger.last_offset) == (100_000_000, 2)
+    assert ledger.leases["a#1"].spent_nanos == 100_000_000
+    assert ledger.leases["b#2"].granted_nanos == 250_000_000
+    replayed = only(after.apply(call_cost("wf-a", 100_000_000, lease_id="a#2"), 2, 1), "wf-a")
+    assert replayed.spent_nanos == 100_000_000, "an offset the published total includes"
 
 
 # ------------------------------------------------------------- cost offsets

@@ -13,7 +13,7 @@ import genai_prices
 import orjson
 import pytest
 
-from tests.support import collect, produce_raw, read_topic
+from tests.support import collect, is_cost, produce_raw, read_topic
 
 pytestmark = pytest.mark.e2e
 
@@ -132,7 +132,7 @@ async def test_llm_meta_routing_end_to_end(pipeline_factory) -> None:
         assert result["tier"] == expected_tier[answer]
         assert result["routed_by"] == ("llm_fallback" if answer == "no idea" else "llm")
 
-    costs = await read_topic(pipeline, pipeline.topology.costs.name, expected=120, timeout=60)
+    costs = await read_topic(pipeline, pipeline.topology.costs.name, expected=120, timeout=60, keep=is_cost)
     per_request = Counter(c["request_id"] for c in costs)
     assert per_request == Counter({rid: 2 for rid in bodies}), "one routing call + one answer each"
     # every routing call is a NANO call; requests routed to NANO add their answer's call

@@ -18,10 +18,12 @@ from schemas.models import (
     WIRE_MODELS,
     AgentRequest,
     AgentResult,
+    BudgetRecord,
     ChatMessage,
     CostEvent,
     DeadLetter,
     GuardrailEvent,
+    LeaseState,
     SpendSnapshot,
     ThrottleEvent,
     Tier,
@@ -98,6 +100,16 @@ def realistic(name: str) -> WireModel:
             reasoning_tokens=640,
             cost_usd=0.00975,
             timestamp=T0,
+            lease_id="tier-premium@host:42:1a2b3c#7",
+        ),
+        "budget_record": BudgetRecord(
+            budget="request",
+            lease_id="tier-premium@host:42:1a2b3c#8",
+            scope="hour",
+            window_start=T0.replace(minute=0, second=0, microsecond=0),
+            want_nanos=40_000_000,
+            least_nanos=9_750_000,
+            timestamp=T0,
         ),
         "guardrail_event": GuardrailEvent(
             scope="workflow:wf-42",
@@ -119,6 +131,9 @@ def realistic(name: str) -> WireModel:
             spent_nanos=41_250_000_000,
             last_offset=98_765,
             updated_at=T0,
+            leases={"tier-premium@host:42:1a2b3c#8": LeaseState(
+                granted_nanos=20_000_000, spent_nanos=9_000_000, renewed_at=T0.timestamp(),
+            )},
         ),
         "throttle_event": ThrottleEvent(
             scope="openai/o3",
@@ -195,7 +210,7 @@ def test_round_trip_every_wire_model(name: str) -> None:
 
 def test_realistic_instances_cover_every_wire_model() -> None:
     assert sorted(WIRE_MODELS) == [
-        "agent_request", "agent_result", "cost_event", "dead_letter", "guardrail_event",
+        "agent_request", "agent_result", "budget_record", "cost_event", "dead_letter", "guardrail_event",
         "spend_snapshot", "throttle_event", "tiered_request",
     ]
 

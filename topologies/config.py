@@ -240,6 +240,9 @@ class CostGuardrails(Section):
     workflow_idle_expiry_seconds: float = Field(default=86_400, gt=0)
     # Above the alert threshold, serve PREMIUM requests with the STANDARD model.
     downgrade_premium_above_alert: bool = False
+    # A budget lease its holder has not renewed for this long is expired by the cost role
+    # (its holder stopped): what it did not spend is free again. Holders renew at a third.
+    lease_seconds: float = Field(default=10.0, ge=1.0, le=600.0)
 
     @model_validator(mode="after")
     def _alert_below_limit(self) -> CostGuardrails:

@@ -1,31 +1,119 @@
-"""Reserve a call's worst-case cost before it is made; reconcile with its real cost after.
+"""Cluster-wide budgets: a call spends only what its process holds of a lease.
 
-What a process counts as committed: the spend the cost role has reported, plus what this
-process has spent that the cost role has not counted yet, plus its reservations in flight.
+The cost role grants leases (:mod:`streams.guardrails.ledger`): a share of a workflow's
+budget, or of the hour's limit, which the cost role counts as taken until its holder
+spends it, returns what is left, or stops renewing it. A tier worker asks for leases on
+the costs topic (a :class:`~schemas.models.BudgetRecord` keyed by the scope, so it is
+ordered with the scope's spend) and learns what was granted from the spend snapshots
+that every worker reads (:class:`~streams.guardrails.view.GuardrailView`).
 
-- A workflow admits a call only if committed + the call's worst case fits its budget;
-  otherwise the request ends as ``budget_exceeded`` (no call). One process alone never
-  overspends a workflow budget.
-- The hour admits calls while committed is below the hourly limit, then holds them until
-  the next window or an operator. The hour's overspend is what was reserved in flight.
-
-Across processes, each one sees the others only through the cost role's totals, so the
-cluster can overspend by what the *other* processes had reserved or not yet reported
-(see docs/guardrails.md, "The overspend bound").
+- A call is admitted only if its worst case fits in what this process holds of a lease
+  of the workflow and of a lease of the hour, both; the worst case is reserved, and
+  replaced by the real cost once the call is settled. No process ever spends more than
+  it was granted, and the cost role never grants more than the limit leaves, so the
+  cluster's spend stays within each limit (to the precision of the worst-case estimate).
+- A request that cannot be granted is answered with nothing: the call waits, and asks
+  again when the scope's total changes (another holder returned or spent) or after a
+  second. A workflow whose counted spend leaves no room for the call's worst case ends
+  the request as ``budget_exceeded`` instead.
+- Leases are sized to the calls this process admitted in the scope over the last second
+  (``lease_seconds / 2`` of them, at least four worst cases), and the next one is asked
+  for when half of the current one is used, so a steady flow of calls does not wait for
+  grants unless the cost role is further behind than that.
+  The cost role grants at most half of what is left, so several holders share a scope
+  and the last worst-case call of a budget can still be granted.
+- Unused leases go back: returned after ``lease_seconds / 2`` without a call, and
+  renewed every ``lease_seconds / 3`` while used. A holder that stops (SIGKILL) stops
+  renewing, and its lease expires after ``lease_seconds``; this process stops using a
+  lease at 80 % of that, counted from when it sent the request or renewal (earlier than
+  the cost role's clock, which stamps the record once written).
+- A lease is returned only once the cost records of its calls are in Kafka: they are in
+  the scope's partition before the return, so the cost role has counted them when it
+  frees the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
+import logging
+import os
+import socket
 import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from streams.guardrails.money import hour_window
+from schemas.codec import encode
+from schemas.models import BudgetRecord
+from streams.envelope import Outgoing
+from streams.guardrails.ledger import Lease
+from streams.guardrails.money import hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView
 
+log = logging.getLogger(__name__)
+
 RECHECK_SECONDS = 1.0
+HOUR_SCOPE = "hour"  # the key of every hourly lease record: one partition keeps the hour's ledger
+# Where a lease's record is written: (key, value) -> (partition, offset) once acknowledged.
+SendRecord = Callable[[bytes, bytes], Awaitable[tuple[int, int]]]
+
+
+def holder_name(role: str) -> str:
+    """Names this process in its lease ids (no secret, unique per start)."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(eq=False, slots=True)
+class HeldLease:
+    """What this process holds of one granted lease."""
+
+    lease_id: str
+    scope: str
+    window: int | None
+    granted: int
+    deadline: float  # no new reservation after this (local clock)
+    renew_at: float
+    spent: int = 0
+    reserved: int = 0
+    calls: int = 0  # admitted calls whose cost records are not in Kafka yet
+    last_used: float = 0.0
+
+    def room(self) -> int:
+        return self.granted - self.spent - self.reserved
+
+
+@dataclass(slots=True)
+class _Request:
+    lease_id: str
+    sent_at: float
+    where: tuple[int, int] | None = None  # (partition, offset) once acknowledged
+
+
+@dataclass(eq=False, slots=True)
+class Allowance:
+    """This process's share of one scope: a workflow, or one hour window."""
+
+    scope: str
+    window: int | None
+    leases: list[HeldLease] = field(default_factory=list)
+    request: _Request | None = None
+    denied_at: float = 0.0
+    denied_room: int = 0  # the scope's room, as published, when a request was denied
+    admitted: deque[float] = field(default_factory=deque)  # when calls were admitted, last second
+
+    def usable(self, worst: int, now: float) -> HeldLease | None:
+        for lease in self.leases:
+            if now < lease.deadline and lease.room() >= worst:
+                return lease
+        return None
+
+    def rate(self, now: float) -> int:
+        while self.admitted and now - self.admitted[0] > 1.0:
+            self.admitted.popleft()
+        return len(self.admitted)
 
 
 @dataclass(eq=False, slots=True)
@@ -33,28 +121,10 @@ class Reservation:
     workflow_id: str
     window: int
     worst_nanos: int
-    # set once the call is settled and its cost event delivered
+    workflow_lease: HeldLease
+    hour_lease: HeldLease | None  # None: the operator resumed this hour past its limit
     actual_nanos: int = 0
-    cost_partition: int | None = None
-    cost_offset: int | None = None
-    settled: bool = False
-
-
-@dataclass(slots=True)
-class _Book:
-    reserved: int = 0
-    calls: int = 0
-
-
-@dataclass(slots=True)
-class _Unreflected:
-    """One workflow's spend settled here that the view's total does not include yet. The
-    view includes a delivered cost event once the workflow's total, from the same costs
-    partition, reaches its offset: per partition, a heap by offset finds those."""
-
-    nanos: int = 0
-    calls: int = 0
-    delivered: dict[int, list[tuple[int, int, Reservation]]] = field(default_factory=dict)
+    undelivered: int = 0  # cost records sent, not yet acknowledged
 
 
 class BudgetExceeded(Exception):
@@ -62,134 +132,324 @@ class BudgetExceeded(Exception):
 
 
 class BudgetGate:
-    def __init__(self, view: GuardrailView) -> None:
+    """Admits a tier worker's calls under the leases it holds; asks for, renews and
+    returns them (:meth:`tick`, every few hundred milliseconds)."""
+
+    def __init__(
+        self, view: GuardrailView, send: SendRecord | None = None, holder: str = "holder",
+        costs_topic: str = "", lease_seconds: float | None = None, clock: Callable[[], float] = time.time,
+    ) -> None:
         self.view = view
-        self._reserved_hour: dict[int, int] = {}
-        self._workflows: dict[str, _Book] = {}
-        # spent by this process, not yet included in the view's totals: per workflow, and
-        # summed per hour window (kept as sums: a burst can leave thousands unreflected)
-        self._unreflected: dict[str, _Unreflected] = {}
-        self._unreflected_hour: dict[int, int] = {}
-        self._order = itertools.count()  # ties in a heap never compare reservations
+        self.send = send
+        self.costs_topic = costs_topic
+        self.holder = holder
+        self.lease_seconds = lease_seconds or view.settings.cost_guardrails.lease_seconds
+        self.idle_seconds = view.settings.cost_guardrails.workflow_idle_expiry_seconds
+        self.clock = clock
+        self._allowances: dict[tuple[str, int | None], Allowance] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
         # Replaced on every change: waiters hold the one that was current when they looked.
-        # (No Condition: on Python 3.11, wait_for() timing out a Condition.wait() can leave
-        # its lock released, and the next wait fails.)
         self._changed = asyncio.Event()
         view.listeners.append(self._on_view_update)
+        view.reporters.append(self.summary)
+        self._limits: tuple[int, int, int] = (view.hour_limit, view.workflow_limit, len(view.resumed_windows))
+        self._window = 0
         self.waiting = 0
+        self.observe_wait: Callable[[float], None] = lambda _seconds: None  # admission time, for metrics
+        self.granted = 0  # leases granted to this process, for metrics and tests
+        self.denied = 0
 
-    def _on_view_update(self) -> None:
-        for workflow_id in list(self._unreflected):
-            self._prune_reflected(workflow_id)
-        self._notify()
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    def _prune_reflected(self, workflow_id: str) -> None:
-        entry = self._unreflected.get(workflow_id)
-        total = self.view.workflow_spend(workflow_id)
-        if entry is None or total is None:
-            return
-        # hour and workflow snapshots of one event are written in that order to one partition
-        heap = entry.delivered.get(total.partition)
-        while heap and heap[0][0] <= total.last_offset:
-            r = heapq.heappop(heap)[2]
-            entry.nanos -= r.actual_nanos
-            entry.calls -= 1
-            left = self._unreflected_hour.get(r.window, 0) - r.actual_nanos
-            if left:
-                self._unreflected_hour[r.window] = left
-            else:  # (calls that cost nothing may still be in it: they add nothing)
-                self._unreflected_hour.pop(r.window, None)
-        if heap is not None and not heap:
-            del entry.delivered[total.partition]
-        if not entry.calls:
-            del self._unreflected[workflow_id]
-
-    def hour_committed(self, window: int) -> int:
-        unreflected = self._unreflected_hour.get(window, 0)
-        return self.view.hour_spend(window) + unreflected + self._reserved_hour.get(window, 0)
-
-    def workflow_committed(self, workflow_id: str) -> tuple[int, int]:
-        """(spent as far as known, reserved in flight here) for a workflow."""
-        known = self.view.workflow_spend(workflow_id)
-        entry = self._unreflected.get(workflow_id)
-        book = self._workflows.get(workflow_id)
-        spent = (known.nanos if known else 0) + (entry.nanos if entry else 0)
-        return spent, book.reserved if book else 0
-
-    def _try_reserve(self, workflow_id: str, worst: int, now: float) -> Reservation | None:
-        view = self.view
-        window = hour_window(now)
-        spent, reserved = self.workflow_committed(workflow_id)
-        if spent + reserved + worst > view.workflow_limit:
-            if spent + worst > view.workflow_limit:
-                raise BudgetExceeded(workflow_id)
-            return None  # may fit once the calls in flight settle below their worst case
-        # The hour admits calls until what is spent or reserved reaches the limit, so the
-        # limit is reached and the hour pauses; overspend is what was in flight then.
-        if window not in view.resumed_windows and self.hour_committed(window) >= view.hour_limit:
-            return None  # the hour is spent: wait for the next window or an operator
-        reservation = Reservation(workflow_id, window, worst)
-        self._reserved_hour[window] = self._reserved_hour.get(window, 0) + worst
-        book = self._workflows.setdefault(workflow_id, _Book())
-        book.reserved += worst
-        book.calls += 1
-        return reservation
-
+    # ------------------------------------------------------------------ admission
     async def admit(self, workflow_id: str, worst_nanos: int) -> Reservation:
-        """Wait until the call fits; raise :class:`BudgetExceeded` if it never can."""
+        """Wait until the call fits in leases held here; raise :class:`BudgetExceeded`
+        if the workflow's counted spend leaves no room for it."""
         await self.view.caught_up.wait()
         self.waiting += 1
+        started = time.perf_counter()
         try:
             while True:
+                changed = self._changed
                 # Checking and reserving do not await: no other task runs in between.
-                reservation = self._try_reserve(workflow_id, worst_nanos, time.time())
+                reservation = self._try_reserve(workflow_id, worst_nanos, self.clock())
                 if reservation is not None:
+                    self.observe_wait(time.perf_counter() - started)
                     return reservation
-                try:  # re-check at least every second: the hour may roll over
-                    await asyncio.wait_for(self._changed.wait(), RECHECK_SECONDS)
+                try:  # ask again at least every second: the hour may roll over
+                    await asyncio.wait_for(changed.wait(), RECHECK_SECONDS)
                 except TimeoutError:
                     pass
         finally:
             self.waiting -= 1
 
-    def _unreserve(self, r: Reservation) -> None:
-        self._reserved_hour[r.window] = self._reserved_hour.get(r.window, 0) - r.worst_nanos
-        if self._reserved_hour[r.window] <= 0:
-            del self._reserved_hour[r.window]
-        book = self._workflows[r.workflow_id]
-        book.reserved -= r.worst_nanos
-        book.calls -= 1
-        if not book.calls:
-            del self._workflows[r.workflow_id]
+    def _allowance(self, scope: str, window: int | None) -> Allowance:
+        key = (scope, window)
+        allowance = self._allowances.get(key)
+        if allowance is None:
+            allowance = self._allowances[key] = Allowance(scope, window)
+        return allowance
+
+    def _try_reserve(self, workflow_id: str, worst: int, now: float) -> Reservation | None:
+        view = self.view
+        known = view.workflow_spend(workflow_id)
+        if known is not None and now - known.updated_at > self.idle_seconds:
+            known = None  # idle long enough to start a new budget period (the cost role agrees)
+        if worst > view.workflow_limit or (known is not None and known.nanos + worst > view.workflow_limit):
+            raise BudgetExceeded(workflow_id)
+        window = hour_window(now)
+        flow = self._allowance(workflow_id, None)
+        flow_lease = flow.usable(worst, now)
+        hour: Allowance | None = None
+        hour_lease: HeldLease | None = None
+        if window not in view.resumed_windows:
+            hour = self._allowance(HOUR_SCOPE, window)
+            hour_lease = hour.usable(worst, now)
+            if hour_lease is None:
+                self._ask(hour, worst, now)
+        if flow_lease is None:
+            self._ask(flow, worst, now)
+        if flow_lease is None or (hour is not None and hour_lease is None):
+            return None
+        reservation = Reservation(workflow_id, window, worst, flow_lease, hour_lease)
+        for lease, allowance in ((flow_lease, flow), (hour_lease, hour)):
+            if lease is not None and allowance is not None:
+                lease.reserved += worst
+                lease.calls += 1
+                lease.last_used = now
+                allowance.admitted.append(now)
+                if lease.room() < lease.granted // 2 and len(allowance.leases) == 1:
+                    self._ask(allowance, worst, now)  # the next lease before this one runs out
+        return reservation
 
     def release(self, r: Reservation) -> None:
         """The call failed and cost nothing."""
-        self._unreserve(r)
+        for lease in (r.workflow_lease, r.hour_lease):
+            if lease is not None:
+                lease.reserved -= r.worst_nanos
+                lease.calls -= 1
         self._notify()
 
-    def settle(self, r: Reservation, actual_nanos: int) -> None:
-        """The call cost ``actual_nanos``; it counts until the cost role has included it."""
-        self._unreserve(r)
+    def settle(self, r: Reservation, actual_nanos: int) -> list[Outgoing]:
+        """The call cost ``actual_nanos``: the records that count it against its leases,
+        to be written before its cost event (which names the workflow lease)."""
         r.actual_nanos = actual_nanos
-        r.settled = True
-        entry = self._unreflected.setdefault(r.workflow_id, _Unreflected())
-        entry.nanos += actual_nanos
-        entry.calls += 1
-        self._unreflected_hour[r.window] = self._unreflected_hour.get(r.window, 0) + actual_nanos
+        out: list[Outgoing] = []
+        for lease in (r.workflow_lease, r.hour_lease):
+            if lease is not None:
+                lease.reserved -= r.worst_nanos
+                lease.spent += actual_nanos
+        r.undelivered = 1  # the cost event
+        if r.hour_lease is not None and actual_nanos:
+            record = BudgetRecord(
+                budget="spend", lease_id=r.hour_lease.lease_id, scope=HOUR_SCOPE,
+                window_start=_utc(r.hour_lease.window), spent_nanos=actual_nanos,
+            )
+            r.undelivered += 1
+            out.append(Outgoing(self.costs_topic, HOUR_SCOPE.encode(), encode(record), lambda _p, _o: self.delivered(r)))
         self._notify()
+        return out
 
-    def delivered(self, r: Reservation, partition: int, offset: int) -> None:
-        """The call's cost event is in the costs topic at ``partition``/``offset``."""
-        r.cost_partition, r.cost_offset = partition, offset
-        entry = self._unreflected.get(r.workflow_id)
-        if entry is not None:  # (always: settled before its cost event is sent)
-            heapq.heappush(entry.delivered.setdefault(partition, []), (offset, next(self._order), r))
-            self._prune_reflected(r.workflow_id)
-        self._notify()
+    def delivered(self, r: Reservation, _partition: int = 0, _offset: int = 0) -> None:
+        """One of the call's cost records is in Kafka; once all are, its leases may go back."""
+        r.undelivered -= 1
+        if r.undelivered == 0:
+            for lease in (r.workflow_lease, r.hour_lease):
+                if lease is not None:
+                    lease.calls -= 1
+
+    def workflow_committed(self, workflow_id: str) -> tuple[int, int]:
+        """(spent as the cost role counted it, held here and not spent) for a workflow."""
+        known = self.view.workflow_spend(workflow_id)
+        flow = self._allowances.get((workflow_id, None))
+        held = sum(max(lease.room(), 0) for lease in flow.leases) if flow else 0
+        return (known.nanos if known else 0), held
 
     def in_flight_nanos(self) -> int:
-        return sum(self._reserved_hour.values())
+        return sum(lease.reserved for a in self._allowances.values() if a.window is None for lease in a.leases)
+
+    # ------------------------------------------------------------------ leases
+    def _ask(self, allowance: Allowance, worst: int, now: float) -> None:
+        """Ask for a lease of ``allowance``'s scope, unless a request is unanswered or
+        was just denied with nothing changed since."""
+        for lease in list(allowance.leases):
+            if lease.calls == 0 and (lease.room() < worst or now >= lease.deadline):
+                allowance.leases.remove(lease)  # too little left for this call: give it back
+                self._spawn(self._write(allowance, "return", lease.lease_id))
+        request = allowance.request
+        if request is not None and now - request.sent_at < self.lease_seconds:
+            return  # still waiting (a dead cost role: ask again after lease_seconds)
+        if allowance.denied_at and not self._room_grew(allowance) and (
+            now - allowance.denied_at < RECHECK_SECONDS or self._held(allowance, now)
+        ):
+            return  # nothing was returned, spent less or expired since: it would be denied again
+        if self.send is None:
+            return
+        lease_id = f"{self.holder}#{next(self._ids)}"
+        # Sized to the calls of the last second (enough for lease_seconds / 2 of them), and
+        # to an eighth of what the scope has left: far from a limit, one lease lasts long
+        # and calls do not wait for grants. The cost role grants at most half the room.
+        want = max(worst * max(4, int(allowance.rate(now) * self.lease_seconds / 2)), self._room(allowance) // 8)
+        allowance.request = _Request(lease_id, now)
+        record = BudgetRecord(
+            budget="request", lease_id=lease_id, scope=allowance.scope,
+            window_start=_utc(allowance.window) if allowance.window is not None else None,
+            want_nanos=want, least_nanos=worst,
+        )
+        self._spawn(self._send_request(allowance, allowance.request, record))
+
+    async def _send_request(self, allowance: Allowance, request: _Request, record: BudgetRecord) -> None:
+        assert self.send is not None
+        request.where = await self.send(allowance.scope.encode(), encode(record))
+        self._on_view_update()  # the answer may already be in
+
+    def _scope_total(self, allowance: Allowance) -> tuple[dict[str, Lease], int, int, int] | None:
+        """(leases, last offset, partition, spent) of the scope as last published."""
+        if allowance.window is None:
+            wf = self.view.workflow_spend(allowance.scope)
+            return (wf.leases, wf.last_offset, wf.partition, wf.nanos) if wf else None
+        ledger = self.view.hour_ledger(allowance.window)
+        return (ledger.leases, ledger.last_offset, ledger.partition, ledger.nanos) if ledger else None
+
+    def _room(self, allowance: Allowance) -> int:
+        """What the scope has left to grant, as last published."""
+        limit = self.view.workflow_limit if allowance.window is None else self.view.hour_limit
+        total = self._scope_total(allowance)
+        if total is None:
+            return limit
+        leases, _offset, _partition, spent = total
+        return limit - spent - sum(lease.outstanding() for lease in leases.values())
+
+    def _room_grew(self, allowance: Allowance) -> bool:
+        return self._room(allowance) > allowance.denied_room
+
+    def _held(self, allowance: Allowance, now: float) -> bool:
+        """A denied hourly scope while the hour's limit is reached: asking again helps only
+        once its room grows (a lease returned or expired) or a limit changes."""
+        return allowance.window is not None and self.view.hour_paused(now)
+
+    def _on_view_update(self) -> None:
+        """Look for the answers to this process's requests. Waiters are woken when one came,
+        when a scope that denied one changed, or when a limit or an operator's resume
+        changed; otherwise their re-check every second is enough (the spend topic changes
+        with every batch of the cost role, and waking every waiting call on each would cost
+        more than the calls)."""
+        now = self.clock()
+        view = self.view
+        limits = (view.hour_limit, view.workflow_limit, len(view.resumed_windows))
+        answered = limits != self._limits
+        self._limits = limits
+        for allowance in list(self._allowances.values()):
+            request = allowance.request
+            if request is None:
+                if allowance.denied_at and self._room_grew(allowance):
+                    answered = True  # a lease came back, or the spend was less than held
+                continue
+            total = self._scope_total(allowance)
+            if total is None:
+                continue
+            leases, last_offset, partition, _spent = total
+            granted = leases.get(request.lease_id)
+            if granted is not None:
+                answered = True
+                allowance.request = None
+                self.granted += 1
+                allowance.leases.append(HeldLease(
+                    request.lease_id, allowance.scope, allowance.window, granted.granted,
+                    deadline=request.sent_at + 0.8 * self.lease_seconds,
+                    renew_at=request.sent_at + self.lease_seconds / 3, last_used=now,
+                ))
+            elif request.where is not None and request.where[0] == partition and last_offset >= request.where[1]:
+                answered = True
+                allowance.request = None  # counted and not granted: no room now
+                allowance.denied_at, allowance.denied_room = now, self._room(allowance)
+                self.denied += 1
+        if answered:
+            self._notify()
+
+    async def tick(self) -> None:
+        """Renew the leases in use, return the others, forget what is empty; wake the
+        waiters once a denial is a second old (another process may have returned what it
+        held without the scope having changed yet), and in a new hour."""
+        now = self.clock()
+        window = hour_window(now)
+        wake = window != self._window or any(
+            a.denied_at and a.request is None and now - a.denied_at >= RECHECK_SECONDS and not self._held(a, now)
+            for a in self._allowances.values()
+        )
+        self._window = window
+        for key, allowance in list(self._allowances.items()):
+            current_hour = allowance.window is None or allowance.window == window
+            for lease in list(allowance.leases):
+                idle = now - lease.last_used > self.lease_seconds / 2
+                spent_out = lease.room() <= 0
+                if lease.calls == 0 and (idle or spent_out or not current_hour or now >= lease.deadline):
+                    allowance.leases.remove(lease)
+                    self._spawn(self._write(allowance, "return", lease.lease_id))
+                elif now >= lease.renew_at and now < lease.deadline + 0.2 * self.lease_seconds:
+                    lease.renew_at = now + self.lease_seconds / 3
+                    lease.deadline = now + 0.8 * self.lease_seconds
+                    self._spawn(self._write(allowance, "renew", lease.lease_id))
+            if not allowance.leases and allowance.request is None and not (
+                allowance.denied_at and (now - allowance.denied_at < RECHECK_SECONDS or self._held(allowance, now))
+            ):
+                del self._allowances[key]  # a waiter asks afresh
+        if wake:
+            self._notify()
+
+    async def _write(self, allowance: Allowance, op: str, lease_id: str) -> None:
+        if self.send is None:
+            return
+        record = BudgetRecord(
+            budget=op, lease_id=lease_id, scope=allowance.scope,  # type: ignore[arg-type]
+            window_start=_utc(allowance.window) if allowance.window is not None else None,
+        )
+        await self.send(allowance.scope.encode(), encode(record))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("writing a budget lease record failed: %s", task.exception())
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        """Return the leases not in use (a stopping worker's calls are over)."""
+        for allowance in list(self._allowances.values()):
+            for lease in allowance.leases:
+                if lease.calls == 0:
+                    self._spawn(self._write(allowance, "return", lease.lease_id))
+            allowance.leases = [lease for lease in allowance.leases if lease.calls]
+        if self._tasks:
+            _done, pending = await asyncio.wait(list(self._tasks), timeout=5)
+            for task in pending:  # the broker is gone: what was not returned expires
+                task.cancel()
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> dict[str, object]:
+        """What /ready shows: the leases held, and how long a request has gone unanswered
+        (a dead or lagging cost role grants nothing: calls wait)."""
+        now = self.clock()
+        waits = [now - a.request.sent_at for a in self._allowances.values() if a.request is not None]
+        held = [lease for a in self._allowances.values() for lease in a.leases]
+        oldest = max(waits, default=0.0)
+        return {
+            "leases_held": len(held),
+            "leases_held_usd": nanos_to_usd(sum(max(lease.room(), 0) for lease in held)),
+            "lease_requests_waiting": len(waits),
+            "lease_request_oldest_seconds": round(oldest, 3),
+            "grants_stalled": oldest > max(5.0, self.lease_seconds / 2),
+        }
+
+
+def _utc(window: int | None) -> datetime:
+    return datetime.fromtimestamp(window or 0, UTC)

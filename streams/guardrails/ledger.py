@@ -1,14 +1,35 @@
-"""Idempotent running totals, updated from the costs topic at least once.
+"""Idempotent running totals, updated from the costs topic at least once, and the budget
+leases granted against them.
 
 Each total remembers the last costs-topic offset it includes, and every total is fed by
 a single partition (hour totals are kept per partition; a workflow's events all share
-its key's partition). Reading an event twice, after a crash between the table update
-and the offset commit, is then recognised and skipped: totals stay exact.
+its key's partition; an hour's lease records all share the key ``hour``). Reading an
+event twice, after a crash between the table update and the offset commit, is then
+recognised and skipped: totals stay exact.
+
+A scope's leases live in its total, so they are granted, spent, renewed, returned and
+expired in the order of the scope's partition, and published with its total
+(:func:`apply_budget`). What is outstanding, granted but not yet spent, is reserved:
+
+    room = limit - spent - sum(granted - spent of each outstanding lease)
+
+A lease is granted only out of the room, so the spend of every holder together stays
+within the limit as long as each spends only what it holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+
+class Lease(NamedTuple):
+    granted: int
+    spent: int
+    renewed: float  # epoch seconds: the timestamp of its request or last renewal
+
+    def outstanding(self) -> int:
+        return max(self.granted - self.spent, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,22 +37,77 @@ class Total:
     nanos: int = 0
     last_offset: int = -1
     last_seen: float = 0.0
+    leases: dict[str, Lease] = field(default_factory=dict)
 
-    def add(self, nanos: int, offset: int, seen: float) -> Total | None:
-        """The new total, or None if ``offset`` is already included."""
+    def add(self, nanos: int, offset: int, seen: float, lease_id: str | None = None) -> Total | None:
+        """The new total, or None if ``offset`` is already included. ``lease_id``: the
+        lease the spend was admitted under, which it also counts against."""
         if offset <= self.last_offset:
             return None
-        return Total(self.nanos + nanos, offset, max(seen, self.last_seen))
+        leases = self.leases
+        lease = leases.get(lease_id) if lease_id is not None else None
+        if lease is not None:
+            leases = {**leases, lease_id: lease._replace(spent=lease.spent + nanos)}  # type: ignore[dict-item]
+        return Total(self.nanos + nanos, offset, max(seen, self.last_seen), leases)
 
-    def to_list(self) -> list[float | int]:
-        return [self.nanos, self.last_offset, self.last_seen]
+    def outstanding(self) -> int:
+        return sum(lease.outstanding() for lease in self.leases.values())
+
+    def room(self, limit: int) -> int:
+        return limit - self.nanos - self.outstanding()
+
+    def to_list(self) -> list[Any]:
+        value: list[Any] = [self.nanos, self.last_offset, self.last_seen]
+        if self.leases:
+            value.append({k: list(v) for k, v in self.leases.items()})
+        return value
 
     @classmethod
-    def from_list(cls, raw: list[float | int] | None) -> Total:
+    def from_list(cls, raw: list[Any] | None) -> Total:
         if not raw:
             return cls()
         nanos, offset, *rest = raw
-        return cls(int(nanos), int(offset), float(rest[0]) if rest else 0.0)
+        leases = {k: Lease(int(g), int(s), float(r)) for k, (g, s, r) in rest[1].items()} if len(rest) > 1 else {}
+        return cls(int(nanos), int(offset), float(rest[0]) if rest else 0.0, leases)
+
+
+def grant_size(want: int, least: int, room: int) -> int:
+    """What a request is granted: at most half the room unless that is less than
+    ``least`` (so the holders of one scope share it, and a scope can be spent to its last
+    worst-case call), and nothing when not even ``least`` fits."""
+    if least <= 0 or room < least:
+        return 0
+    return min(want, max(least, room // 2))
+
+
+def apply_budget(
+    total: Total, op: str, lease_id: str, offset: int, at: float, *,
+    limit: int, lease_seconds: float, want: int = 0, least: int = 0, spent: int = 0,
+) -> Total | None:
+    """``total`` after one budget record at ``offset`` and timestamp ``at``; None if the
+    offset is already included. Leases not renewed within ``lease_seconds`` of ``at``
+    expire first: their holder stopped (a SIGKILL), and what they did not spend is free
+    again. Every record of the holder precedes them in the partition, so what they
+    spent is counted."""
+    if offset <= total.last_offset:
+        return None
+    leases = {k: v for k, v in total.leases.items() if at - v.renewed <= lease_seconds}
+    nanos = total.nanos
+    lease = leases.get(lease_id)
+    if op == "request" and lease is None:
+        current = Total(nanos, offset, total.last_seen, leases)
+        granted = grant_size(want, least, current.room(limit))
+        if granted:
+            leases[lease_id] = Lease(granted, 0, at)
+    elif op == "renew" and lease is not None:
+        leases[lease_id] = lease._replace(renewed=max(lease.renewed, at))
+    elif op == "return":
+        leases.pop(lease_id, None)
+    elif op == "spend":
+        nanos += spent
+        if lease is not None:
+            leases[lease_id] = lease._replace(spent=lease.spent + spent)
+    return Total(nanos, offset, max(total.last_seen, at), leases)
 
 
 def hour_key(scope: str, partition: int) -> str:

@@ -11,13 +11,14 @@ import time
 from datetime import UTC, datetime
 from typing import Literal
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.codec import encode
 from schemas.models import GuardrailEvent
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView
 from streams.kafka_security import aiokafka_kwargs
+from streams.tail import topic_partitions
 from topologies.config import Settings
 from topologies.topics import topology_of
 
@@ -32,6 +33,20 @@ async def read_state(settings: Settings, timeout: float = 30) -> GuardrailView:
     finally:
         await view.stop()
     return view
+
+
+async def cost_role_backlog(settings: Settings, view: GuardrailView) -> int:
+    """Records of the costs topic the cost role has not counted yet (as its published
+    totals say). Lease requests are among them: one that does not drain means no grants."""
+    topic = topology_of(settings).costs.name
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_kwargs(settings.kafka))
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(await topic_partitions(settings, consumer, topic))]
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+    return sum(max(end - 1 - view.costs_applied.get(tp.partition, -1), 0) for tp, end in ends.items())
 
 
 async def _publish(settings: Settings, event: GuardrailEvent) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from schemas.codec import DecodeError, decode
 from schemas.models import GuardrailEvent, SpendSnapshot
+from streams.guardrails.ledger import Lease
 from streams.guardrails.money import hour_window, nanos_to_usd, usd_to_nanos
 from streams.tail import TopicTail
 from topologies.config import Settings
@@ -23,10 +24,15 @@ from topologies.topics import topology_of
 log = logging.getLogger(__name__)
 
 
+LEDGER = "ledger"  # the hour scope whose total and leases the hour's lease records keep
+
+
 @dataclass(frozen=True, slots=True)
 class PartTotal:
     nanos: int
     last_offset: int
+    partition: int = 0
+    leases: dict[str, Lease] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,7 @@ class WorkflowTotal:
     last_offset: int
     # When the cost role published it (epoch seconds): how long the workflow has been idle.
     updated_at: float = field(default=0.0, compare=False)
+    leases: dict[str, Lease] = field(default_factory=dict, compare=False)
 
 
 class GuardrailView:
@@ -50,11 +57,16 @@ class GuardrailView:
         self.hours: dict[tuple[int, str, int], PartTotal] = {}
         self.workflows: dict[str, WorkflowTotal] = {}
         self.resumed_windows: set[int] = set()
+        # hour window -> the limit it was reached at: the spend left no room for a call
+        # (it stays below the limit when every call is admitted under a lease)
+        self.limit_reached: dict[int, int] = {}
         self.costs_applied: dict[int, int] = {}  # costs partition -> last offset counted
         self._tail = TopicTail(settings, [self.topology.spend.name, self.topology.guardrails.name], self.apply)
         self.caught_up = self._tail.caught_up
         self.listeners: list[Callable[[], None]] = self._tail.listeners
         self._logged: asyncio.Task[None] | None = None
+        # More to show on /ready (the budget leases this process holds)
+        self.reporters: list[Callable[[], dict[str, object]]] = []
 
     # ------------------------------------------------------------------ state
     def apply(self, topic: str, value: bytes | None) -> None:
@@ -72,13 +84,16 @@ class GuardrailView:
         # Every snapshot says the last costs offset its total includes; the cost role's
         # snapshots of one partition are written in offset order.
         self.costs_applied[snap.partition] = max(self.costs_applied.get(snap.partition, -1), snap.last_offset)
+        leases = {k: Lease(v.granted_nanos, v.spent_nanos, v.renewed_at) for k, v in snap.leases.items()}
         if snap.kind == "hour" and snap.window_start is not None:
             window = int(snap.window_start.timestamp())
-            self.hours[(window, snap.scope, snap.partition)] = PartTotal(snap.spent_nanos, snap.last_offset)
+            self.hours[(window, snap.scope, snap.partition)] = PartTotal(
+                snap.spent_nanos, snap.last_offset, snap.partition, leases
+            )
             self._forget_old_windows(window)
         elif snap.kind == "workflow":
             self.workflows[snap.scope] = WorkflowTotal(
-                snap.spent_nanos, snap.partition, snap.last_offset, snap.updated_at.timestamp()
+                snap.spent_nanos, snap.partition, snap.last_offset, snap.updated_at.timestamp(), leases
             )
 
     def _forget_old_windows(self, newest: int) -> None:
@@ -94,6 +109,9 @@ class GuardrailView:
             self.alert_threshold = usd_to_nanos(event.limit_usd)
         elif event.scope == "resume:hour" and event.window_start is not None:
             self.resumed_windows.add(int(event.window_start.timestamp()))
+        elif event.scope == "hour" and event.kind == "limit_reached" and event.window_start is not None:
+            window = int(event.window_start.timestamp())
+            self.limit_reached[window] = max(self.limit_reached.get(window, 0), usd_to_nanos(event.limit_usd))
 
     # ---------------------------------------------------------------- queries
     def hour_spend(self, window: int, scope: str = "global") -> int:
@@ -101,6 +119,12 @@ class GuardrailView:
 
     def hour_part(self, window: int, partition: int, scope: str = "global") -> PartTotal | None:
         return self.hours.get((window, scope, partition))
+
+    def hour_ledger(self, window: int) -> PartTotal | None:
+        """The hour's lease ledger: the spend of calls made under hourly leases, and the
+        leases outstanding (kept by the partition the key ``hour`` goes to)."""
+        found = [t for (w, s, _), t in self.hours.items() if w == window and s == LEDGER]
+        return max(found, key=lambda t: t.last_offset) if found else None
 
     def workflow_spend(self, workflow_id: str) -> WorkflowTotal | None:
         return self.workflows.get(workflow_id)
@@ -111,7 +135,9 @@ class GuardrailView:
 
     def hour_paused(self, now: float | None = None) -> bool:
         window = hour_window(time.time() if now is None else now)
-        return window not in self.resumed_windows and self.hour_spend(window) >= self.hour_limit
+        if window in self.resumed_windows:
+            return False
+        return self.hour_spend(window) >= self.hour_limit or self.limit_reached.get(window, -1) >= self.hour_limit
 
     def summary(self, now: float | None = None) -> dict[str, object]:
         """The hour's state, bounded in size (no workflow ids): what ``/ready`` shows."""
@@ -127,6 +153,7 @@ class GuardrailView:
             "paused": self.hour_paused(now),
             "resumed_by_operator": window in self.resumed_windows,
             "caught_up": self.caught_up.is_set(),
+            **{k: v for report in self.reporters for k, v in report().items()},
         }
 
     def status(self, now: float | None = None) -> dict[str, object]:
@@ -136,7 +163,36 @@ class GuardrailView:
             **self.summary(now),
             "workflow_limit_usd": nanos_to_usd(self.workflow_limit),
             "blocked_workflows": blocked,
+            "leases": self.leases_by_holder(now),
         }
+
+    def leases_by_holder(self, now: float | None = None) -> dict[str, dict[str, float | int]]:
+        """The outstanding budget leases, per holder: the hour's (this window) and the
+        workflows' (how many, and what is granted and not yet spent)."""
+        now = time.time() if now is None else now
+        holders: dict[str, dict[str, float | int]] = {}
+
+        ttl = self.settings.cost_guardrails.lease_seconds
+
+        def add(lease_id: str, lease: Lease, kind: str) -> None:
+            if now - lease.renewed > ttl:
+                return  # expired: free again at the scope's next record
+            entry = holders.setdefault(lease_id.rpartition("#")[0] or lease_id, {
+                "hour_outstanding_usd": 0.0, "workflow_leases": 0, "workflow_outstanding_usd": 0.0,
+            })
+            entry[f"{kind}_outstanding_usd"] = round(
+                float(entry[f"{kind}_outstanding_usd"]) + nanos_to_usd(lease.outstanding()), 9
+            )
+            if kind == "workflow":
+                entry["workflow_leases"] = int(entry["workflow_leases"]) + 1
+
+        ledger = self.hour_ledger(hour_window(now))
+        for lease_id, lease in (ledger.leases if ledger else {}).items():
+            add(lease_id, lease, "hour")
+        for total in list(self.workflows.values()):
+            for lease_id, lease in total.leases.items():
+                add(lease_id, lease, "workflow")
+        return holders
 
     # ------------------------------------------------------------- consuming
     async def start(self) -> None:

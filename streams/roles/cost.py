@@ -19,12 +19,12 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from schemas.codec import DecodeError, decode, encode
-from schemas.models import CostEvent, GuardrailEvent, SpendSnapshot
+from schemas.codec import DecodeError, decode_cost_record, encode
+from schemas.models import BudgetRecord, CostEvent, GuardrailEvent, LeaseState, SpendSnapshot
 from streams.envelope import DeadLetters, Outgoing, Source
-from streams.guardrails.ledger import Total, expired, hour_key
+from streams.guardrails.ledger import Total, apply_budget, expired, hour_key
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
-from streams.guardrails.view import GuardrailView, PartTotal, WorkflowTotal
+from streams.guardrails.view import LEDGER, GuardrailView, PartTotal, WorkflowTotal
 from streams.runtime.offsets import OffsetOrder, Verdict
 from streams.runtime.types import Handled, HourlyTable, KeyedTable, Partitions, RoleSpec, Worker
 from topologies.config import Settings
@@ -120,7 +120,7 @@ def _newest(table: Total, published: PartTotal | WorkflowTotal | None) -> Total:
         # A workflow's published total also says when it was last active, so one whose
         # table entry was dropped as idle (or lost) still expires instead of coming back.
         seen = published.updated_at if isinstance(published, WorkflowTotal) else 0.0
-        return Total(published.nanos, published.last_offset, max(table.last_seen, seen))
+        return Total(published.nanos, published.last_offset, max(table.last_seen, seen), dict(published.leases))
     return table
 
 
@@ -194,6 +194,7 @@ class CostAccountant:
         self.batch = SpendBatch(self._snapshot)  # the snapshots, per batch of events
         self.view = view
         self.idle_seconds = settings.cost_guardrails.workflow_idle_expiry_seconds
+        self.lease_seconds = settings.cost_guardrails.lease_seconds
         # Idle workflows are forgotten: per costs partition, a heap of (when to look again,
         # workflow_id) with one entry per workflow; its table total says when it was last seen.
         self._idle: dict[int, list[tuple[float, str]]] = {}
@@ -202,13 +203,15 @@ class CostAccountant:
 
     def apply(self, source: Source, timestamp: float) -> list[Outgoing]:
         try:
-            event = decode(source.value, CostEvent)
+            record = decode_cost_record(source.value)
         except DecodeError as exc:
             return [self.dead_letters.undecodable(source, exc)]
+        if isinstance(record, BudgetRecord):
+            return self._apply_budget(record, source, timestamp)
+        event = record
         nanos = usd_to_nanos(event.cost_usd)
         p, offset = source.partition, source.offset
         window = hour_window(timestamp)
-        out: list[Outgoing] = []
         for scope in ("global", f"tier:{event.tier.value}"):
             key = hour_key(scope, p)
             current = _newest(self.tables.hour(key, window), self.view.hour_part(window, p, scope))
@@ -219,23 +222,80 @@ class CostAccountant:
             self.batch.snapshot("hour", scope, p, current, window)
 
         wf = event.workflow_id
-        total = _newest(self.tables.workflow(wf), self.view.workflow_spend(wf))
-        if expired(total, timestamp, self.idle_seconds):
-            total = Total(last_offset=total.last_offset)  # a new budget period
-            self._announced.discard(_limit_tag(wf))
-        updated = total.add(nanos, offset, timestamp)
-        if updated is not None:
-            self.tables.set_workflow(wf, updated, p)
-            total = updated
-            if wf not in self._watched:
-                self._watched.add(wf)
-                heapq.heappush(self._idle.setdefault(p, []), (timestamp, wf))
+        total = self._workflow(wf, timestamp)
+        updated = total.add(nanos, offset, timestamp, event.lease_id)
+        total = self._set_workflow(wf, updated, p, timestamp) if updated is not None else total
         # Written after the hour snapshots, on the same spend partition: a reader that has
         # seen this workflow total has seen the hour totals of the same event.
         self.batch.snapshot("workflow", wf, p, total, None)
-        out.extend(self._guardrail_events(event, total, window, p, timestamp))
+        out = self._guardrail_events(event, total, window, p, timestamp)
         self._forget_idle(p, timestamp)
         return out
+
+    def _workflow(self, wf: str, timestamp: float) -> Total:
+        total = _newest(self.tables.workflow(wf), self.view.workflow_spend(wf))
+        if expired(total, timestamp, self.idle_seconds):
+            self._announced.discard(_limit_tag(wf))
+            return Total(last_offset=total.last_offset)  # a new budget period
+        return total
+
+    def _set_workflow(self, wf: str, total: Total, p: int, timestamp: float) -> Total:
+        self.tables.set_workflow(wf, total, p)
+        if wf not in self._watched:
+            self._watched.add(wf)
+            heapq.heappush(self._idle.setdefault(p, []), (timestamp, wf))
+        return total
+
+    def _apply_budget(self, record: BudgetRecord, source: Source, timestamp: float) -> list[Outgoing]:
+        """A lease record: granted, renewed, returned or spent against its scope's total,
+        in the order of the scope's partition (see :mod:`streams.guardrails.ledger`)."""
+        p, view = source.partition, self.view
+        rules = {
+            "lease_seconds": self.lease_seconds, "want": record.want_nanos,
+            "least": record.least_nanos, "spent": record.spent_nanos,
+        }
+        if record.window_start is not None:  # the hourly limit's ledger
+            window = int(record.window_start.timestamp())
+            key = hour_key(LEDGER, p)
+            current = _newest(self.tables.hour(key, window), view.hour_part(window, p, LEDGER))
+            # Spend the ledger did not see (calls not made under a lease) takes room too.
+            unleased = max(view.hour_spend(window) - current.nanos, 0)
+            updated = apply_budget(
+                current, record.budget, record.lease_id, source.offset, timestamp,
+                limit=view.hour_limit - unleased, **rules,  # type: ignore[arg-type]
+            )
+            out = []
+            if updated is not None:
+                self.tables.set_hour(key, window, updated, p, float(window))
+                if record.budget == "request" and record.lease_id not in updated.leases:
+                    out = self._hour_spent(updated, record.least_nanos, view.hour_limit - unleased, window)
+                current = updated
+            self.batch.snapshot("hour", LEDGER, p, current, window)
+            return out
+        wf = record.scope
+        total = self._workflow(wf, timestamp)
+        updated = apply_budget(
+            total, record.budget, record.lease_id, source.offset, timestamp,
+            limit=view.workflow_limit, **rules,  # type: ignore[arg-type]
+        )
+        total = self._set_workflow(wf, updated, p, timestamp) if updated is not None else total
+        self.batch.snapshot("workflow", wf, p, total, None)
+        return []
+
+    def _hour_spent(self, ledger: Total, least: int, limit: int, window: int) -> list[Outgoing]:
+        """A call's hourly lease was denied: if the hour's spend alone leaves no room for
+        the call, the hour's limit is reached (every worker then says it is paused)."""
+        tag = f"hour|{window}|limit_reached|{self.view.hour_limit}"
+        if limit - ledger.nanos >= least or tag in self._announced:
+            return []
+        self._announced.add(tag)
+        spent = self.view.hour_limit - limit + ledger.nanos
+        return [self._event(
+            "hour", "limit_reached", "pause", spent, self.view.hour_limit, window,
+            f"spend this hour ${nanos_to_usd(spent):.4f} leaves less than a call's worst case "
+            f"(${nanos_to_usd(least):.6f}) of the hourly limit ${nanos_to_usd(self.view.hour_limit):.2f}; "
+            "model calls wait for the next hour or an operator",
+        )]
 
     def _snapshot(self, kind: str, scope: str, p: int, total: Total, window: int | None) -> Outgoing:
         key = f"hour|{window}|{scope}|p{p}" if kind == "hour" else f"workflow|{scope}"
@@ -243,6 +303,13 @@ class CostAccountant:
             kind=kind, scope=scope, partition=p, spent_nanos=total.nanos,
             last_offset=max(total.last_offset, 0),
             window_start=_utc(window) if window is not None else None,
+            # when the scope was last active (the time of its last record), which the idle
+            # expiry of a workflow's budget counts from
+            updated_at=_utc(total.last_seen) if total.last_seen else datetime.now(UTC),
+            leases={
+                lease_id: LeaseState(granted_nanos=lease.granted, spent_nanos=lease.spent, renewed_at=lease.renewed)
+                for lease_id, lease in total.leases.items()
+            },
         )
         return Outgoing(self.topology.spend.name, key.encode(), encode(snap))
 

@@ -20,11 +20,12 @@ from schemas.models import AgentResult, Tier, TieredRequest, Timings
 from streams.costing import cost_event
 from streams.dedupe import AnsweredIndex
 from streams.envelope import DeadLetters, Outgoing, Source
-from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
+from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation, holder_name
 from streams.guardrails.money import nanos_to_usd, usd_to_nanos
 from streams.guardrails.service import PauseReport
 from streams.guardrails.view import GuardrailView
 from streams.logs import log_context
+from streams.observability import default_metrics
 from streams.pricing import PriceBook
 from streams.providers import ProviderError, ProviderRegistry
 from streams.ratelimit import Permit, RateLimiter
@@ -34,6 +35,7 @@ from topologies.config import Settings
 from topologies.topics import Topology, tier_role
 
 log = logging.getLogger(__name__)
+LEASE_TICK_SECONDS = 0.25  # how often budget leases in use are renewed and the others returned
 
 
 class TierHandler:
@@ -78,14 +80,17 @@ class TierHandler:
             return [self._out_of_rate_limit_scope(source, request)]
         input_estimate = estimate_input_tokens(request)
         reservation: Reservation | None = None
+        budget_wait_ms: float | None = None
         if self.budget is not None:
             worst = self.prices.worst_case(
                 provider, model, input_estimate, request.max_output_tokens
             )
+            waited = time.perf_counter()
             try:
                 reservation = await self.budget.admit(request.workflow_id, usd_to_nanos(worst))
             except BudgetExceeded:
                 return [self._budget_exceeded(request)]
+            budget_wait_ms = round((time.perf_counter() - waited) * 1000, 3)
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
         permit: Permit | None = None
@@ -141,6 +146,7 @@ class TierHandler:
                 started_at=started_at,
                 finished_at=datetime.now(UTC),
                 model_latency_ms=round(latency_ms, 3),
+                budget_wait_ms=budget_wait_ms,
             ),
             metadata=request.metadata,
         )
@@ -148,12 +154,18 @@ class TierHandler:
             log.debug("answered", extra={"prompt": request.prompt_text(), "output": completion.text})
         key = request.workflow_id.encode()
         on_delivered = None
+        lease_records: list[Outgoing] = []
         if reservation is not None:
             assert self.budget is not None
-            self.budget.settle(reservation, usd_to_nanos(cost.cost_usd))
+            # The hour's spend record goes first: the costs topic's records are written in
+            # order and each waited for, so a call's cost event is never counted in Kafka
+            # without its hourly lease's spend.
+            lease_records = self.budget.settle(reservation, usd_to_nanos(cost.cost_usd))
             on_delivered = partial(self.budget.delivered, reservation)
+            cost = cost.model_copy(update={"lease_id": reservation.workflow_lease.lease_id})
         return [
             Outgoing(self.topology.results.name, key, encode(result)),
+            *lease_records,
             Outgoing(self.topology.costs.name, key, encode(cost), on_delivered),
         ]
 
@@ -213,7 +225,11 @@ def build(worker: Worker, tier: Tier) -> RoleSpec:
     providers = ProviderRegistry(settings)
     view = GuardrailView(settings)
     limiter = RateLimiter(settings, tier, topology, providers.throttles)
-    handler = TierHandler(tier, settings, topology, providers, PriceBook(settings), BudgetGate(view), limiter)
+    budget = BudgetGate(
+        view, worker.sender(topology.costs), holder_name(worker.role), costs_topic=topology.costs.name
+    )
+    budget.observe_wait = default_metrics().budget_admission.labels(tier.value).observe
+    handler = TierHandler(tier, settings, topology, providers, PriceBook(settings), budget, limiter)
     source = topology.tiers[tier]
 
     def share_rate_limits(assigned: Iterable[Partition]) -> None:
@@ -233,6 +249,7 @@ def build(worker: Worker, tier: Tier) -> RoleSpec:
         providers=providers,
         limiter=limiter,
         view=view,
-        timers=[PauseReport(view, source.name).timer()],
+        timers=[PauseReport(view, source.name).timer(), (LEASE_TICK_SECONDS, budget.tick)],
+        lifecycles=[budget],
         on_assigned=[share_rate_limits],
     )

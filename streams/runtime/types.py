@@ -86,7 +86,8 @@ class KeyedTable(Protocol):
     def delete(self, key: str, partition: int) -> None: ...
 
 
-Send = Callable[[bytes | None, bytes], Awaitable[None]]
+# Writes one record; returns its (partition, offset) once the broker acknowledged it.
+Send = Callable[[bytes | None, bytes], Awaitable[tuple[int, int]]]
 
 
 class Worker(Protocol):
@@ -135,6 +136,7 @@ class RoleSpec:
     limiter: RateLimiter | None = None  # its waits are measured
     view: GuardrailView | None = None  # followed by the worker, reported on /ready
     timers: list[tuple[float, Callable[[], Awaitable[None]]]] = field(default_factory=list)
+    lifecycles: list[Lifecycle] = field(default_factory=list)  # started and stopped with the worker
     # Told the full assignment after every rebalance; must not block (start a task instead).
     on_assigned: list[Callable[[Iterable[Partition]], None]] = field(default_factory=list)
 

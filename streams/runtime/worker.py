@@ -227,8 +227,9 @@ class FaustWorker:
     def sender(self, spec: TopicSpec) -> Send:
         topic = _faust_topic(self.app, spec)
 
-        async def send(key: bytes | None, value: bytes) -> None:
-            await topic.send(key=key, value=value)
+        async def send(key: bytes | None, value: bytes) -> tuple[int, int]:
+            metadata = await (await topic.send(key=key, value=value))
+            return metadata.partition, metadata.offset
 
         return send
 
@@ -253,7 +254,7 @@ class FaustWorker:
 
     def _needs(self, spec: RoleSpec, metrics: Metrics) -> None:
         app = self.app
-        services: list[Lifecycle] = []
+        services: list[Lifecycle] = list(spec.lifecycles)
         timers = list(spec.timers)
         on_assigned = list(spec.on_assigned)
         on_revoked = []
@@ -335,12 +336,11 @@ class _AgentLoop:
         self.outputs = {s.name: _faust_topic(app, s) for s in spec.produces}
         self.in_flight = InFlight()
 
-    async def _send(self, out: Outgoing, wait: bool = False) -> None:
+    async def _send(self, out: Outgoing) -> asyncio.Future[Any]:
         future = await self.outputs[out.topic].send(key=out.key, value=out.value)
         if out.on_delivered is not None:
             future.add_done_callback(_delivery_callback(out.on_delivered))
-        if wait:
-            await future
+        return future
 
     def _owned(self, event: faust.EventT) -> bool:
         # A rebalance since this event was fetched means the partition's owner (maybe this
@@ -360,10 +360,11 @@ class _AgentLoop:
             outgoing = [out for out in outgoing if out.topic == costs]  # the call was made: it counts
         self.observe(self.role, outgoing)  # every output passes here: handlers carry no metrics code
         first = [out for out in outgoing if out.topic == costs] if costs is not None else []
-        for out in first:
-            # A worker killed between a result and its cost would leave an answered request
-            # (skipped when read again) whose call was never costed.
-            await self._send(out, wait=True)
+        # A worker killed between a result and its cost would leave an answered request
+        # (skipped when read again) whose call was never costed: the costs go first, and
+        # are acknowledged (together, in one linger) before the rest is sent.
+        for future in [await self._send(out) for out in first]:
+            await future
         for out in outgoing:
             if out not in first:
                 await self._send(out)
