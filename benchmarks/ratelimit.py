@@ -194,6 +194,9 @@ def run_scenario(bootstrap: str, scenario: Scenario, run_dir: Path) -> Outcome:
             )
             for i, port in enumerate(health)
         ]
+        # The cost role grants the budget leases every model call is made under.
+        cost = processes.spawn(["worker", "--roles", "cost"], env, run_dir / "worker-cost.log")
+        cleanup.callback(processes.stop, cost)
         for worker in workers:
             cleanup.callback(processes.stop, worker)
 

@@ -446,7 +446,8 @@ async def test_worker_processes_over_sasl_and_refuses_a_wrong_password(
     assert kwargs["security_protocol"] == "SASL_PLAINTEXT"
     assert kwargs["bootstrap_servers"] == [sasl_broker.sasl_bootstrap_servers]
     pipeline.workers.append(
-        processes.spawn(["worker", "--roles", "tier:nano"], env, pipeline.log_dir / "worker.log")
+        # the cost role grants the budget leases the call is made under
+        processes.spawn(["worker", "--roles", "tier:nano,cost"], env, pipeline.log_dir / "worker.log")
     )
     try:
         topology = pipeline.topology

@@ -93,7 +93,7 @@ async def test_thousand_requests_come_back_once_each(pipeline_factory) -> None:
 
 async def test_roles_in_separate_processes(pipeline_factory) -> None:
     pipeline = pipeline_factory()
-    await pipeline.start_workers("classifier", "tier:nano", "tier:standard,tier:premium")
+    await pipeline.start_workers("classifier", "tier:nano", "tier:standard,tier:premium,cost")
     requests = build_requests(300, "split")
     await produce_raw(
         pipeline.settings.kafka.bootstrap_servers,

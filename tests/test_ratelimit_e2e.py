@@ -137,7 +137,7 @@ async def test_every_request_ends_as_a_result_or_a_dead_letter_under_faults(
             for n in range(count)
         ]
         sent = {r.request_id: orjson.dumps(r.model_dump(mode="json")) for r in requests}
-        await pipeline.start_workers("tier:premium", "tier:premium")
+        await pipeline.start_workers("tier:premium", "tier:premium", "cost")  # cost: budget leases
         # Both members first: a rebalance mid-run may answer a request twice (at least
         # once), which would blur "counts add up".
         await wait_for_roles(pipeline.settings, ["tier-premium"], 180, members=2)

@@ -110,6 +110,9 @@ async def test_ready_follows_assignment_and_providers_and_a_pause_stays_ready(pi
 
             answers = await poll(http, [f"{a}/ready", f"{b}/ready"], one_ready_one_idle, 120, "one replica ready")
             ready_url = [a, b][[status for status, _ in answers].index(200)]
+            # The cost role grants the budget leases the held calls need once the limit is raised.
+            pipeline.env[HEALTH_PORT] = "0"
+            await pipeline.start_workers("cost")
 
             # The hourly limit is spent (an operator sets it to $0): calls are held, the
             # worker stays ready and reports the pause, here and in its metrics.

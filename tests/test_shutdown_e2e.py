@@ -41,8 +41,9 @@ def simulator_stats(port: int) -> dict:
 
 
 async def start_and_load(pipeline: Pipeline, port: int) -> None:
-    """A classifier and one nano worker, with every request's call in flight."""
-    await pipeline.start_workers("classifier", "tier:nano")
+    """A classifier, the cost role (it grants the budget leases calls are made under) and
+    one nano worker (last: the one :func:`sigterm` stops), with every request's call in flight."""
+    await pipeline.start_workers("classifier", "cost", "tier:nano")
     calls_before = simulator_stats(port)["requests_total"]
     await produce_raw(
         pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name,

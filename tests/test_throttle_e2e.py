@@ -128,7 +128,8 @@ async def test_a_429_pauses_every_replica_and_they_recover_together(kafka_bootst
     producing: asyncio.Task[None] | None = None
     try:
         processes.wait_http_ok(f"http://127.0.0.1:{sim_port}/health", 30, sim)
-        await pipeline.start_workers("tier:premium", "tier:premium", "tier:premium", health_ports=health)
+        # (the cost role grants the budget leases every call is made under)
+        await pipeline.start_workers("tier:premium", "tier:premium", "tier:premium", "cost", health_ports=health)
         await wait_for_roles(pipeline.settings, ["tier-premium"], 240, members=3)
         producing = asyncio.create_task(steady_requests(pipeline, stop, sent, per_second=6))
         await until(pipeline, urls, lambda now: all(calls(s) >= 3 for s in now), 120, "every replica answering")
