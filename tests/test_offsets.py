@@ -122,3 +122,22 @@ def test_without_fetch_numbers_records_above_the_rewind_wait_for_it() -> None:
     order.clear()
     applied[0] = 30
     assert order.expected(0) == 31, "cleared: the published totals decide again"
+
+
+def test_only_a_key_error_raised_inside_aiokafkas_fetcher_is_taken_for_its_race() -> None:
+    """The fetch loop survives aiokafka's KeyError when a seek clears a partition's buffer
+    mid-iteration, and nothing else: a KeyError of the loop's own code still raises."""
+    from streams.runtime.transport import raised_in_aiokafka_fetcher
+
+    def raised_in(filename: str) -> KeyError:
+        namespace: dict[str, object] = {}
+        exec(compile("def fetched_records(records):\n    del records['tp']\n", filename, "exec"), namespace)
+        try:
+            namespace["fetched_records"]({})  # type: ignore[operator]
+        except KeyError as exc:
+            return exc
+        raise AssertionError("no KeyError")
+
+    assert raised_in_aiokafka_fetcher(raised_in("/venv/site-packages/aiokafka/consumer/fetcher.py"))
+    assert not raised_in_aiokafka_fetcher(raised_in("/work/streams/runtime/transport.py"))
+    assert not raised_in_aiokafka_fetcher(KeyError("never raised"))

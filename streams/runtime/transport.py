@@ -202,38 +202,47 @@ class _Consumer(faust_aiokafka.Consumer):
                 fetch = self._fetches
                 await self.sleep(0)
                 if not self.should_stop:
-                    async for tp, message in records:
-                        since_yield += 1
-                        if since_yield > 100:
-                            await asyncio.sleep(0)
-                            since_yield = 0
-                        if commit_every is not None and self._n_acked >= commit_every:
-                            self._n_acked = 0
-                            await self.commit()
-                        tracked = acks_enabled_for(message.topic)
-                        if tracked:
-                            if self._seeking:
-                                self._fetched_while_seeking.add(tp)
-                                continue  # read again once the seek has set the positions
-                            if message.generation_id != self.app.consumer_generation_id:
-                                continue  # fetched before a rebalance, whose seek reads it again
-                            if not await self._admit(tp, message.offset, fetch):
+                    try:
+                        async for tp, message in records:
+                            since_yield += 1
+                            if since_yield > 100:
+                                await asyncio.sleep(0)
+                                since_yield = 0
+                            if commit_every is not None and self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                            tracked = acks_enabled_for(message.topic)
+                            if tracked:
+                                if self._seeking:
+                                    self._fetched_while_seeking.add(tp)
+                                    continue  # read again once the seek has set the positions
+                                if message.generation_id != self.app.consumer_generation_id:
+                                    continue  # fetched before a rebalance, whose seek reads it again
+                                if not await self._admit(tp, message.offset, fetch):
+                                    continue
+                            else:  # table changelogs: Faust's own rule
+                                read = self._read_offset[tp]
+                                if read is not None and message.offset < read:
+                                    continue
+                                self._read_offset[tp] = message.offset
+                            if self._delivers_at_once(tp):
+                                await callback(message)
                                 continue
-                        else:  # table changelogs: Faust's own rule
-                            read = self._read_offset[tp]
-                            if read is not None and message.offset < read:
-                                continue
-                            self._read_offset[tp] = message.offset
-                        if self._delivers_at_once(tp):
-                            await callback(message)
-                            continue
-                        delivering = callback(message)
-                        waited = await self.wait_first(delivering, self.suspend_flow.wait())
-                        if (
-                            tracked and delivering not in waited.done
-                            and message.generation_id == self.app.consumer_generation_id
-                        ):
-                            self.delivery.reset({tp: message.offset})  # not delivered: read again
+                            delivering = callback(message)
+                            waited = await self.wait_first(delivering, self.suspend_flow.wait())
+                            if (
+                                tracked and delivering not in waited.done
+                                and message.generation_id == self.app.consumer_generation_id
+                            ):
+                                self.delivery.reset({tp: message.offset})  # not delivered: read again
+                    except KeyError as exc:
+                        if not raised_in_aiokafka_fetcher(exc):
+                            raise
+                        # aiokafka's fetched_records can find a partition's buffer gone when
+                        # an assignment or a seek clears it mid-iteration (aio-libs/aiokafka,
+                        # robinhood/aiokafka#19): what was not handed over stays buffered or
+                        # is fetched again, and the offset order sees any gap.
+                        log.warning("the fetch raced with a seek or rebalance (%r): fetching again", exc)
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -298,3 +307,11 @@ def as_current_event(event: EventT) -> Iterator[None]:
         yield
     finally:
         faust_streams._current_event.reset(token)
+
+
+def raised_in_aiokafka_fetcher(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside aiokafka's fetcher, not by the loop's own code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("aiokafka/consumer/fetcher.py")
