@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from schemas.codec import encode
 from schemas.models import BudgetRecord
 from streams.envelope import Outgoing
-from streams.guardrails.ledger import Lease
+from streams.guardrails.ledger import Lease, Total
 from streams.guardrails.money import hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView
 
@@ -317,7 +317,7 @@ class BudgetGate:
         if total is None:
             return limit
         leases, _offset, _partition, spent = total
-        return limit - spent - sum(lease.outstanding() for lease in leases.values())
+        return Total(spent, leases=leases).room(limit)  # the cost role's own rule
 
     def _room_grew(self, allowance: Allowance) -> bool:
         return self._room(allowance) > allowance.denied_room
@@ -329,7 +329,7 @@ class BudgetGate:
 
     def _on_view_update(self) -> None:
         """Look for the answers to this process's requests. Waiters are woken when one came,
-        when a scope that denied one changed, or when a limit or an operator's resume
+        when the room of a scope that denied one grew, or when a limit or an operator's resume
         changed; otherwise their re-check every second is enough (the spend topic changes
         with every batch of the cost role, and waking every waiting call on each would cost
         more than the calls)."""
