@@ -476,3 +476,27 @@ def test_min_size_above_max_size_is_refused() -> None:
             "TIERSTREAM__PROVIDERS__ANTHROPIC__POOL__MAX_SIZE": "2",
         })
     assert "providers.anthropic.pool: Value error, min_size (3) must not exceed max_size (2)" in str(info.value)
+
+
+def test_the_registry_resolves_the_platform_so_no_model_call_forks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDKs' platform header needs the processor name, which Python gets from a
+    # `uname -p` child process the first time; a worker should pay that once, at start.
+    import platform
+    import subprocess
+
+    import anthropic._base_client
+    import openai._base_client
+
+    monkeypatch.setattr(platform, "_platform_cache", {})
+    monkeypatch.setattr(platform, "_uname_cache", None)
+    _registry()
+    spawned: list[object] = []
+    real_init = subprocess.Popen.__init__
+
+    def record(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        spawned.append(args)
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", record)
+    assert openai._base_client.get_platform() == anthropic._base_client.get_platform()
+    assert spawned == []

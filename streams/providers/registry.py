@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,10 @@ class ProviderRegistry:
         # 429 back-off per provider model, shared by every call this process makes.
         self.throttles = Throttles(dict(settings.providers))
         max_in_flight = settings.worker.max_concurrent_tasks
+        # The SDKs name the platform in a header, and Python learns the processor from a
+        # `uname -p` child process: resolved (and cached by Python) here, at start, so that
+        # no model call forks the worker.
+        platform.platform()
         for provider in sorted({t.provider for t in settings.tiers.values()}):
             endpoint = resolve_endpoint(settings, provider, environ)
             conf = settings.providers[provider]
