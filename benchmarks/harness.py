@@ -12,7 +12,7 @@
    whichever pipeline runs first;
 4. for each worker count, for each pipeline, in turn, on its own topics and groups:
 
-   * ``tierstream``: N x ``tierstream worker --roles all`` (Faust, one process per role);
+   * ``tierstream``: N x ``tierstream worker --roles classifier,tiers,cost`` (Faust, one process per role);
    * ``tierstream-guarded`` (scenario 4): the same with the guardrails engaged, see
      :data:`GUARDED_ENV`, and rate limits that never bind (:data:`RATE_LIMIT_ENV`);
    * ``raw-fake``: N x every role as a plain aiokafka loop; the tier roles make NO model
@@ -62,17 +62,21 @@ from streams import processes
 from streams.admin import ensure_topics, wait_for_roles
 from streams.broker import kafka_script
 from topologies.config import load_settings
-from topologies.topics import ALL_ROLES
+from topologies.topics import ALL_ROLES, BATCH_ROLE
 
+# The online path's roles: the workloads here have no batch requests, so the batch role
+# (an idle process) is left out of every pipeline.
+ONLINE_ROLES = [r for r in ALL_ROLES if r != BATCH_ROLE]
+ONLINE_ROLE_SPEC = "classifier,tiers,cost"
 # The raw baselines run every hop tierstream does, the cost role's included (with plain
 # dicts for its totals, see benchmarks.baseline).
-BASELINE_ROLES = list(ALL_ROLES)
+BASELINE_ROLES = ONLINE_ROLES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PIPELINES = ("tierstream", "raw-fake", "raw-sdk", "tierstream-guarded")
 DEFAULT_PIPELINES = ("tierstream", "raw-fake", "raw-sdk")
 DESCRIPTIONS = {
-    "tierstream": "Faust workers (tierstream worker --roles all), model called via SDKs -> simulator",
+    "tierstream": "Faust workers (tierstream worker --roles classifier,tiers,cost), model called via SDKs -> simulator",
     "tierstream-guarded": "as tierstream, guardrails engaged (see config.pipeline_env)",
     "raw-fake": "plain aiokafka, same handlers, NO model call (fake completion, no HTTP, no SDK)",
     "raw-sdk": "plain aiokafka, same handlers, model called via the same SDK clients -> simulator",
@@ -205,7 +209,7 @@ def machine_info(external: bool) -> dict[str, object]:
 
 
 def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) -> list[list[subprocess.Popen[bytes]]]:
-    """The processes of each worker set: one ``worker --roles all`` tree, or one plain
+    """The processes of each worker set: one ``worker --roles <the online roles>`` tree, or one plain
     process per role for the raw pipelines.
 
     They run in the logs directory, not the checkout: ``python -m`` puts its working
@@ -214,7 +218,7 @@ def _spawn_pipeline(kind: str, workers: int, env: dict[str, str], logs: Path) ->
     sets: list[list[subprocess.Popen[bytes]]] = []
     for w in range(workers):
         if kind.startswith("tierstream"):
-            sets.append([processes.spawn(["worker", "--roles", "all"], env, logs / f"{kind}-worker{w}.log", cwd=logs)])
+            sets.append([processes.spawn(["worker", "--roles", ONLINE_ROLE_SPEC], env, logs / f"{kind}-worker{w}.log", cwd=logs)])
             continue
         mode = kind.split("-", 1)[1]
         procs = []
@@ -266,7 +270,7 @@ def run_pipeline(
             if dead:
                 raise RuntimeError(f"{kind}: process(es) exited early: {dead}; logs in {logs}")
 
-        roles = list(ALL_ROLES) if kind.startswith("tierstream") else BASELINE_ROLES
+        roles = ONLINE_ROLES
         asyncio.run(wait_for_roles(settings, roles, timeout=180, members=workers_n))
         ready_s = time.monotonic() - started
         for stopper in stoppers:  # the previous pipeline is gone before measuring this one

@@ -24,6 +24,8 @@ AgentType = Annotated[
 ]
 TokenCount = Annotated[int, Field(ge=0)]
 Usd = Annotated[float, Field(ge=0)]
+LatencyClass = Literal["interactive", "batch"]
+AnsweredBy = Literal["online", "batch"]
 
 
 def utcnow() -> datetime:
@@ -70,6 +72,17 @@ class AgentRequest(WireModel):
     max_output_tokens: int = Field(default=1024, ge=1, le=200_000)
     tier_hint: Tier | None = Field(
         default=None, description="Skip classification and use this tier."
+    )
+    latency_class: LatencyClass | None = Field(
+        default=None,
+        description="'batch': may be answered through the provider's batch API, at the batch "
+        "price, within its completion window; 'interactive': a model call now. Null: the "
+        "agent type's default (agent_types.<name>.latency_class).",
+    )
+    complete_by: datetime | None = Field(
+        default=None,
+        description="When the result is needed by. A batch request whose deadline is closer "
+        "than the batch completion window is answered online.",
     )
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)
@@ -140,6 +153,10 @@ class AgentResult(WireModel):
     timings: Timings
     error: str | None = None
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    answered_by: AnsweredBy = Field(
+        default="online", description="'batch': through the provider's batch API, at the batch price."
+    )
+    batch_id: str | None = Field(default=None, description="The provider's batch that answered it.")
 
 
 class CostEvent(WireModel):
@@ -279,6 +296,7 @@ DeadLetterCode = Literal[
     "context_too_long",
     "provider_error",
     "rate_limit_scope",
+    "batch_failed",
 ]
 
 
@@ -304,6 +322,42 @@ class DeadLetter(WireModel):
     failed_at: datetime = Field(default_factory=utcnow)
 
 
+BatchState = Literal["submitting", "submitted", "answering", "answered"]
+
+
+class BatchJob(WireModel):
+    """One batch of requests sent to a provider's batch API, on the compacted batch-jobs
+    topic (key: ``job_key``; a tombstone once every item is answered).
+
+    ``submitting`` is written before the batch is sent, ``submitted`` once the provider
+    named it, ``answering`` before its results are written, with where the topics it
+    writes ended then, ``answered`` (without items) once every item is: a batch role that
+    restarts knows what it sent and what it already answered (see docs/batch.md).
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job_key: str = Field(pattern=r"^[a-z0-9]{1,32}$", description="Ours; item i's custom_id is '<job_key>-<i>'.")
+    state: BatchState
+    provider: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=200)
+    source_partition: int = Field(ge=0, description="The batch topic's partition its requests came from.")
+    batch_id: str | None = Field(default=None, description="The provider's id, once submitted.")
+    items: list[TieredRequest] = Field(default_factory=list, description="Empty once answered.")
+    created_at: datetime = Field(default_factory=utcnow)
+    submitted_at: datetime | None = None
+    written_from: dict[str, int] = Field(
+        default_factory=dict,
+        description="answering: '<topic>:<partition>' -> the end offset before its results were written.",
+    )
+    resubmissions: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _items_while_open(self) -> BatchJob:
+        if self.state != "answered" and not self.items:
+            raise ValueError(f"a batch in state {self.state!r} carries at least one request")
+        return self
+
+
 WIRE_MODELS: dict[str, type[WireModel]] = {
     "agent_request": AgentRequest,
     "tiered_request": TieredRequest,
@@ -314,4 +368,5 @@ WIRE_MODELS: dict[str, type[WireModel]] = {
     "spend_snapshot": SpendSnapshot,
     "throttle_event": ThrottleEvent,
     "dead_letter": DeadLetter,
+    "batch_job": BatchJob,
 }

@@ -26,6 +26,8 @@ app.add_typer(guardrail_app, name="guardrail")
 topics_app = typer.Typer(help="The topology's topics.")
 app.add_typer(broker_app, name="broker")
 app.add_typer(topics_app, name="topics")
+batch_app = typer.Typer(help="The batch path: requests answered through the providers' batch APIs.")
+app.add_typer(batch_app, name="batch")
 router_app = typer.Typer(help="The learned router: train it, and evaluate any routing strategy on labelled data.")
 app.add_typer(router_app, name="router")
 
@@ -276,6 +278,17 @@ def guardrail_status(config: ConfigOption = None) -> None:
         return {**view.status(), "cost_role_backlog": await cost_role_backlog(settings, view)}
 
     print(orjson.dumps(asyncio.run(status()), option=orjson.OPT_INDENT_2).decode())
+
+
+@batch_app.command("status")
+def batch_status(config: ConfigOption = None) -> None:
+    """The open provider batches of the cluster: provider, model, items, age, state (JSON)."""
+    import orjson
+
+    from streams.batches.jobs import read_open_batches
+
+    batches = asyncio.run(read_open_batches(_settings(config)))
+    print(orjson.dumps({"open_batches": batches}, option=orjson.OPT_INDENT_2).decode())
 
 
 @guardrail_app.command("resume")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from schemas.models import AgentRequest, CostEvent, Tier
 from streams.pricing import PriceBook
 from streams.providers import Completion
@@ -15,8 +17,10 @@ def cost_event(
     model: str,
     completion: Completion,
     attempt: int,
+    price_factor: float = 1.0,
 ) -> CostEvent:
-    """Priced by the configured model name: the served name may carry a date suffix."""
+    """Priced by the configured model name: the served name may carry a date suffix.
+    ``price_factor``: the share of the online price paid (batch APIs: half)."""
     cost = prices.cost(
         provider,
         model,
@@ -24,6 +28,8 @@ def cost_event(
         completion.output_tokens,
         completion.cached_input_tokens,
     )
+    if price_factor != 1.0:
+        cost = cost * Decimal(str(price_factor))
     return CostEvent(
         request_id=request.request_id,
         workflow_id=request.workflow_id,

@@ -16,9 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from benchmarks.harness import BASELINE_ROLES, FIGURES, RATIO_PAIRS
+from benchmarks.harness import BASELINE_ROLES, FIGURES, ONLINE_ROLE_SPEC, ONLINE_ROLES, RATIO_PAIRS
 from streams.broker import REPO_ROOT
-from topologies.topics import ALL_ROLES
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +97,7 @@ def test_bench_harness_small_run(small_run: Path) -> None:
 
         workers = figures["resources"]["workers"]
         # tierstream: the supervisor + one process per role; baselines: one process per role
-        roles = ["all", *ALL_ROLES] if kind == "tierstream" else BASELINE_ROLES
+        roles = [ONLINE_ROLE_SPEC, *ONLINE_ROLES] if kind == "tierstream" else BASELINE_ROLES
         assert workers["processes"] == len(roles), (kind, workers)
         assert sorted(p["role"] for p in workers["per_process"]) == sorted(roles), (kind, workers["per_process"])
         assert len(figures["resources"]["per_worker"]) == 1
@@ -106,7 +105,7 @@ def test_bench_harness_small_run(small_run: Path) -> None:
         assert workers["peak_rss_mb_max"] > 0
 
         lag = figures["lag"]
-        sampled_roles = set(ALL_ROLES) if kind == "tierstream" else set(BASELINE_ROLES)
+        sampled_roles = set(ONLINE_ROLES)
         assert lag["samples"], (kind, lag)
         assert set(lag["peak"]) == sampled_roles
         for sample in lag["samples"]:

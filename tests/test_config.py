@@ -11,6 +11,7 @@ import yaml
 
 from schemas.models import (
     AgentRequest,
+    BatchJob,
     CostEvent,
     DeadLetter,
     GuardrailEvent,
@@ -392,6 +393,8 @@ def test_topic_names_follow_the_prefix() -> None:
         "team-a.requests.nano",
         "team-a.requests.standard",
         "team-a.requests.premium",
+        "team-a.requests.batch",
+        "team-a.batch-jobs",
         "team-a.results",
         "team-a.costs",
         "team-a.guardrails",
@@ -405,15 +408,19 @@ def test_topic_names_follow_the_prefix() -> None:
 
 
 def test_partitions_and_replication_come_from_config() -> None:
-    topo = topology(
-        partitions={
-            "requests": 3, "tiers": 4, "results": 5, "costs": 7, "guardrails": 2, "dead_letters": 9
+    kafka = {
+        "partitions": {
+            "requests": 3, "tiers": 4, "batch": 8, "results": 5, "costs": 7, "guardrails": 2, "dead_letters": 9
         },
-        replication_factor=3,
-        max_message_bytes=2048,
-    )
+        "replication_factor": 3,
+        "max_message_bytes": 2048,
+    }
+    # A batch's record carries its requests: batch.max_bytes must fit under max_message_bytes.
+    topo = Topology(load_settings(environ={}, overrides={"kafka": kafka, "batch": {"max_bytes": 1024}}))
     assert topo.requests.partitions == 3
     assert [topo.tiers[t].partitions for t in Tier] == [4, 4, 4]
+    assert topo.batch.partitions == 8
+    assert topo.batch_jobs.partitions == 1  # the cluster's open batches, read whole by every batch role
     assert topo.results.partitions == 5
     assert topo.costs.partitions == 7
     assert topo.guardrails.partitions == 2
@@ -426,11 +433,13 @@ def test_partitions_and_replication_come_from_config() -> None:
 
 def test_only_the_state_topics_are_compacted() -> None:
     topo = topology()
-    for spec in (topo.guardrails, topo.spend, topo.throttles):
+    for spec in (topo.batch_jobs, topo.guardrails, topo.spend, topo.throttles):
         assert spec.compacted is True, spec.name
         assert spec.config["cleanup.policy"] == "compact", spec.name
         assert "retention.ms" not in spec.config, spec.name
-    assert [s.name for s in topo.all() if s.compacted] == ["agent.guardrails", "agent.spend", "agent.throttles"]
+    assert [s.name for s in topo.all() if s.compacted] == [
+        "agent.batch-jobs", "agent.guardrails", "agent.spend", "agent.throttles"
+    ]
     assert topo.throttles.config["segment.ms"] == "3600000"  # compaction can act within the hour
 
 
@@ -438,6 +447,8 @@ def test_topic_keys_and_value_models() -> None:
     topo = topology()
     assert (topo.requests.key, topo.requests.value) == ("workflow_id", AgentRequest)
     assert {(topo.tiers[t].key, topo.tiers[t].value) for t in Tier} == {("workflow_id", TieredRequest)}
+    assert (topo.batch.key, topo.batch.value) == ("workflow_id", TieredRequest)
+    assert (topo.batch_jobs.key, topo.batch_jobs.value) == ("job_key", BatchJob)
     assert (topo.costs.key, topo.costs.value) == ("workflow_id", CostEvent)
     assert (topo.guardrails.key, topo.guardrails.value) == ("scope", GuardrailEvent)
     assert (topo.spend.key, topo.spend.value) == ("scope", SpendSnapshot)
@@ -458,21 +469,22 @@ def test_every_flow_topic_exists() -> None:
     classifier = flows[0]
     assert classifier.reads == ("agent.requests",)
     assert classifier.writes == (
-        "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.dlq"
+        "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.requests.batch",
+        "agent.dlq",
     )
     premium = next(f for f in flows if f.role == "tier-premium")
     assert premium.reads == (
         "agent.requests.premium", "agent.results", "agent.spend", "agent.guardrails", "agent.throttles"
     )
     assert premium.writes == ("agent.results", "agent.costs", "agent.throttles", "agent.dlq")
-    cost = flows[-1]
-    assert cost.role == "cost"
+    cost = next(f for f in flows if f.role == "cost")
     assert cost.reads == ("agent.costs", "agent.spend", "agent.guardrails")
     assert cost.writes == ("agent.spend", "agent.guardrails", "agent.dlq")
     llm = Topology(load_settings(environ={"TIERSTREAM__CLASSIFIER__STRATEGY": "llm"})).flows()[0]
     assert llm.reads == ("agent.requests", "agent.throttles")  # its routing calls back off with the tiers
     assert llm.writes == (
-        "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.costs",
+        "agent.requests.nano", "agent.requests.standard", "agent.requests.premium", "agent.requests.batch",
+        "agent.costs",
         "agent.throttles", "agent.dlq",
     )
 
@@ -480,13 +492,14 @@ def test_every_flow_topic_exists() -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("all", ["classifier", "tier-nano", "tier-standard", "tier-premium", "cost"]),
+        ("all", ["classifier", "tier-nano", "tier-standard", "tier-premium", "cost", "batch"]),
         ("classifier,tier:premium", ["classifier", "tier-premium"]),
         ("tiers", ["tier-nano", "tier-standard", "tier-premium"]),
         ("tier:standard,tiers", ["tier-standard", "tier-nano", "tier-premium"]),
         ("classifier,classifier, tier:nano ,tier-nano", ["classifier", "tier-nano"]),
-        ("all,classifier,tiers", ["classifier", "tier-nano", "tier-standard", "tier-premium", "cost"]),
+        ("all,classifier,tiers", ["classifier", "tier-nano", "tier-standard", "tier-premium", "cost", "batch"]),
         ("cost", ["cost"]),
+        ("batch,cost", ["batch", "cost"]),
         ("cost,tiers", ["cost", "tier-nano", "tier-standard", "tier-premium"]),
         ("CLASSIFIER,Tier:Premium", ["classifier", "tier-premium"]),
         ("tier:nano,,", ["tier-nano"]),
@@ -522,6 +535,7 @@ def test_consumer_group_differs_per_role() -> None:
         "tierstream-tier-standard",
         "tierstream-tier-premium",
         "tierstream-cost",
+        "tierstream-batch",
     ]
     assert len(set(groups)) == len(ALL_ROLES)
     assert topo.consumer_group("other", tier_role(Tier.NANO)) == "other-tier-nano"

@@ -18,6 +18,7 @@ from schemas.models import (
     WIRE_MODELS,
     AgentRequest,
     AgentResult,
+    BatchJob,
     BudgetRecord,
     ChatMessage,
     CostEvent,
@@ -147,6 +148,20 @@ def realistic(name: str) -> WireModel:
             origin="tier-premium/worker-7/4242/1f2e3d4c",
             emitted_at=T0,
         ),
+        "batch_job": BatchJob(
+            job_key="3f9a0c1e2b4d5a6f",
+            state="answering",
+            provider="openai",
+            model="gpt-4o-mini",
+            source_partition=2,
+            batch_id="batch_abc123",
+            items=[TieredRequest(**request_fields, tier=Tier.NANO, routed_by="rules",
+                                 classified_at=T0, latency_class="batch", complete_by=T0 + timedelta(days=2))],
+            created_at=T0,
+            submitted_at=T0 + timedelta(seconds=1),
+            written_from={"agent.results:0": 120, "agent.costs:3": 77},
+            resubmissions=1,
+        ),
         "dead_letter": DeadLetter(
             code="invalid_json",
             reason="not valid UTF-8 JSON",
@@ -210,7 +225,7 @@ def test_round_trip_every_wire_model(name: str) -> None:
 
 def test_realistic_instances_cover_every_wire_model() -> None:
     assert sorted(WIRE_MODELS) == [
-        "agent_request", "agent_result", "budget_record", "cost_event", "dead_letter", "guardrail_event",
+        "agent_request", "agent_result", "batch_job", "budget_record", "cost_event", "dead_letter", "guardrail_event",
         "spend_snapshot", "throttle_event", "tiered_request",
     ]
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.models import AgentType, Tier
+from schemas.models import AgentType, LatencyClass, Tier
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
 ENV_PREFIX = "TIERSTREAM__"
@@ -45,6 +45,7 @@ class TopicPartitions(Section):
     tiers: PositiveInt = 6
     results: PositiveInt = 6
     costs: PositiveInt = 6
+    batch: PositiveInt = 3
     guardrails: PositiveInt = 1
     dead_letters: PositiveInt = 1
 
@@ -201,6 +202,36 @@ class ClassifierSettings(Section):
 
 class AgentTypeSettings(Section):
     min_tier: Tier = Tier.NANO
+    # For requests that do not say: 'batch' sends them through the providers' batch APIs.
+    latency_class: LatencyClass = "interactive"
+
+
+class BatchSettings(Section):
+    """The batch path (``streams.roles.batch``, docs/batch.md): requests marked ``batch``
+    answered through OpenAI's Batch API and Anthropic's Message Batches API."""
+
+    # false: every request is answered online, whatever it asks for.
+    enabled: bool = True
+    # The providers answer a batch within 24 hours; a request whose complete_by is sooner
+    # than this (plus the margin) is answered online.
+    completion_window_seconds: float = Field(default=86_400, gt=0, le=7 * 86_400)
+    deadline_margin_seconds: float = Field(default=600, ge=0)
+    # A batch is submitted at max_items requests, max_bytes of requests, or max_age_seconds
+    # after its first request, whichever comes first. Its record on the batch-jobs topic
+    # carries its requests, so max_bytes stays under kafka.max_message_bytes.
+    max_items: int = Field(default=1000, ge=1, le=50_000)
+    max_bytes: int = Field(default=600_000, ge=1024)
+    max_age_seconds: float = Field(default=60, gt=0, le=3600)
+    # How often open batches are asked for their state.
+    poll_seconds: float = Field(default=30, gt=0, le=3600)
+    # The batch price as a share of the online price (both providers: half).
+    price_factor: float = Field(default=0.5, gt=0, le=1)
+    # An item that errored, expired or was cancelled: answered online, or dead-lettered.
+    on_item_failure: Literal["online", "dead_letter"] = "online"
+    # The providers' batch queue limits, per model, over every open batch of the cluster;
+    # null: no limit. A batch waits for room before it is submitted.
+    max_enqueued_requests: PositiveInt | None = None
+    max_enqueued_tokens: PositiveInt | None = None
 
 
 class RateLimit(Section):
@@ -294,6 +325,7 @@ class Settings(Section):
     cost_guardrails: CostGuardrails = CostGuardrails()
     prices: dict[str, ModelPrice] = {}
     worker: WorkerSettings = WorkerSettings()
+    batch: BatchSettings = BatchSettings()
 
     @field_validator("rate_limits", mode="before")
     @classmethod
@@ -315,6 +347,11 @@ class Settings(Section):
         unknown = sorted(set(self.rate_limits) - set(self.agent_types))
         if unknown:
             raise ValueError(f"rate_limits: unknown agent types {unknown}")
+        if self.batch.enabled and self.batch.max_bytes > self.kafka.max_message_bytes * 0.9:
+            raise ValueError(
+                f"batch.max_bytes ({self.batch.max_bytes}) must leave room under "
+                f"kafka.max_message_bytes ({self.kafka.max_message_bytes}): a batch's record carries its requests"
+            )
         return self
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 from schemas.models import (
     AgentRequest,
     AgentResult,
+    BatchJob,
     CostEvent,
     DeadLetter,
     GuardrailEvent,
@@ -24,7 +25,7 @@ from schemas.models import (
 )
 from topologies.config import Settings
 
-MessageKey = Literal["workflow_id", "scope", "source_key"]
+MessageKey = Literal["workflow_id", "scope", "source_key", "job_key"]
 
 HOUR_MS = 3600 * 1000
 WEEK_MS = 7 * 24 * HOUR_MS
@@ -61,7 +62,8 @@ def tier_role(tier: Tier) -> Role:
 
 CLASSIFIER_ROLE: Role = "classifier"
 COST_ROLE: Role = "cost"
-ALL_ROLES: tuple[Role, ...] = (CLASSIFIER_ROLE, *(tier_role(t) for t in Tier), COST_ROLE)
+BATCH_ROLE: Role = "batch"
+ALL_ROLES: tuple[Role, ...] = (CLASSIFIER_ROLE, *(tier_role(t) for t in Tier), COST_ROLE, BATCH_ROLE)
 
 
 def parse_roles(spec: str) -> list[Role]:
@@ -80,7 +82,7 @@ def parse_roles(spec: str) -> list[Role]:
             candidates = [role]
         else:
             raise ValueError(
-                f"unknown role {raw!r}: choose from all, classifier, cost, tiers, "
+                f"unknown role {raw!r}: choose from all, classifier, cost, batch, tiers, "
                 + ", ".join(f"tier:{t.value}" for t in Tier)
             )
         roles.extend(r for r in candidates if r not in roles)
@@ -113,6 +115,19 @@ class Topology:
             )
             for tier in Tier
         }
+        self.batch = TopicSpec(
+            f"{prefix}.requests.batch", parts.batch, rf, "workflow_id", TieredRequest,
+            "classified requests to answer through the providers' batch APIs, read by the batch role",
+            {**common, "retention.ms": str(WEEK_MS)},
+        )
+        # One partition: the open batches of the cluster, read whole by every batch role
+        # (what is enqueued per model, who owns which batch after a rebalance).
+        self.batch_jobs = TopicSpec(
+            f"{prefix}.batch-jobs", 1, rf, "job_key", BatchJob,
+            "open provider batches: the requests each carries and how far it got "
+            "(compacted: latest state per batch, a tombstone once answered)",
+            {**common, "cleanup.policy": "compact"},
+        )
         self.results = TopicSpec(
             f"{prefix}.results", parts.results, rf, "workflow_id", AgentResult,
             "one result per request, for downstream agents", {**common, "retention.ms": str(WEEK_MS)},
@@ -148,7 +163,7 @@ class Topology:
 
     def all(self) -> list[TopicSpec]:
         return [
-            self.requests, *self.tiers.values(), self.results, self.costs,
+            self.requests, *self.tiers.values(), self.batch, self.batch_jobs, self.results, self.costs,
             self.guardrails, self.spend, self.throttles, self.dead_letters,
         ]
 
@@ -163,7 +178,7 @@ class Topology:
             Flow(
                 CLASSIFIER_ROLE,
                 reads=(self.requests.name, *routing_throttles),
-                writes=(*tier_names, *routing_costs, *routing_throttles, self.dead_letters.name),
+                writes=(*tier_names, self.batch.name, *routing_costs, *routing_throttles, self.dead_letters.name),
             )
         ]
         for tier, spec in self.tiers.items():
@@ -180,6 +195,17 @@ class Topology:
                 COST_ROLE,
                 reads=(self.costs.name, self.spend.name, self.guardrails.name),
                 writes=(self.spend.name, self.guardrails.name, self.dead_letters.name),
+            )
+        )
+        flows.append(
+            Flow(
+                BATCH_ROLE,
+                # the topics it writes answers to: what a batch answered before a restart is
+                # read back, so it is not answered again
+                reads=(self.batch.name, self.batch_jobs.name, self.results.name, self.costs.name,
+                       *tier_names, self.dead_letters.name),
+                # tier topics: the items a provider failed, answered online
+                writes=(self.batch_jobs.name, self.results.name, self.costs.name, *tier_names, self.dead_letters.name),
             )
         )
         return flows

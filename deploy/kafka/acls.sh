@@ -11,6 +11,7 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-classifier --operation Describe --operation Write --topic agent.requests.nano
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-classifier --operation Describe --operation Write --topic agent.requests.standard
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-classifier --operation Describe --operation Write --topic agent.requests.premium
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-classifier --operation Describe --operation Write --topic agent.requests.batch
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-classifier --operation Describe --operation Write --topic agent.dlq
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-classifier --operation Read --group tierstream-classifier
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-classifier --operation Create --operation Describe --operation Read --operation Write --topic tierstream-classifier- --resource-pattern-type prefixed
@@ -55,6 +56,18 @@ kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" -
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-cost --operation Describe --operation Write --topic agent.dlq
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-cost --operation Read --group tierstream-cost
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-cost --operation Create --operation Describe --operation Read --operation Write --topic tierstream-cost- --resource-pattern-type prefixed
+
+# User:tierstream-batch
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Describe --operation Read --topic agent.requests.batch
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Describe --operation Read --operation Write --topic agent.batch-jobs
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Describe --operation Read --operation Write --topic agent.results
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Describe --operation Read --operation Write --topic agent.costs
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Describe --operation Read --operation Write --topic agent.requests.nano
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Describe --operation Read --operation Write --topic agent.requests.standard
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Describe --operation Read --operation Write --topic agent.requests.premium
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Describe --operation Read --operation Write --topic agent.dlq
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Read --group tierstream-batch
+kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-batch --operation Create --operation Describe --operation Read --operation Write --topic tierstream-batch- --resource-pattern-type prefixed
 
 # User:tierstream-operator
 kafka-acls.sh --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:tierstream-operator --operation Describe --operation Read --topic agent.spend

@@ -32,6 +32,20 @@ def completion_from_payload(payload: Any, model: str) -> Completion:
     )
 
 
+def request_body(model: str, messages: list[ChatMessage], max_output_tokens: int) -> dict[str, Any]:
+    """A Messages request body (also a batch item's ``params``)."""
+    body: dict[str, Any] = {
+        "model": model,
+        # The Messages API takes system prompts apart from the conversation.
+        "messages": [{"role": m.role, "content": m.content} for m in messages if m.role != "system"],
+        "max_tokens": max_output_tokens,
+    }
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    if system:
+        body["system"] = system
+    return body
+
+
 class AnthropicClient:
     provider = "anthropic"
 
@@ -45,15 +59,7 @@ class AnthropicClient:
     async def complete(
         self, model: str, messages: list[ChatMessage], max_output_tokens: int
     ) -> Completion:
-        body: dict[str, Any] = {
-            "model": model,
-            # The Messages API takes system prompts apart from the conversation.
-            "messages": [{"role": m.role, "content": m.content} for m in messages if m.role != "system"],
-            "max_tokens": max_output_tokens,
-        }
-        system = "\n\n".join(m.content for m in messages if m.role == "system")
-        if system:
-            body["system"] = system
+        body = request_body(model, messages, max_output_tokens)
         try:
             if self._typed:
                 typed = await self._sdk.messages.create(**body)

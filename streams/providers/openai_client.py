@@ -39,6 +39,15 @@ def completion_from_payload(payload: Any, model: str) -> Completion:
     )
 
 
+def request_body(model: str, messages: list[ChatMessage], max_output_tokens: int) -> dict[str, Any]:
+    """A Chat Completions request body (also a batch line's ``body``)."""
+    return {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in messages],
+        "max_completion_tokens": max_output_tokens,
+    }
+
+
 class OpenAIClient:
     provider = "openai"
 
@@ -52,11 +61,7 @@ class OpenAIClient:
     async def complete(
         self, model: str, messages: list[ChatMessage], max_output_tokens: int
     ) -> Completion:
-        body = {
-            "model": model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
-            "max_completion_tokens": max_output_tokens,
-        }
+        body = request_body(model, messages, max_output_tokens)
         try:
             if self._typed:
                 typed = await self._sdk.chat.completions.create(**body)  # type: ignore[call-overload]

@@ -13,11 +13,12 @@ from functools import partial
 
 from schemas.models import Tier
 from streams.runtime.types import RoleSpec, Worker
-from topologies.topics import CLASSIFIER_ROLE, COST_ROLE, Role, tier_role
+from topologies.topics import BATCH_ROLE, CLASSIFIER_ROLE, COST_ROLE, Role, tier_role
 
 MODULES: dict[Role, str] = {
     CLASSIFIER_ROLE: "streams.roles.classifier",
     COST_ROLE: "streams.roles.cost",
+    BATCH_ROLE: "streams.roles.batch",
     **{tier_role(t): "streams.roles.tier" for t in Tier},
 }
 

@@ -1,4 +1,5 @@
-"""The classifier role: give each request a model tier and route it to that tier's topic.
+"""The classifier role: give each request a model tier and route it to that tier's topic
+(or, for a request marked ``batch`` whose deadline allows, to the batch role's topic).
 
 Consumes the requests topic; produces tiered requests (keyed by workflow_id, so a
 workflow keeps its order on its tier topic), the costs of meta-routing calls, and dead
@@ -12,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import AgentRequest, ChatMessage, RoutedBy, Tier, TieredRequest
@@ -154,6 +156,21 @@ class ClassifierHandler:
             f"{choice.model} ({tier.value} tier); shorten the task or lower max_output_tokens"
         )
 
+    def _by_batch(self, request: AgentRequest, now: datetime) -> bool:
+        """Whether the request goes to the batch role: it asks for it (or its agent type
+        does), the batch path is on, and its deadline leaves the providers' window."""
+        batch = self.settings.batch
+        wanted = request.latency_class or self.settings.agent_types[request.agent_type].latency_class
+        if wanted != "batch" or not batch.enabled:
+            return False
+        if request.complete_by is None:
+            return True
+        needed = timedelta(seconds=batch.completion_window_seconds + batch.deadline_margin_seconds)
+        complete_by = request.complete_by
+        if complete_by.tzinfo is None:
+            complete_by = complete_by.replace(tzinfo=UTC)
+        return complete_by - now >= needed
+
     def _admit(self, source: Source) -> AgentRequest | Outgoing:
         """The request, or the dead letter that says why there is none."""
         try:
@@ -169,11 +186,8 @@ class ClassifierHandler:
         tiered = TieredRequest(
             **request.model_dump(), tier=decision.tier, routed_by=decision.routed_by
         )
-        out = Outgoing(
-            self.topology.tiers[decision.tier].name,
-            request.workflow_id.encode(),
-            encode(tiered),
-        )
+        topic = self.topology.batch if self._by_batch(request, tiered.classified_at) else self.topology.tiers[decision.tier]
+        out = Outgoing(topic.name, request.workflow_id.encode(), encode(tiered))
         if decision.routing_call is None:
             return [out]
         # Meta-routing is a model call like any other: it is costed against the workflow.
@@ -210,7 +224,9 @@ def build(worker: Worker) -> RoleSpec:
     return RoleSpec(
         consumes=topology.requests,
         # with the llm strategy, the routing calls' costs too
-        produces=(*topology.tiers.values(), *([topology.costs] if providers else []), topology.dead_letters),
+        produces=(
+            *topology.tiers.values(), topology.batch, *([topology.costs] if providers else []), topology.dead_letters,
+        ),
         handle_batch=handler.handle_batch,
         batch_size=size,
         batch_wait_seconds=settings.classifier.batch_wait_seconds,

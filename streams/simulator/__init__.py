@@ -9,6 +9,10 @@ The official async SDKs work against it unmodified::
 Test directives in the last user message: ``#sim:reply=<text>`` (exact answer, to end
 of line) and ``#sim:status=<code>`` (answer that HTTP status with the provider's error
 body). A system prompt containing :data:`META_ROUTER_MARKER` gets a one-word tier.
+
+Both providers' batch APIs are served too (OpenAI files + batches, Anthropic message
+batches; see :mod:`streams.simulator.batches`), with the batch directives
+``#sim:batch-error[=<code>]`` and ``#sim:batch-expire``.
 """
 
 from .config import RATE_WINDOW_SECONDS, ModelRateLimit, SimulatorConfig

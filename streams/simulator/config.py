@@ -20,6 +20,19 @@ Rate limits
 A request is charged ``input tokens + max_tokens`` at admission, as OpenAI does.
 ``model_limits`` gives a model its own limits; a model listed there uses exactly those
 (``None`` = unlimited) instead of the global ones.
+
+Batches
+-------
+The OpenAI Batch API and the Anthropic Message Batches API have their own queue: batch
+items never touch the online windows, latency or fault injection. A batch's items are
+answered one after another over ``batch_delay_seconds`` from its creation (item ``i`` of
+``n`` at ``created + delay * (i + 1) / n``, monotonic clock), so the whole batch ends
+exactly ``batch_delay_seconds`` after creation. ``batch_item_error_rate`` and
+``batch_item_expire_rate`` make a fraction of the items fail (500 ``api_error``) or expire,
+drawn from a generator seeded by ``seed``. ``batch_max_requests`` caps one batch (``None``:
+each API's own cap, 50,000 for OpenAI and 100,000 for Anthropic); ``batch_max_enqueued_tokens``
+caps, per (api, model), the tokens of unfinished batches (input tokens + max tokens of
+each item, as the online limiter charges them).
 """
 
 from __future__ import annotations
@@ -36,6 +49,11 @@ _P99_Z = 2.3263478740408408
 """Standard-normal quantile of 0.99."""
 
 PositiveLimit = Annotated[int, Field(ge=1)]
+
+OPENAI_BATCH_MAX_REQUESTS = 50_000
+"""Requests per OpenAI batch input file."""
+ANTHROPIC_BATCH_MAX_REQUESTS = 100_000
+"""Requests per Anthropic Message Batch."""
 
 
 class ModelRateLimit(BaseModel):
@@ -86,7 +104,25 @@ class SimulatorConfig(BaseModel):
         default=512, ge=1, le=200_000, description="longest natural answer, in tokens"
     )
 
-    seed: int | None = Field(default=None, description="seeds latency and fault injection draws")
+    batch_delay_seconds: float = Field(
+        default=2.0, ge=0, le=86_400, description="a batch ends this long after its creation"
+    )
+    batch_item_error_rate: float = Field(
+        default=0.0, ge=0, le=1, description="fraction of batch items answered 500 api_error"
+    )
+    batch_item_expire_rate: float = Field(
+        default=0.0, ge=0, le=1, description="fraction of batch items that expire unanswered"
+    )
+    batch_max_requests: PositiveLimit | None = Field(
+        default=None, description="items per batch; None: 50,000 (OpenAI) / 100,000 (Anthropic)"
+    )
+    batch_max_enqueued_tokens: PositiveLimit | None = Field(
+        default=None, description="tokens of unfinished batches per (api, model); None: unlimited"
+    )
+
+    seed: int | None = Field(
+        default=None, description="seeds latency, fault injection and batch item draws"
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SimulatorConfig:
@@ -97,7 +133,15 @@ class SimulatorConfig(BaseModel):
             raise ValueError("burst_429_seconds must be below burst_429_every_seconds")
         if self.output_tokens_max < self.output_tokens_min:
             raise ValueError("output_tokens_max must be >= output_tokens_min")
+        if self.batch_item_error_rate + self.batch_item_expire_rate > 1:
+            raise ValueError("batch_item_error_rate + batch_item_expire_rate must be <= 1")
         return self
+
+    def batch_limit(self, api: str) -> int:
+        """The most items one batch of ``api`` may hold."""
+        if self.batch_max_requests is not None:
+            return self.batch_max_requests
+        return OPENAI_BATCH_MAX_REQUESTS if api == "openai" else ANTHROPIC_BATCH_MAX_REQUESTS
 
     def limits_for(self, model: str) -> ModelRateLimit:
         """The limits that apply to ``model``."""

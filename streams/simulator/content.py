@@ -37,6 +37,7 @@ _NANO_KEYWORDS = (
 _REPLY_RE = re.compile(r"#sim:reply=([^\r\n]*)")
 _STATUS_RE = re.compile(r"#sim:status=(\d{3})\b")
 _RETRY_AFTER_RE = re.compile(r"#sim:retry_after=(\d{1,4}(?:\.\d{1,3})?)")
+_BATCH_RE = re.compile(r"#sim:batch-(error|expire)(?:=(\d{3}))?")
 _NON_TEXT_PART_TYPES = frozenset(
     {"image", "image_url", "input_image", "input_audio", "audio", "document", "file"}
 )
@@ -124,6 +125,29 @@ def find_retry_after_directive(text: str) -> float | None:
         return None
     match = _RETRY_AFTER_RE.search(text)
     return None if match is None else float(match.group(1))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDirective:
+    """What a ``#sim:batch-error[=<code>]`` or ``#sim:batch-expire`` directive asks for."""
+
+    expire: bool
+    status: int
+    """HTTP status of the item's error (500 unless ``#sim:batch-error=<code>``)."""
+
+
+def find_batch_directive(text: str) -> BatchDirective | None:
+    """A batch item's directive: ``#sim:batch-error`` (500), ``#sim:batch-error=<code>``
+    (400-599) or ``#sim:batch-expire``. Online calls ignore it."""
+    if "#sim:batch-" not in text:
+        return None
+    match = _BATCH_RE.search(text)
+    if match is None:
+        return None
+    if match.group(1) == "expire":
+        return BatchDirective(expire=True, status=0)
+    code = int(match.group(2)) if match.group(2) else 500
+    return BatchDirective(expire=False, status=code if 400 <= code <= 599 else 500)
 
 
 def find_reply_directive(text: str) -> str | None:

@@ -1,7 +1,8 @@
 """The aiohttp application behind ``tierstream provider-sim``.
 
 Routes: ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` (Anthropic),
-``GET /stats``, ``POST /stats/reset``, ``GET /health``.
+``GET /stats``, ``POST /stats/reset``, ``GET /health``, and both providers' batch APIs
+(OpenAI files and batches, Anthropic message batches: see :mod:`.batches`).
 
 Order of checks for an API call: API key (401) -> JSON body and required fields
 (400) -> ``stream`` (400, unsupported) -> ``#sim:status`` directive -> random error
@@ -25,17 +26,26 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .batches import BatchQueue
 from .config import SimulatorConfig
-from .content import AnswerMaker, find_retry_after_directive, find_status_directive
+from .content import Answer, AnswerMaker, find_retry_after_directive, find_status_directive
 from .limiter import ModelWindow, Quota, Rejection, retry_after_header
+from .responses import JSON, error_response, json_response, read_json_object, request_error_response
 from .stats import SimulatorStats
-from .wire import AnthropicWire, OpenAIWire, ParsedRequest, RequestError, Wire, format_duration
+from .wire import (
+    ORGANIZATION,
+    STREAM_UNSUPPORTED,
+    AnthropicWire,
+    OpenAIWire,
+    ParsedRequest,
+    RequestError,
+    Wire,
+    format_duration,
+)
 
 log = logging.getLogger(__name__)
 
-_JSON = "application/json"
 _MAX_BODY_BYTES = 32 * 1024 * 1024
-_ORGANIZATION = "org-tierstream-sim"
 _INJECTED_STATUSES = {"openai": (500, 503), "anthropic": (500, 529)}
 _INJECTED_MESSAGES = {
     500: "The server had an error while processing your request (injected by provider-sim).",
@@ -57,6 +67,7 @@ class ProviderSimulator:
         self._serial = itertools.count(1)
         self._stats = SimulatorStats()
         self._windows: dict[tuple[str, str], ModelWindow] = {}
+        self._batches = BatchQueue(self, self._openai, self._anthropic)
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._started = time.monotonic()  # 429 bursts are timed from here
@@ -70,6 +81,7 @@ class ProviderSimulator:
         app.router.add_get("/stats", self._stats_handler)
         app.router.add_post("/stats/reset", self._reset_handler)
         app.router.add_get("/health", self._health_handler)
+        self._batches.add_routes(app.router)
         return app
 
     async def start(self) -> None:
@@ -132,25 +144,35 @@ class ProviderSimulator:
 
     # -- stats -------------------------------------------------------------------
 
+    @property
+    def counters(self) -> SimulatorStats:
+        """The live counters (replaced by :meth:`reset_stats`)."""
+        return self._stats
+
     def stats(self) -> dict[str, Any]:
-        return self._stats.snapshot(self._windows, time.monotonic())
+        now = time.monotonic()
+        enqueued = self._batches.enqueued_tokens(now)  # settles the batches that ended
+        snapshot = self._stats.snapshot(self._windows, now)
+        snapshot["batches"] = self._stats.batch_snapshot(enqueued)
+        return snapshot
 
     def reset_stats(self) -> None:
-        """Zero every counter and forget the rate-limit windows (and their peaks)."""
+        """Zero every counter and forget the rate-limit windows (and their peaks); batches,
+        files and their enqueued tokens are state, not counters, and stay."""
         in_flight = self._stats.in_flight
         self._stats = SimulatorStats()
         self._stats.in_flight = self._stats.peak_in_flight = in_flight
         self._windows = {}
 
     async def _stats_handler(self, _request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.stats()), content_type=_JSON)
+        return web.Response(body=orjson.dumps(self.stats()), content_type=JSON)
 
     async def _reset_handler(self, _request: web.Request) -> web.Response:
         self.reset_stats()
-        return web.Response(body=b'{"reset":true}', content_type=_JSON)
+        return web.Response(body=b'{"reset":true}', content_type=JSON)
 
     async def _health_handler(self, _request: web.Request) -> web.Response:
-        return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+        return web.Response(body=b'{"status":"ok"}', content_type=JSON)
 
     # -- API calls ---------------------------------------------------------------
 
@@ -194,25 +216,14 @@ class ProviderSimulator:
         serial = next(self._serial)
         request_id = f"req_sim{serial:020d}"
         if not wire.authenticated(request.headers):
-            return self._error(wire, request_id, 401, _missing_key_message(wire))
+            return error_response(wire, request_id, 401, wire.missing_key_message)
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._error(wire, request_id, 413, "Request exceeds the maximum allowed size.")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return self._error(wire, request_id, 400, "The request body is not valid JSON.")
-        if not isinstance(body, dict):
-            return self._error(wire, request_id, 400, "The request body must be a JSON object.")
-        try:
-            parsed = wire.parse(body)
+            parsed = wire.parse(await read_json_object(request))
         except RequestError as exc:
-            return self._error(wire, request_id, exc.status, exc.message, param=exc.param)
+            return request_error_response(wire, request_id, exc)
         self._stats.by_model[parsed.model] += 1
         if parsed.stream:
-            message = "stream=true is not supported by provider-sim."
-            return self._error(wire, request_id, 400, message, param="stream")
+            return error_response(wire, request_id, 400, STREAM_UNSUPPORTED, param="stream")
         directive = find_status_directive(parsed.user_text)
         if directive is not None:
             self._stats.status_directives += 1
@@ -222,7 +233,7 @@ class ProviderSimulator:
         if config.error_rate and self._rng.random() < config.error_rate:
             self._stats.errors_injected += 1
             code = self._rng.choice(_INJECTED_STATUSES[wire.name])
-            return self._error(wire, request_id, code, _INJECTED_MESSAGES[code])
+            return error_response(wire, request_id, code, _INJECTED_MESSAGES[code])
         if self._in_429_burst():
             self._stats.bursts_429 += 1
             return self._burst_429(wire, request_id)
@@ -237,13 +248,7 @@ class ProviderSimulator:
         self, wire: Wire, request_id: str, serial: int, parsed: ParsedRequest, quota: Quota
     ) -> web.Response:
         config = self.config
-        answer = self._answers.answer(
-            model=parsed.model,
-            texts=parsed.texts,
-            user_text=parsed.user_text,
-            system_text=parsed.system_text,
-            max_tokens=parsed.max_tokens,
-        )
+        answer = self.answer_for(parsed)
         if config.timeout_rate and self._rng.random() < config.timeout_rate:
             self._stats.timeouts_injected += 1
             await asyncio.sleep(config.hang_seconds)
@@ -255,31 +260,22 @@ class ProviderSimulator:
         self._stats.output_tokens += answer.output_tokens
         headers = wire.quota_headers(quota)
         headers[wire.request_id_header] = request_id
-        return web.Response(
-            body=orjson.dumps(wire.response(parsed, answer, serial)),
-            headers=headers,
-            content_type=_JSON,
+        return json_response(wire.response(parsed, answer, serial), headers=headers)
+
+    def answer_for(self, parsed: ParsedRequest) -> Answer:
+        """The deterministic answer to a request: the online routes and the batches use it."""
+        return self._answers.answer(
+            model=parsed.model,
+            texts=parsed.texts,
+            user_text=parsed.user_text,
+            system_text=parsed.system_text,
+            max_tokens=parsed.max_tokens,
         )
 
-    def _error(
-        self,
-        wire: Wire,
-        request_id: str,
-        status: int,
-        message: str,
-        *,
-        error_type: str | None = None,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> web.Response:
-        all_headers = {wire.request_id_header: request_id}
-        if headers:
-            all_headers.update(headers)
-        body = wire.error(
-            status, message, request_id, error_type=error_type, param=param, code=code
-        )
-        return web.Response(body=body, status=status, headers=all_headers, content_type=_JSON)
+    def next_serial(self) -> int:
+        """A fresh serial for a response id and its request id (``req_sim<serial>``)."""
+        return next(self._serial)
+
 
     def _in_429_burst(self) -> bool:
         every = self.config.burst_429_every_seconds
@@ -296,12 +292,12 @@ class ProviderSimulator:
     def _directive_error(self, wire: Wire, request_id: str, status: int, retry_after: float) -> web.Response:
         message = f"Simulated HTTP {status} (#sim:status directive)."
         if status != 429:
-            return self._error(wire, request_id, status, message)
+            return error_response(wire, request_id, status, message)
         return self._too_many(wire, request_id, message, retry_after)
 
     def _too_many(self, wire: Wire, request_id: str, message: str, retry_after: float) -> web.Response:
         seconds, millis = retry_after_header(retry_after)
-        return self._error(
+        return error_response(
             wire,
             request_id,
             429,
@@ -320,7 +316,7 @@ class ProviderSimulator:
         headers["retry-after-ms"] = millis
         if rejection.never_fits:
             headers["x-should-retry"] = "false"
-        return self._error(
+        return error_response(
             wire,
             request_id,
             429,
@@ -331,20 +327,11 @@ class ProviderSimulator:
         )
 
 
-def _missing_key_message(wire: Wire) -> str:
-    if wire.name == "openai":
-        return (
-            "You didn't provide an API key. You need to provide your API key in an "
-            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-        )
-    return "x-api-key header is required"
-
-
 def _rate_limit_message(wire: Wire, model: str, rejection: Rejection) -> str:
     unit = "requests" if rejection.kind == "requests" else "tokens"
     if wire.name == "openai":
         label = "requests per min (RPM)" if unit == "requests" else "tokens per min (TPM)"
-        where = f"{model} in organization {_ORGANIZATION} on {label}"
+        where = f"{model} in organization {ORGANIZATION} on {label}"
         if rejection.never_fits:
             return (
                 f"Request too large for {where}: Limit {rejection.limit}, Requested "
@@ -363,7 +350,7 @@ def _rate_limit_message(wire: Wire, model: str, rejection: Rejection) -> str:
         )
     return (
         f"This request would exceed the rate limit for your organization "
-        f"({_ORGANIZATION}) of {rejection.limit} {unit} per minute for {model}. "
+        f"({ORGANIZATION}) of {rejection.limit} {unit} per minute for {model}. "
         "For details, refer to: https://docs.claude.com/en/api/rate-limits."
     )
 

@@ -27,6 +27,16 @@ class SimulatorStats:
         "output_tokens",
         "in_flight",
         "peak_in_flight",
+        "batch_calls",
+        "batches_created",
+        "batches_rejected",
+        "batches_failed",
+        "batches_cancel_requests",
+        "batches_ended",
+        "batch_items_submitted",
+        "batch_items",
+        "batch_input_tokens",
+        "batch_output_tokens",
     )
 
     def __init__(self) -> None:
@@ -44,6 +54,17 @@ class SimulatorStats:
         self.output_tokens = 0
         self.in_flight = 0
         self.peak_in_flight = 0
+        # Batches: their HTTP calls are counted here only, not in requests_total / by_*.
+        self.batch_calls: Counter[int] = Counter()  # by HTTP status
+        self.batches_created: Counter[str] = Counter()  # by api: create calls answered 200
+        self.batches_rejected: Counter[str] = Counter()  # create calls answered 4xx/429
+        self.batches_failed: Counter[str] = Counter()  # OpenAI: failed validation
+        self.batches_cancel_requests: Counter[str] = Counter()
+        self.batches_ended: Counter[str] = Counter()  # processed to an end (not failed)
+        self.batch_items_submitted: Counter[tuple[str, str]] = Counter()  # (api, model)
+        self.batch_items: Counter[tuple[str, str]] = Counter()  # (api, outcome)
+        self.batch_input_tokens: Counter[str] = Counter()  # of succeeded items
+        self.batch_output_tokens: Counter[str] = Counter()
 
     def enter(self, api: str) -> None:
         self.requests_total += 1
@@ -84,4 +105,31 @@ class SimulatorStats:
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
             "windows": per_window,
+        }
+
+    def batch_snapshot(self, enqueued_tokens: dict[tuple[str, str], int]) -> dict[str, Any]:
+        submitted: Counter[str] = Counter()
+        by_model: dict[str, dict[str, int]] = {}
+        for (api, model), count in sorted(self.batch_items_submitted.items()):
+            submitted[api] += count
+            by_model.setdefault(api, {})[model] = count
+        items: dict[str, dict[str, int]] = {}
+        for (api, outcome), count in sorted(self.batch_items.items()):
+            items.setdefault(api, {})[outcome] = count
+        enqueued: dict[str, dict[str, int]] = {}
+        for (api, model), tokens in sorted(enqueued_tokens.items()):
+            enqueued.setdefault(api, {})[model] = tokens
+        return {
+            "calls_by_status": {str(code): n for code, n in sorted(self.batch_calls.items())},
+            "created": dict(self.batches_created),
+            "rejected": dict(self.batches_rejected),
+            "failed": dict(self.batches_failed),
+            "cancel_requests": dict(self.batches_cancel_requests),
+            "ended": dict(self.batches_ended),
+            "items_submitted": dict(submitted),
+            "items_submitted_by_model": by_model,
+            "items": items,
+            "input_tokens": dict(self.batch_input_tokens),
+            "output_tokens": dict(self.batch_output_tokens),
+            "enqueued_tokens": enqueued,
         }

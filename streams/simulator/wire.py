@@ -25,15 +25,33 @@ from .limiter import Quota
 
 ApiName = Literal["openai", "anthropic"]
 
+ORGANIZATION = "org-tierstream-sim"
+"""The organization named in rate-limit messages."""
+
+
+STREAM_UNSUPPORTED = "stream=true is not supported by provider-sim."
+
 
 class RequestError(Exception):
-    """A request the provider would refuse with a 4xx."""
+    """A request the provider would refuse with a 4xx (or, for a batch queue limit, 429)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.code = code
+        self.error_type = error_type
+        self.headers = headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +80,11 @@ def format_duration(seconds: float) -> str:
 def _rfc3339_in(seconds: float) -> str:
     moment = datetime.fromtimestamp(time.time() + seconds, UTC).replace(microsecond=0)
     return moment.isoformat().replace("+00:00", "Z")
+
+
+def rfc3339(timestamp: float) -> str:
+    """A Unix time as Anthropic writes it: ``2024-09-24T18:37:24.100435Z``."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _text_of_messages(
@@ -116,11 +139,12 @@ def _require_model(body: dict[str, Any], message: str) -> str:
 class Wire(Protocol):
     name: ApiName
     request_id_header: str
+    missing_key_message: str
 
     def authenticated(self, headers: Any) -> bool: ...
     def parse(self, body: dict[str, Any]) -> ParsedRequest: ...
     def response(self, request: ParsedRequest, answer: Answer, serial: int) -> dict[str, Any]: ...
-    def error(
+    def error_body(
         self,
         status: int,
         message: str,
@@ -129,7 +153,7 @@ class Wire(Protocol):
         error_type: str | None = None,
         param: str | None = None,  # not part of Anthropic's error shape
         code: str | None = None,
-    ) -> bytes: ...
+    ) -> dict[str, Any]: ...
     def quota_headers(self, quota: Quota) -> dict[str, str]: ...
     def rate_limit_type(self, kind: str) -> str: ...
 
@@ -142,6 +166,10 @@ def _bearer(headers: Any) -> bool:
 class OpenAIWire:
     name: ApiName = "openai"
     request_id_header = "x-request-id"
+    missing_key_message = (
+        "You didn't provide an API key. You need to provide your API key in an "
+        "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+    )
     _roles = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
     _system_roles = frozenset({"system", "developer"})
     _error_types = {
@@ -225,7 +253,7 @@ class OpenAIWire:
     def rate_limit_type(self, kind: str) -> str:
         return kind  # OpenAI reports "requests" or "tokens"
 
-    def error(
+    def error_body(
         self,
         status: int,
         message: str,
@@ -234,14 +262,12 @@ class OpenAIWire:
         error_type: str | None = None,
         param: str | None = None,
         code: str | None = None,
-    ) -> bytes:
+    ) -> dict[str, Any]:
         if error_type is None:
             error_type = self._error_types.get(
                 status, "server_error" if status >= 500 else "invalid_request_error"
             )
-        return orjson.dumps(
-            {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-        )
+        return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
     def quota_headers(self, quota: Quota) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -259,6 +285,7 @@ class OpenAIWire:
 class AnthropicWire:
     name: ApiName = "anthropic"
     request_id_header = "request-id"
+    missing_key_message = "x-api-key header is required"
     _roles = frozenset({"user", "assistant"})
     _error_types = {
         400: "invalid_request_error",
@@ -329,7 +356,7 @@ class AnthropicWire:
     def rate_limit_type(self, kind: str) -> str:
         return "rate_limit_error"
 
-    def error(
+    def error_body(
         self,
         status: int,
         message: str,
@@ -338,18 +365,16 @@ class AnthropicWire:
         error_type: str | None = None,
         param: str | None = None,
         code: str | None = None,
-    ) -> bytes:
+    ) -> dict[str, Any]:
         if error_type is None:
             error_type = self._error_types.get(
                 status, "api_error" if status >= 500 else "invalid_request_error"
             )
-        return orjson.dumps(
-            {
-                "type": "error",
-                "error": {"type": error_type, "message": message},
-                "request_id": request_id,
-            }
-        )
+        return {
+            "type": "error",
+            "error": {"type": error_type, "message": message},
+            "request_id": request_id,
+        }
 
     def quota_headers(self, quota: Quota) -> dict[str, str]:
         headers: dict[str, str] = {}

@@ -1,0 +1,128 @@
+"""The batch path end to end: a real broker, the provider simulator's batch APIs through
+the official SDKs, and the batch role SIGKILLed at each step where a crash could lose a
+request or answer it twice."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import httpx
+import orjson
+import pytest
+
+from streams import processes
+from streams.admin import wait_for_roles
+from streams.pricing import PriceBook
+from streams.roles.batch import CRASH_ENV
+from tests.support import Pipeline, collect, is_cost, produce_raw, read_topic, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+
+TIERS = ("nano", "standard", "premium")  # openai, anthropic, anthropic in the default configuration
+
+
+def request(n: int, **fields: object) -> tuple[bytes, bytes]:
+    workflow = f"wf-{n % 20}"
+    body = {
+        "request_id": f"b-{n}", "workflow_id": workflow, "agent_type": "writer",
+        "task": f"Summarise item {n}.", "max_output_tokens": 32, "tier_hint": TIERS[n % 3],
+        "latency_class": "batch", **fields,
+    }
+    return workflow.encode(), orjson.dumps(body, default=str)
+
+
+def start_batch_role(pipeline: Pipeline, crash_at: str | None, run: int):
+    env = dict(pipeline.env)
+    if crash_at is not None:
+        env[CRASH_ENV] = crash_at
+    return processes.spawn(["worker", "--roles", "batch"], env, pipeline.log_dir / f"worker-batch-{run}.log")
+
+
+def submitted_items(simulator_port: int) -> int:
+    stats = httpx.get(f"http://127.0.0.1:{simulator_port}/stats").json()
+    return sum(stats["batches"]["items_submitted"].values())
+
+
+async def test_batch_requests_are_answered_once_at_the_batch_price_across_sigkills(
+    pipeline_factory, simulator_port: int
+) -> None:
+    """1,000 batch-marked requests over both providers: the batch role is SIGKILLed after
+    Anthropic accepted a batch it had not recorded yet, then again halfway through
+    writing a batch's answers; every request is answered once, at half the online price,
+    and no item is sent to a provider twice. Requests due too soon, and items the provider
+    failed, are answered online."""
+    pipeline: Pipeline = pipeline_factory(
+        TIERSTREAM__BATCH__MAX_AGE_SECONDS="1",
+        TIERSTREAM__BATCH__POLL_SECONDS="0.5",
+        TIERSTREAM__BATCH__MAX_ITEMS="400",
+        TIERSTREAM__BATCH__COMPLETION_WINDOW_SECONDS="3600",
+        TIERSTREAM__BATCH__DEADLINE_MARGIN_SECONDS="0",
+        TIERSTREAM__WORKER__SESSION_TIMEOUT_SECONDS="6",
+    )
+    settings = pipeline.settings
+    topology = pipeline.topology
+    await pipeline.start_workers("classifier", "cost", "tier:nano", "tier:standard", "tier:premium")
+    before = submitted_items(simulator_port)
+    # Anthropic's batches carry no metadata: the harder one to find again
+    killed = start_batch_role(pipeline, "submitted:anthropic", 1)
+    await wait_for_roles(settings, ["classifier", "cost", "tier-nano", "tier-standard", "tier-premium", "batch"], 180)
+
+    soon = (datetime.now(UTC) + timedelta(seconds=600)).isoformat()
+    batch = [request(n) for n in range(1000)]
+    due_soon = [request(1000 + n, complete_by=soon) for n in range(12)]
+    failing = [request(2000 + n, task=f"Summarise {n}. #sim:batch-error") for n in range(6)]
+    expiring = [request(3000 + n, task=f"Summarise {n}. #sim:batch-expire") for n in range(6)]
+    everything = batch + due_soon + failing + expiring
+    await produce_raw(settings.kafka.bootstrap_servers, topology.requests.name, everything)
+
+    # 1. killed after the provider took a batch, before the job said so
+    assert await wait_until(lambda: _exited(killed), 120, "the batch role to kill itself after a submission",
+                            accept=_is_code) == -signal.SIGKILL
+    # 2. killed halfway through writing a batch's answers
+    killed = start_batch_role(pipeline, "answering", 2)
+    assert await wait_until(lambda: _exited(killed), 180, "the batch role to kill itself while answering",
+                            accept=_is_code) == -signal.SIGKILL
+    # 3. and once more, to the end
+    survivor = start_batch_role(pipeline, None, 3)
+    pipeline.workers.append(survivor)
+
+    collected = await collect(pipeline, expected=len(everything), timeout=240, settle=3.0)
+    ids = collected.result_ids()
+    assert not collected.dead_letters, collected.dead_letters[:3]
+    assert {i for i, n in ids.items() if n > 1} == set(), "answered twice"
+    assert set(ids) == {orjson.loads(body)["request_id"] for _, body in everything}, "not answered"
+
+    by_id = {r["request_id"]: r for r in collected.results}
+    via_batch = [by_id[orjson.loads(body)["request_id"]] for _, body in batch]
+    assert {r["answered_by"] for r in via_batch} == {"batch"}
+    assert {r["provider"] for r in via_batch} == {"openai", "anthropic"}
+    assert all(r["batch_id"] for r in via_batch)
+    # the deadline is too close for the batch window, and the failed items go online (policy)
+    for _, body in due_soon + failing + expiring:
+        assert by_id[orjson.loads(body)["request_id"]]["answered_by"] == "online"
+
+    prices = PriceBook(settings)
+    for r in via_batch:
+        online = prices.cost(r["provider"], r["model"], r["input_tokens"], r["output_tokens"])
+        assert Decimal(str(r["cost_usd"])) == Decimal(str(float(online * Decimal("0.5")))), r
+
+    # each batch item went to a provider once (the unrecorded batch was found, not sent again)
+    assert submitted_items(simulator_port) - before == len(batch) + len(failing) + len(expiring)
+    # each answered request was costed once
+    costs = await read_topic(pipeline, topology.costs.name, len(everything), 60, keep=is_cost)
+    counted = Counter(c["request_id"] for c in costs)
+    assert {i for i, n in counted.items() if n != 1} == set()
+    assert set(counted) == set(ids)
+    assert sum(Decimal(str(c["cost_usd"])) for c in costs if c["request_id"] in {r["request_id"] for r in via_batch}) \
+        == sum(Decimal(str(r["cost_usd"])) for r in via_batch)
+
+
+def _exited(proc) -> int | None:
+    return proc.poll()
+
+
+def _is_code(code: int | None) -> bool:
+    return code is not None
