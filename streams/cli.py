@@ -215,6 +215,15 @@ def bench_ratelimit(ctx: typer.Context) -> None:
     raise typer.Exit(bench_ratelimit_main(ctx.args))
 
 
+@app.command("bench-batch", context_settings=PASS_THROUGH)
+def bench_batch(ctx: typer.Context) -> None:
+    """Batch-path benchmark: cost per 1,000 requests and end-to-end latency, the same work
+    answered online and through the providers' batch APIs."""
+    from benchmarks.batch import main as bench_batch_main
+
+    raise typer.Exit(bench_batch_main(ctx.args))
+
+
 @app.command()
 def status(
     url: Annotated[Optional[list[str]], typer.Option(help="A worker's health server, e.g. http://127.0.0.1:8080 (repeatable).")] = None,

@@ -216,9 +216,10 @@ class BatchSettings(Section):
     # than this (plus the margin) is answered online.
     completion_window_seconds: float = Field(default=86_400, gt=0, le=7 * 86_400)
     deadline_margin_seconds: float = Field(default=600, ge=0)
-    # A batch is submitted at max_items requests, max_bytes of requests, or max_age_seconds
-    # after its first request, whichever comes first. Its record on the batch-jobs topic
-    # carries its requests, so max_bytes stays under kafka.max_message_bytes.
+    # The batch topic is read max_items requests at a time, or what arrived within
+    # max_age_seconds; a read is split per partition and model into provider batches of at
+    # most max_bytes of requests. A batch's record on the batch-jobs topic carries its
+    # requests, so max_bytes stays under kafka.max_message_bytes.
     max_items: int = Field(default=1000, ge=1, le=50_000)
     max_bytes: int = Field(default=600_000, ge=1024)
     max_age_seconds: float = Field(default=60, gt=0, le=3600)

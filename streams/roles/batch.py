@@ -245,6 +245,9 @@ class BatchRole:
         await self._send[self.topology.batch_jobs.name](job.job_key.encode(), None)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ open jobs
+    def _owns(self, job: BatchJob) -> bool:
+        return self.partitions.owns(self.topology.batch.name, job.source_partition)
+
     def _owned_partitions(self) -> list[int]:
         topic = self.topology.batch.name
         return [p for t, p in self.partitions.assigned() if t == topic and self.partitions.owns(t, p)]
@@ -307,6 +310,8 @@ class BatchRole:
             await self._write_now([self._rejected_letter(r, reason) for r, reason in rejected])
             return
         ends = await self.written.ends(self._answer_topics())
+        if not self._owns(job):
+            return
         answering = job.model_copy(update={"state": "answering", "written_from": ends})
         await self._record(answering)
         await self._answer(answering, resumed=False)
@@ -319,6 +324,8 @@ class BatchRole:
         """Write each item's answer once: costs, then results (or the failed items' next step)."""
         assert job.batch_id is not None
         outcomes = await self.client(job.provider).results(job.batch_id, job.job_key, len(job.items))
+        if not self._owns(job):
+            return  # its partition moved while the results were read: the new owner answers it
         written = await self.written.request_ids(job.written_from) if resumed else {}
         if resumed:
             log.info("batch %s: answering again after a restart; already written: %s", job.job_key,
@@ -336,9 +343,10 @@ class BatchRole:
         _crash_point("answering", job.provider)
         await self._write_now(answers[half:])
         await self._close(job)
-        ok = sum(1 for o in outcomes if o.completion is not None)
-        log.info("batch %s answered: %d of %d items, the rest %s", job.job_key, ok, len(outcomes),
-                 "sent online" if self.conf.on_item_failure == "online" else "dead-lettered")
+        failed = sum(1 for o in outcomes if o.completion is None)
+        log.info("batch %s answered: %d of %d items%s", job.job_key, len(outcomes) - failed, len(outcomes),
+                 f", {failed} failed and {'sent online' if self.conf.on_item_failure == 'online' else 'dead-lettered'}"
+                 if failed else "")
 
     def _outputs(self, job: BatchJob, request: TieredRequest, outcome: ItemOutcome) -> tuple[Outgoing | None, Outgoing]:
         key = request.workflow_id.encode()
