@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -124,7 +125,9 @@ class Pipeline:
             )
 
     def stop_workers(self) -> list[int]:
-        return [processes.stop(w) for w in self.workers]
+        """SIGTERM every worker at once (each may take its shutdown grace); their exit codes."""
+        with ThreadPoolExecutor(max_workers=max(len(self.workers), 1)) as pool:
+            return list(pool.map(processes.stop, self.workers))
 
     def assert_workers_alive(self) -> None:
         dead = [w.args for w in self.workers if w.poll() is not None]
