@@ -50,7 +50,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import urllib.request
@@ -275,21 +274,6 @@ def _log_findings(log: Path) -> dict:
     return {"levels": dict(levels), "excerpts": excerpts, "agent_crashes": crashes}
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]]) -> list[int | None]:
-    """Stop processes in parallel (SIGTERM, SIGKILL after 30 s); their exit codes."""
-    codes: list[int | None] = [None] * len(procs)
-
-    def stop(i: int) -> None:
-        codes[i] = processes.stop(procs[i])
-
-    threads = [threading.Thread(target=stop, args=(i,), daemon=True) for i in range(len(procs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return codes
-
-
 # --------------------------------------------------------------------------- measuring
 def _seconds(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
@@ -416,7 +400,7 @@ def run(args: argparse.Namespace, logs: Path, console: Console) -> dict:
                 processes.spawn(["worker", "--roles", spec], env, logs / f"worker-{name}.log")
                 for spec, name in zip(ROLES, names, strict=True)
             ]
-            cleanup.callback(lambda: stop_codes.extend(_stop_all(procs)))
+            cleanup.callback(lambda: stop_codes.extend(processes.stop_all(procs)))
 
             def check_alive() -> None:
                 dead = [n for n, p in zip(names, procs, strict=True) if p.poll() is not None]

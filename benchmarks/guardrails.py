@@ -79,7 +79,6 @@ import math
 import os
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import urllib.request
@@ -380,21 +379,6 @@ def _wait_inside_hour(margin_s: float, console: Console) -> float:
     return round(wait, 1)
 
 
-def _stop_all(procs: list) -> list[int | None]:
-    """Stop processes in parallel (SIGTERM, SIGKILL after 30 s); their exit codes."""
-    codes: list[int | None] = [None] * len(procs)
-
-    def stop(i: int) -> None:
-        codes[i] = processes.stop(procs[i])
-
-    threads = [threading.Thread(target=stop, args=(i,), daemon=True) for i in range(len(procs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return codes
-
-
 def _answer_counts(produced: int, answers: dict) -> dict:
     results, dead = answers["results"], answers["dead_letters"]
     ids = [r["request_id"] for r in results]
@@ -472,7 +456,7 @@ def run_repeat(
                 )
                 for spec, name, port in zip(specs, names, ports, strict=True)
             ]
-            cleanup.callback(_stop_all, procs)
+            cleanup.callback(processes.stop_all, procs)
 
             def check_alive() -> None:
                 dead = [n for n, p in zip(names, procs, strict=True) if p.poll() is not None]

@@ -10,7 +10,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -54,6 +55,15 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 30.0, sig: int = signal.S
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], grace: float = 30.0) -> list[int]:
+    """:func:`stop` every process at once (each may take its whole grace); their exit codes,
+    in order."""
+    if not procs:
+        return []
+    with ThreadPoolExecutor(max_workers=len(procs)) as pool:
+        return list(pool.map(lambda proc: stop(proc, grace), procs))
 
 
 def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -11,7 +11,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,8 +125,7 @@ class Pipeline:
 
     def stop_workers(self) -> list[int]:
         """SIGTERM every worker at once (each may take its shutdown grace); their exit codes."""
-        with ThreadPoolExecutor(max_workers=max(len(self.workers), 1)) as pool:
-            return list(pool.map(processes.stop, self.workers))
+        return processes.stop_all(self.workers)
 
     def assert_workers_alive(self) -> None:
         dead = [w.args for w in self.workers if w.poll() is not None]
