@@ -61,12 +61,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.harness import RESULTS_DIR, machine_info
 from benchmarks.measure import distribution
+from benchmarks.topic_io import produce_requests, read_to_end
 from schemas.codec import is_cost_event
 from schemas.models import AgentRequest, Tier
 from streams import processes
@@ -135,20 +136,6 @@ def _twin(request_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- kafka io
-async def _produce(settings: Settings, requests: list[AgentRequest]) -> None:
-    producer = AIOKafkaProducer(acks="all", linger_ms=5, **aiokafka_kwargs(settings.kafka))
-    await producer.start()
-    try:
-        topic = topology_of(settings).requests.name
-        futures = [
-            await producer.send(topic, r.model_dump_json(exclude_none=True).encode(), key=r.workflow_id.encode())
-            for r in requests
-        ]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
 async def _await_answers(
     settings: Settings, ids: set[str], *, settle_s: float, timeout: float, check: Callable[[], None]
 ) -> dict:
@@ -190,28 +177,6 @@ async def _await_answers(
     finally:
         await consumer.stop()
     return {"results": results, "dead_letters": dead_letters, "last_answer_at": last_at}
-
-
-async def _read_costs(settings: Settings) -> list[dict]:
-    """Every cost event of the costs topic up to its current end (lease records skipped)."""
-    topic = topology_of(settings).costs.name
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_kwargs(settings.kafka))
-    await consumer.start()
-    out: list[dict] = []
-    try:
-        await consumer._client.force_metadata_update()
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        pending = {tp for tp, end in ends.items() if end > 0}
-        while pending:
-            for records in (await consumer.getmany(*pending, timeout_ms=500)).values():
-                out.extend(orjson.loads(r.value) for r in records if r.value is not None and is_cost_event(r.value))
-            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-    finally:
-        await consumer.stop()
-    return out
 
 
 # --------------------------------------------------------------------------- simulator
@@ -420,7 +385,9 @@ def run(args: argparse.Namespace, logs: Path, console: Console) -> dict:
                     load = [round(x, 2) for x in os.getloadavg()]
                     requests = _requests(phase, repeat, args.requests, args.workflows, args.max_output_tokens)
                     t0 = time.time()
-                    asyncio.run(_produce(settings, requests))
+                    asyncio.run(produce_requests(settings, [
+                        (r.workflow_id.encode(), r.model_dump_json(exclude_none=True).encode()) for r in requests
+                    ]))
                     produced_s = time.time() - t0
                     answers = asyncio.run(_await_answers(
                         settings, {r.request_id for r in requests}, settle_s=args.settle_s,
@@ -439,7 +406,8 @@ def run(args: argparse.Namespace, logs: Path, console: Console) -> dict:
                     ratio = round(batch["cost_per_1000_usd"] / online["cost_per_1000_usd"], 6)
                 out["repeats"].append({"repeat": repeat, "phases": figures, "cost_ratio": ratio,
                                        "pairs": _pairs(online, batch)})
-            costs = asyncio.run(_read_costs(settings))
+            costs = [orjson.loads(value) for _at, value in asyncio.run(read_to_end(settings, topology_of(settings).costs.name))
+                     if value is not None and is_cost_event(value)]
             out["sim_stats_end"] = _sim_stats(sim_port)
         except Exception as exc:  # noqa: BLE001 - reported in the JSON, the run fails
             out["error"] = f"{type(exc).__name__}: {exc}"

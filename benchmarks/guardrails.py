@@ -89,13 +89,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.harness import RESULTS_DIR, machine_info
 from benchmarks.measure import distribution
+from benchmarks.topic_io import produce_requests, read_to_end
 from schemas.codec import is_cost_event
 from schemas.models import AgentRequest, Tier
 from streams import processes
@@ -171,16 +172,6 @@ def _worst_case_nanos(settings: Settings, requests: list[AgentRequest]) -> int:
 
 
 # --------------------------------------------------------------------------- kafka io
-async def _produce(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(settings.kafka))
-    await producer.start()
-    try:
-        futures = [await producer.send(topology_of(settings).requests.name, value, key=key) for key, value in messages]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
 async def _await_answers(
     settings: Settings, ids: set[str], *, quiet_s: float | None, timeout: float, check: Callable[[], None]
 ) -> dict:
@@ -223,29 +214,6 @@ async def _await_answers(
     finally:
         await consumer.stop()
     return {"results": results, "dead_letters": dead_letters, "ended_at": time.time()}
-
-
-async def _read_all(settings: Settings, topic: str) -> list[tuple[float, bytes | None]]:
-    """Every record of ``topic`` up to its current end: (record timestamp s, raw value)."""
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_kwargs(settings.kafka))
-    await consumer.start()
-    out: list[tuple[float, bytes | None]] = []
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        pending = {tp for tp, end in ends.items() if end > 0}
-        while pending:
-            for records in (await consumer.getmany(*pending, timeout_ms=500)).values():
-                out.extend((r.timestamp / 1000, r.value) for r in records)
-            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-    finally:
-        await consumer.stop()
-    return out
 
 
 # ------------------------------------------------------------------------- /metrics
@@ -494,22 +462,22 @@ def run_repeat(
             load_before = [round(x, 2) for x in os.getloadavg()]
             scraped_start = scrape()
             runaway_start = time.time()
-            asyncio.run(_produce(settings, [(k, v) for k, v, _ in runaway]))
+            asyncio.run(produce_requests(settings, [(k, v) for k, v, _ in runaway]))
             runaway_answers = asyncio.run(_await_answers(
                 settings, {r.request_id for _, _, r in runaway}, quiet_s=None,
                 timeout=args.phase_timeout_s, check=check_pipeline,
             ))
             scraped_mid = scrape()
             hour_start = time.time()
-            asyncio.run(_produce(settings, [(k, v) for k, v, _ in hourly]))
+            asyncio.run(produce_requests(settings, [(k, v) for k, v, _ in hourly]))
             hour_produced = time.time()
             hour_answers = asyncio.run(_await_answers(
                 settings, {r.request_id for _, _, r in hourly}, quiet_s=quiet_s,
                 timeout=args.phase_timeout_s, check=check_pipeline,
             ))
             scraped_end = scrape()
-            costs_raw = asyncio.run(_read_all(settings, topology_of(settings).costs.name))
-            guardrails_raw = asyncio.run(_read_all(settings, topology_of(settings).guardrails.name))
+            costs_raw = asyncio.run(read_to_end(settings, topology_of(settings).costs.name))
+            guardrails_raw = asyncio.run(read_to_end(settings, topology_of(settings).guardrails.name))
             view = asyncio.run(read_state(settings))
             load_after = [round(x, 2) for x in os.getloadavg()]
         except Exception as exc:  # noqa: BLE001 - record the failure, go on with the next repeat

@@ -21,7 +21,7 @@ import openai
 import orjson
 
 from schemas.models import ChatMessage
-from streams.providers import Completion, ProviderError, anthropic_client, openai_client, resolve_endpoint
+from streams.providers import Completion, anthropic_client, openai_client, resolve_endpoint
 from streams.providers.base import error_from_status
 from topologies.config import Settings
 
@@ -244,5 +244,5 @@ def batch_client(settings: Settings, provider: str) -> BatchClient:
 
 __all__ = [
     "BatchClient", "BatchItem", "BatchRejected", "BatchStatus", "ItemOutcome", "NotThisJob",
-    "ProviderError", "batch_client", "custom_id", "item_index",
+    "batch_client", "custom_id", "item_index",
 ]

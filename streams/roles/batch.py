@@ -49,17 +49,16 @@ from streams.dedupe import AnsweredIndex
 from streams.envelope import DeadLetters, Outgoing, Source
 from streams.pricing import PriceBook
 from streams.providers import ProviderError
-from streams.runtime.types import Handled, Partition, RoleSpec, Send, Worker
+from streams.runtime.types import Handled, RoleSpec, Send, Worker
 from streams.tokens import estimate_input_tokens
 from topologies.config import Settings
 from topologies.topics import BATCH_ROLE, Topology
 
 log = logging.getLogger(__name__)
 
-# For the SIGKILL tests: the process kills itself at this step, '<step>' or
-# '<step>:<provider>' (docs/testing.md).
+# For the SIGKILL tests: the process kills itself at this step ('submitted' or
+# 'answering'), '<step>' or '<step>:<provider>' (docs/testing.md).
 CRASH_ENV = "TIERSTREAM_TEST_BATCH_CRASH_AT"
-CRASH_POINTS = ("submitted", "answering")
 QUEUE_RECHECK_SECONDS = 1.0
 
 
@@ -422,4 +421,4 @@ def build(worker: Worker) -> RoleSpec:
     )
 
 
-__all__ = ["CRASH_ENV", "CRASH_POINTS", "BatchRole", "Partition", "build"]
+__all__ = ["CRASH_ENV", "BatchRole", "build"]
