@@ -180,6 +180,12 @@ class CostEvent(WireModel):
         default=None, max_length=200,
         description="The workflow budget lease the call was admitted under (see BudgetRecord).",
     )
+    window_start: datetime | None = Field(
+        default=None,
+        description="The hour this cost counts against when it is not the hour the event was "
+        "written in: a batch item's cost counts in the hour its batch was submitted, where its "
+        "worst case was reserved.",
+    )
 
 
 class BudgetRecord(WireModel):

@@ -13,11 +13,14 @@ import httpx
 import orjson
 import pytest
 
+from schemas.models import Tier, TieredRequest
 from streams import processes
 from streams.admin import wait_for_roles
 from streams.pricing import PriceBook
 from streams.roles.batch import CRASH_ENV
+from streams.tokens import estimate_input_tokens
 from tests.support import Pipeline, collect, is_cost, produce_raw, read_topic, wait_until
+from topologies.config import Settings, load_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -32,6 +35,17 @@ def request(n: int, **fields: object) -> tuple[bytes, bytes]:
         "latency_class": "batch", **fields,
     }
     return workflow.encode(), orjson.dumps(body, default=str)
+
+
+def worst_usd(settings: Settings, body: bytes, price_factor: Decimal = Decimal(1)) -> Decimal:
+    """A request's worst case: all its input and every output token it allows."""
+    fields = orjson.loads(body)
+    tier = Tier(fields["tier_hint"])
+    request = TieredRequest(**fields, tier=tier, routed_by="hint")
+    choice = settings.tiers[tier]
+    worst = PriceBook(settings).worst_case(choice.provider, choice.model, estimate_input_tokens(request),
+                                           request.max_output_tokens)
+    return worst * price_factor
 
 
 def start_batch_role(pipeline: Pipeline, crash_at: str | None, run: int):
@@ -53,7 +67,21 @@ async def test_batch_requests_are_answered_once_at_the_batch_price_across_sigkil
     Anthropic accepted a batch it had not recorded yet, then again halfway through
     writing a batch's answers; every request is answered once, at half the online price,
     and no item is sent to a provider twice. Requests due too soon, and items the provider
-    failed, are answered online."""
+    failed, are answered online. Then a runaway workflow: its batch takes no more than its
+    budget, reserved at submission; what does not fit ends as budget_exceeded."""
+    soon = (datetime.now(UTC) + timedelta(seconds=600)).isoformat()
+    batch = [request(n) for n in range(1000)]
+    due_soon = [request(1000 + n, complete_by=soon) for n in range(12)]
+    failing = [request(2000 + n, task=f"Summarise {n}. #sim:batch-error") for n in range(6)]
+    expiring = [request(3000 + n, task=f"Summarise {n}. #sim:batch-expire") for n in range(6)]
+    everything = batch + due_soon + failing + expiring
+    # A workflow budget twice the most any of these workflows could cost online.
+    defaults = load_settings(environ={})
+    per_workflow: Counter[bytes] = Counter()
+    for key, body in everything:
+        per_workflow[key] += worst_usd(defaults, body)  # type: ignore[assignment]
+    workflow_budget = 2 * max(per_workflow.values())
+
     pipeline: Pipeline = pipeline_factory(
         TIERSTREAM__BATCH__MAX_AGE_SECONDS="1",
         TIERSTREAM__BATCH__POLL_SECONDS="0.5",
@@ -61,6 +89,7 @@ async def test_batch_requests_are_answered_once_at_the_batch_price_across_sigkil
         TIERSTREAM__BATCH__COMPLETION_WINDOW_SECONDS="3600",
         TIERSTREAM__BATCH__DEADLINE_MARGIN_SECONDS="0",
         TIERSTREAM__WORKER__SESSION_TIMEOUT_SECONDS="6",
+        TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD=str(workflow_budget),
     )
     settings = pipeline.settings
     topology = pipeline.topology
@@ -70,12 +99,6 @@ async def test_batch_requests_are_answered_once_at_the_batch_price_across_sigkil
     killed = start_batch_role(pipeline, "submitted:anthropic", 1)
     await wait_for_roles(settings, ["classifier", "cost", "tier-nano", "tier-standard", "tier-premium", "batch"], 180)
 
-    soon = (datetime.now(UTC) + timedelta(seconds=600)).isoformat()
-    batch = [request(n) for n in range(1000)]
-    due_soon = [request(1000 + n, complete_by=soon) for n in range(12)]
-    failing = [request(2000 + n, task=f"Summarise {n}. #sim:batch-error") for n in range(6)]
-    expiring = [request(3000 + n, task=f"Summarise {n}. #sim:batch-expire") for n in range(6)]
-    everything = batch + due_soon + failing + expiring
     await produce_raw(settings.kafka.bootstrap_servers, topology.requests.name, everything)
 
     # 1. killed after the provider took a batch, before the job said so
@@ -118,6 +141,27 @@ async def test_batch_requests_are_answered_once_at_the_batch_price_across_sigkil
     assert set(counted) == set(ids)
     assert sum(Decimal(str(c["cost_usd"])) for c in costs if c["request_id"] in {r["request_id"] for r in via_batch}) \
         == sum(Decimal(str(r["cost_usd"])) for r in via_batch)
+
+    # A runaway workflow's batch: each worst case is reserved against the workflow's budget
+    # before the batch is sent, so it spends at most its budget.
+    def runaway_request(n: int) -> tuple[bytes, bytes]:
+        return b"wf-runaway", orjson.dumps({
+            "request_id": f"runaway-{n}", "workflow_id": "wf-runaway", "agent_type": "writer",
+            "task": "Summarise.", "max_output_tokens": 32, "tier_hint": "premium", "latency_class": "batch",
+        })
+
+    fits = int(workflow_budget / worst_usd(settings, runaway_request(0)[1], Decimal("0.5")))
+    runaway = [runaway_request(n) for n in range(fits + 20)]
+    await produce_raw(settings.kafka.bootstrap_servers, topology.requests.name, runaway)
+    again = await collect(pipeline, expected=len(everything) + len(runaway), timeout=120)
+    assert not again.dead_letters, again.dead_letters[:3]
+    answers = [r for r in again.results if r["workflow_id"] == "wf-runaway"]
+    assert sorted(r["request_id"] for r in answers) == sorted(orjson.loads(b)["request_id"] for _, b in runaway)
+    statuses = Counter(r["status"] for r in answers)
+    assert statuses["ok"] >= fits and statuses["budget_exceeded"] >= 1, statuses
+    assert {r["answered_by"] for r in answers if r["status"] == "ok"} == {"batch"}
+    spent = sum(Decimal(str(r["cost_usd"])) for r in answers if r["status"] == "ok")
+    assert spent <= workflow_budget, (spent, workflow_budget)
 
 
 def _exited(proc) -> int | None:

@@ -268,6 +268,7 @@ def _role(sim, **env: str):
     worker = _Worker(load_settings(environ={**simulator_env(sim.port), **env}))
     role = BatchRole(worker)
     role.written = _Written()  # type: ignore[assignment]
+    role.budget.patience = 0.01  # no cost role grants here: a job taken over goes unreserved at once
     return worker, role
 
 

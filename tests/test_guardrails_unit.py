@@ -1213,9 +1213,9 @@ def test_pending_writes_reach_each_table_once_per_batch_in_their_partitions() ->
     key0, key1 = hour_key("global", 0), hour_key("global", 1)
 
     # Three events' updates of two hour keys and a workflow: reads see the latest.
-    pending.set_hour(key0, window, Total(10, 0, ts), 0, ts)
-    pending.set_hour(key0, window, Total(25, 1, ts), 0, ts)
-    pending.set_hour(key1, window, Total(7, 0, ts), 1, ts)
+    pending.set_hour(key0, window, Total(10, 0, ts), 0)
+    pending.set_hour(key0, window, Total(25, 1, ts), 0)
+    pending.set_hour(key1, window, Total(7, 0, ts), 1)
     pending.set_workflow("wf", Total(25, 1, ts), 0)
     pending.forget_workflow("old", 1)
     assert pending.hour(key0, window) == Total(25, 1, ts)

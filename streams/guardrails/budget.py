@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from schemas.codec import encode
-from schemas.models import BudgetRecord
+from schemas.models import AgentResult, BudgetRecord, Tier, TieredRequest, Timings
 from streams.envelope import Outgoing
 from streams.guardrails.ledger import Lease, Total
 from streams.guardrails.money import hour_window, nanos_to_usd
@@ -56,6 +56,7 @@ from streams.guardrails.view import GuardrailView
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
+TICK_SECONDS = 0.25  # how often a gate's leases in use are renewed and the others returned (BudgetGate.tick)
 HOUR_SCOPE = "hour"  # the key of every hourly lease record: one partition keeps the hour's ledger
 # Where a lease's record is written: (key, value) -> (partition, offset) once acknowledged.
 SendRecord = Callable[[bytes, bytes], Awaitable[tuple[int, int]]]
@@ -131,6 +132,28 @@ class BudgetExceeded(Exception):
     """The workflow's remaining budget cannot cover this call's worst case."""
 
 
+def exceeded_result(
+    gate: BudgetGate, request: TieredRequest, tier: Tier, provider: str, model: str,
+) -> AgentResult:
+    """The answer of a request whose workflow is out of budget: no model call was made."""
+    now = datetime.now(UTC)
+    spent, _ = gate.workflow_committed(request.workflow_id)
+    return AgentResult(
+        request_id=request.request_id, workflow_id=request.workflow_id, agent_type=request.agent_type,
+        status="budget_exceeded", tier=tier, routed_by=request.routed_by, provider=provider, model=model,
+        attempts=0,
+        timings=Timings(
+            created_at=request.created_at, classified_at=request.classified_at,
+            started_at=now, finished_at=now, model_latency_ms=0,
+        ),
+        error=(
+            f"workflow budget exhausted: spent ${nanos_to_usd(spent):.6f} of "
+            f"${nanos_to_usd(gate.view.workflow_limit):.2f}; this request's worst case does not fit"
+        ),
+        metadata=request.metadata,
+    )
+
+
 class BudgetGate:
     """Admits a tier worker's calls under the leases it holds; asks for, renews and
     returns them (:meth:`tick`, every few hundred milliseconds)."""
@@ -138,8 +161,15 @@ class BudgetGate:
     def __init__(
         self, view: GuardrailView, send: SendRecord | None = None, holder: str = "holder",
         costs_topic: str = "", lease_seconds: float | None = None, clock: Callable[[], float] = time.time,
+        long_reservations: bool = False,
     ) -> None:
         self.view = view
+        # Reservations held for hours (the batch role's, until a provider's batch ends): a
+        # lease is asked for exactly the reservation's worst case, since what a lease holds
+        # beyond it would be locked as long; and a workflow whose counted spend plus what
+        # this process has reserved leaves no room is over budget, since waiting would
+        # wait for this process's own reservations.
+        self.long_reservations = long_reservations
         self.send = send
         self.costs_topic = costs_topic
         self.holder = holder
@@ -191,10 +221,7 @@ class BudgetGate:
 
     def _try_reserve(self, workflow_id: str, worst: int, now: float) -> Reservation | None:
         view = self.view
-        known = view.workflow_spend(workflow_id)
-        if known is not None and now - known.updated_at > self.idle_seconds:
-            known = None  # idle long enough to start a new budget period (the cost role agrees)
-        if worst > view.workflow_limit or (known is not None and known.nanos + worst > view.workflow_limit):
+        if worst > self.workflow_room(workflow_id, now):
             raise BudgetExceeded(workflow_id)
         window = hour_window(now)
         flow = self._allowance(workflow_id, None)
@@ -217,9 +244,22 @@ class BudgetGate:
                 lease.calls += 1
                 lease.last_used = now
                 allowance.admitted.append(now)
-                if lease.room() < lease.granted // 2 and len(allowance.leases) == 1:
+                if not self.long_reservations and lease.room() < lease.granted // 2 and len(allowance.leases) == 1:
                     self._ask(allowance, worst, now)  # the next lease before this one runs out
         return reservation
+
+    def workflow_room(self, workflow_id: str, now: float | None = None) -> int:
+        """The most a new reservation of the workflow may be: its budget less its counted
+        spend (and, with long reservations, less what this process has reserved)."""
+        now = self.clock() if now is None else now
+        known = self.view.workflow_spend(workflow_id)
+        if known is not None and now - known.updated_at > self.idle_seconds:
+            known = None  # idle long enough to start a new budget period (the cost role agrees)
+        room = self.view.workflow_limit - (known.nanos if known is not None else 0)
+        if self.long_reservations:
+            flow = self._allowances.get((workflow_id, None))
+            room -= sum(lease.reserved for lease in flow.leases) if flow else 0
+        return room
 
     def release(self, r: Reservation) -> None:
         """The call failed and cost nothing."""
@@ -288,7 +328,8 @@ class BudgetGate:
         # Sized to the calls of the last second (enough for lease_seconds / 2 of them), and
         # to an eighth of what the scope has left: far from a limit, one lease lasts long
         # and calls do not wait for grants. The cost role grants at most half the room.
-        want = max(worst * max(4, int(allowance.rate(now) * self.lease_seconds / 2)), self._room(allowance) // 8)
+        want = worst if self.long_reservations else max(
+            worst * max(4, int(allowance.rate(now) * self.lease_seconds / 2)), self._room(allowance) // 8)
         allowance.request = _Request(lease_id, now)
         record = BudgetRecord(
             budget="request", lease_id=lease_id, scope=allowance.scope,
@@ -385,7 +426,9 @@ class BudgetGate:
                 if lease.calls == 0 and (idle or spent_out or not current_hour or now >= lease.deadline):
                     allowance.leases.remove(lease)
                     self._spawn(self._write(allowance, "return", lease.lease_id))
-                elif now >= lease.renew_at and now < lease.deadline + 0.2 * self.lease_seconds:
+                elif current_hour and now >= lease.renew_at and now < lease.deadline + 0.2 * self.lease_seconds:
+                    # A past hour's lease is not renewed: no call is admitted in that hour any
+                    # more, and its calls' spend counts there whether the lease lives or not.
                     lease.renew_at = now + self.lease_seconds / 3
                     lease.deadline = now + 0.8 * self.lease_seconds
                     self._spawn(self._write(allowance, "renew", lease.lease_id))

@@ -30,11 +30,13 @@ import os
 import signal
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 
 from schemas.codec import DecodeError, decode, encode
 from schemas.models import AgentResult, BatchJob, TieredRequest, Timings
+from streams.batches.budget import BatchBudget, Rebalanced
 from streams.batches.clients import (
     BatchClient,
     BatchItem,
@@ -47,6 +49,9 @@ from streams.batches.jobs import JobBook, WrittenRecords
 from streams.costing import cost_event
 from streams.dedupe import AnsweredIndex
 from streams.envelope import DeadLetters, Outgoing, Source
+from streams.guardrails.budget import TICK_SECONDS, BudgetGate, exceeded_result, holder_name
+from streams.guardrails.money import usd_to_nanos
+from streams.guardrails.view import GuardrailView
 from streams.pricing import PriceBook
 from streams.providers import ProviderError
 from streams.runtime.types import Handled, RoleSpec, Send, Worker
@@ -73,10 +78,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class Rebalanced(Exception):
-    """A rebalance began while a batch waited for room in the provider's queue."""
-
-
 class BatchRole:
     stage = BATCH_ROLE
 
@@ -91,12 +92,20 @@ class BatchRole:
         self.answered = AnsweredIndex(settings)
         self.written = WrittenRecords(settings)
         self.dead_letters = DeadLetters(topology.dead_letters.name, self.stage)
+        self.view = GuardrailView(settings)
+        self.gate = BudgetGate(
+            self.view, worker.sender(topology.costs), holder_name(worker.role),
+            costs_topic=topology.costs.name, long_reservations=True,
+        )
+        self.budget = BatchBudget(self.gate, self.prices, self.conf.price_factor)
         self._send: dict[str, Send] = {
             spec.name: worker.sender(spec)
             for spec in (topology.batch_jobs, topology.results, topology.costs, topology.dead_letters, *topology.tiers.values())
         }
         self._clients: dict[str, BatchClient] = {}
         self._busy: set[str] = set()  # job keys a task of this process is moving on
+        self._opening: set[str] = set()  # request ids reserved, their job not recorded yet
+        self._resumed: set[str] = set()  # job keys whose reservation this process took again
         self._tasks: set[asyncio.Task[None]] = set()
 
     def client(self, provider: str) -> BatchClient:
@@ -132,20 +141,52 @@ class BatchRole:
         generation = self.partitions.generation()
         for (partition, provider, model), members in groups.items():
             for chunk in self._chunks(members):
-                try:
-                    rejected = await self._open(partition, provider, model, [r for _, r in chunk], generation=generation)
-                except Rebalanced:
-                    # Nothing of it was recorded: read again, by whoever owns the partition now.
-                    for i, _request in chunk:
-                        handled[i] = None
-                    continue
                 index = {r.request_id: i for i, r in chunk}
-                for request, reason in rejected:
-                    i = index[request.request_id]
-                    handled[i] = [*(handled[i] or []), self.dead_letters.letter(
-                        sources[i], "batch_failed", f"the provider refused it in a batch: {reason}", request, 1,
-                    )]
+                remaining = [r for _, r in chunk]
+                while remaining:
+                    try:
+                        remaining, out = await self._admit_and_open(partition, provider, model, remaining, generation)
+                    except Rebalanced:
+                        # Not recorded: read again, by whoever owns the partition now.
+                        for request in remaining:
+                            handled[index[request.request_id]] = None
+                        break
+                    for request, outgoing in out:
+                        i = index[request.request_id]
+                        handled[i] = [*(handled[i] or []), outgoing(sources[i])]
         return handled
+
+    async def _admit_and_open(
+        self, partition: int, provider: str, model: str, requests: list[TieredRequest], generation: int,
+    ) -> tuple[list[TieredRequest], list[tuple[TieredRequest, Callable[[Source], Outgoing]]]]:
+        """Reserve the batch's worst case, then record and send what was reserved: the
+        requests still waiting for budget, and the answers of those that will not be sent."""
+        ids = {r.request_id for r in requests}
+        self._opening |= ids
+        try:
+            admission = await self.budget.reserve(
+                requests, provider, model, rebalanced=lambda: self.partitions.generation() != generation,
+            )
+            answers: list[tuple[TieredRequest, Callable[[Source], Outgoing]]] = [
+                (r, partial(self._exceeded, r, provider, model)) for r in admission.exceeded
+            ]
+            if admission.admitted:
+                try:
+                    rejected = await self._open(partition, provider, model, admission.admitted, generation=generation)
+                except Rebalanced:
+                    self.budget.answered(dict.fromkeys((r.request_id for r in admission.admitted), 0))
+                    raise
+                answers += [(request, partial(self._refused, request, reason)) for request, reason in rejected]
+            return admission.waiting, answers
+        finally:
+            self._opening -= ids
+
+    def _exceeded(self, request: TieredRequest, provider: str, model: str, _source: Source) -> Outgoing:
+        result = exceeded_result(self.gate, request, request.tier, provider, model)
+        return Outgoing(self.topology.results.name, request.workflow_id.encode(), encode(result))
+
+    def _refused(self, request: TieredRequest, reason: str, source: Source) -> Outgoing:
+        return self.dead_letters.letter(source, "batch_failed", f"the provider refused it in a batch: {reason}", request, 1)
 
     def _chunks(self, members: list[tuple[int, TieredRequest]]) -> list[list[tuple[int, TieredRequest]]]:
         """Groups of at most max_items requests and max_bytes of encoded requests."""
@@ -224,6 +265,7 @@ class BatchRole:
         log.warning("%s refused batch %s (%d requests): %s", job.provider, job.job_key, len(job.items), reason)
         if len(job.items) == 1:
             rejected = [(job.items[0], reason)]
+            await self._write_now(self.budget.answered({job.items[0].request_id: 0}))
         else:
             half = len(job.items) // 2
             rejected = []
@@ -255,6 +297,8 @@ class BatchRole:
         """Move every open job of this process's partitions on, one task per job."""
         if not self.book.ready.is_set() or not self.answered.ready.is_set():
             return
+        await self._write_now(self.budget.forget(lambda rid: rid in self._opening or self.book.carries(rid)))
+        self._resumed &= set(self.book.jobs)
         for job in self.book.owned(self._owned_partitions()):
             if job.job_key in self._busy:
                 continue
@@ -265,18 +309,33 @@ class BatchRole:
 
     async def _advance(self, job: BatchJob) -> None:
         try:
+            if job.state in ("submitting", "submitted") and job.job_key not in self._resumed:
+                await self._reserve_again(job)
             if job.state == "submitting":
                 await self._resume_submission(job)
             elif job.state == "submitted":
                 await self._collect(job)
             elif job.state == "answering":
                 await self._answer(job, resumed=True)
-        except (ProviderError, NotThisJob) as exc:
+        except (ProviderError, NotThisJob, Rebalanced) as exc:
             log.warning("batch %s (%s): %s; tried again at the next poll", job.job_key, job.state, exc)
         except Exception:
             log.exception("batch %s (%s) failed; tried again at the next poll", job.job_key, job.state)
         finally:
             self._busy.discard(job.job_key)
+
+    async def _reserve_again(self, job: BatchJob) -> None:
+        """A job this process did not open (it took over after a restart or rebalance): its
+        worst case is reserved again as far as the budgets have room (the batch is sent, so
+        what does not fit is counted when answered), without waiting long for grants."""
+        self._resumed.add(job.job_key)
+        unheld = [r for r in job.items if not self.budget.holds(r.request_id)]
+        if len(unheld) < len(job.items):
+            return  # opened here
+        admission = await self.budget.reserve(
+            unheld, job.provider, job.model, rebalanced=lambda: not self._owns(job), give_up=self.budget.patience,
+        )
+        log.info("batch %s taken over: %d of %d items reserved again", job.job_key, len(admission.admitted), len(unheld))
 
     async def _resume_submission(self, job: BatchJob) -> None:
         """A job recorded but maybe not sent: sent only if the provider does not have it.
@@ -329,14 +388,15 @@ class BatchRole:
         if resumed:
             log.info("batch %s: answering again after a restart; already written: %s", job.job_key,
                      {topic: len(ids) for topic, ids in written.items()} or "nothing")
-        costs, answers = [], []
+        costs, answers, spent = [], [], {}
         for request, outcome in zip(job.items, outcomes, strict=True):
-            cost, answer = self._outputs(job, request, outcome)
+            cost, answer, spent[request.request_id] = self._outputs(job, request, outcome)
             if cost is not None and request.request_id not in written.get(cost.topic, ()):
                 costs.append(cost)
             if request.request_id not in written.get(answer.topic, ()):
                 answers.append(answer)
         await self._write_now(costs)
+        await self._write_now(self.budget.answered(spent))  # the reservations, settled
         half = len(answers) // 2
         await self._write_now(answers[:half])
         _crash_point("answering", job.provider)
@@ -347,18 +407,21 @@ class BatchRole:
                  f", {failed} failed and {'sent online' if self.conf.on_item_failure == 'online' else 'dead-lettered'}"
                  if failed else "")
 
-    def _outputs(self, job: BatchJob, request: TieredRequest, outcome: ItemOutcome) -> tuple[Outgoing | None, Outgoing]:
+    def _outputs(
+        self, job: BatchJob, request: TieredRequest, outcome: ItemOutcome,
+    ) -> tuple[Outgoing | None, Outgoing, int]:
+        """(its cost event, its answer, what it cost in nanos)."""
         key = request.workflow_id.encode()
         if outcome.completion is None:
             reason = outcome.failure or "no answer"
             if self.conf.on_item_failure == "online":
                 online = request.model_copy(update={"latency_class": "interactive"})
-                return None, Outgoing(self.topology.tiers[request.tier].name, key, encode(online))
-            return None, self._item_letter(job, request, reason)
+                return None, Outgoing(self.topology.tiers[request.tier].name, key, encode(online)), 0
+            return None, self._item_letter(job, request, reason), 0
         completion = outcome.completion
         cost = cost_event(
             self.prices, request, request.tier, job.provider, job.model, completion, 1, self.conf.price_factor,
-        )
+        ).model_copy(update=self.budget.cost_fields(request.request_id, job.created_at))
         finished = _now()
         started = job.submitted_at or job.created_at
         result = AgentResult(
@@ -376,6 +439,7 @@ class BatchRole:
         return (
             Outgoing(self.topology.costs.name, key, encode(cost)),
             Outgoing(self.topology.results.name, key, encode(result)),
+            usd_to_nanos(cost.cost_usd),
         )
 
     def _item_letter(self, job: BatchJob, request: TieredRequest, reason: str) -> Outgoing:
@@ -383,13 +447,16 @@ class BatchRole:
         return self.dead_letters.letter(source, "batch_failed", f"batch {job.batch_id}: {reason}", request, 1)
 
     def _rejected_letter(self, request: TieredRequest, reason: str) -> Outgoing:
-        source = Source(self.topology.batch.name, 0, 0, request.workflow_id.encode(), encode(request))
-        return self.dead_letters.letter(source, "batch_failed", f"the provider refused it in a batch: {reason}", request, 1)
+        """A request refused after its source offset was committed: the letter names the request."""
+        return self._refused(request, reason, Source(self.topology.batch.name, 0, 0, request.workflow_id.encode(), encode(request)))
 
     async def _write_now(self, outgoing: list[Outgoing]) -> None:
         """Written and acknowledged, all at once."""
         if outgoing:
-            await asyncio.gather(*(self._send[out.topic](out.key, out.value) for out in outgoing))
+            where = await asyncio.gather(*(self._send[out.topic](out.key, out.value) for out in outgoing))
+            for out, (partition, offset) in zip(outgoing, where, strict=True):
+                if out.on_delivered is not None:
+                    out.on_delivered(partition, offset)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -414,9 +481,10 @@ def build(worker: Worker) -> RoleSpec:
         handle_batch=role.handle_batch,
         batch_size=conf.max_items,
         batch_wait_seconds=conf.max_age_seconds,
-        timers=[(conf.poll_seconds, role.poll)],
         answered=role.answered,
-        lifecycles=[role.book, role],
+        view=role.view,
+        timers=[(conf.poll_seconds, role.poll), (TICK_SECONDS, role.gate.tick)],
+        lifecycles=[role.book, role, role.gate],
         on_assigned=[role.book.assigned],
     )
 

@@ -140,7 +140,7 @@ class PendingWrites:
         self.hourly = hourly
         self.workflows = workflows
         # (hour key, window) -> (total, costs partition, timestamp of its last event)
-        self._hours: dict[tuple[str, int], tuple[Total, int, float]] = {}
+        self._hours: dict[tuple[str, int], tuple[Total, int]] = {}
         # workflow -> (total, or None to delete it; costs partition)
         self._workflows: dict[str, tuple[Total | None, int]] = {}
 
@@ -152,8 +152,8 @@ class PendingWrites:
         pending = self._hours.get((key, window))
         return pending[0] if pending is not None else Total.from_list(self.hourly.get(key, window))
 
-    def set_hour(self, key: str, window: int, total: Total, partition: int, timestamp: float) -> None:
-        self._hours[(key, window)] = (total, partition, timestamp)
+    def set_hour(self, key: str, window: int, total: Total, partition: int) -> None:
+        self._hours[(key, window)] = (total, partition)
 
     def workflow(self, wf: str) -> Total:
         pending = self._workflows.get(wf)
@@ -169,8 +169,8 @@ class PendingWrites:
 
     def write(self) -> None:
         """Write what is pending, each update to its costs partition's changelog."""
-        for (key, _window), (total, p, timestamp) in self._hours.items():
-            self.hourly.set(key, total.to_list(), timestamp, p)
+        for (key, window), (total, p) in self._hours.items():
+            self.hourly.set(key, total.to_list(), float(window), p)
         for wf, (maybe_total, p) in self._workflows.items():
             if maybe_total is not None:
                 self.workflows.set(wf, maybe_total.to_list(), p)
@@ -211,13 +211,13 @@ class CostAccountant:
         event = record
         nanos = usd_to_nanos(event.cost_usd)
         p, offset = source.partition, source.offset
-        window = hour_window(timestamp)
+        window = hour_window(event.window_start.timestamp() if event.window_start else timestamp)
         for scope in ("global", f"tier:{event.tier.value}"):
             key = hour_key(scope, p)
             current = _newest(self.tables.hour(key, window), self.view.hour_part(window, p, scope))
             updated = current.add(nanos, offset, timestamp)
             if updated is not None:
-                self.tables.set_hour(key, window, updated, p, timestamp)
+                self.tables.set_hour(key, window, updated, p)
                 current = updated
             self.batch.snapshot("hour", scope, p, current, window)
 
@@ -266,7 +266,7 @@ class CostAccountant:
             )
             out = []
             if updated is not None:
-                self.tables.set_hour(key, window, updated, p, float(window))
+                self.tables.set_hour(key, window, updated, p)
                 if record.budget == "request" and record.lease_id not in updated.leases:
                     out = self._hour_spent(updated, record.least_nanos, view.hour_limit - unleased, window)
                 current = updated

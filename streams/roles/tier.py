@@ -20,8 +20,15 @@ from schemas.models import AgentResult, Tier, TieredRequest, Timings
 from streams.costing import cost_event
 from streams.dedupe import AnsweredIndex
 from streams.envelope import DeadLetters, Outgoing, Source
-from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation, holder_name
-from streams.guardrails.money import nanos_to_usd, usd_to_nanos
+from streams.guardrails.budget import (
+    TICK_SECONDS,
+    BudgetExceeded,
+    BudgetGate,
+    Reservation,
+    exceeded_result,
+    holder_name,
+)
+from streams.guardrails.money import usd_to_nanos
 from streams.guardrails.service import PauseReport
 from streams.guardrails.view import GuardrailView
 from streams.logs import log_context
@@ -35,7 +42,6 @@ from topologies.config import Settings
 from topologies.topics import Topology, tier_role
 
 log = logging.getLogger(__name__)
-LEASE_TICK_SECONDS = 0.25  # how often budget leases in use are renewed and the others returned
 
 
 class TierHandler:
@@ -193,30 +199,8 @@ class TierHandler:
         )
 
     def _budget_exceeded(self, request: TieredRequest) -> Outgoing:
-        """The workflow is out of budget: answered without a model call."""
-        now = datetime.now(UTC)
-        spent, _ = self.budget.workflow_committed(request.workflow_id) if self.budget else (0, 0)
-        limit = self.budget.view.workflow_limit if self.budget else 0
-        result = AgentResult(
-            request_id=request.request_id,
-            workflow_id=request.workflow_id,
-            agent_type=request.agent_type,
-            status="budget_exceeded",
-            tier=self.tier,
-            routed_by=request.routed_by,
-            provider=self.choice.provider,
-            model=self.choice.model,
-            attempts=0,
-            timings=Timings(
-                created_at=request.created_at, classified_at=request.classified_at,
-                started_at=now, finished_at=now, model_latency_ms=0,
-            ),
-            error=(
-                f"workflow budget exhausted: spent ${nanos_to_usd(spent):.6f} of "
-                f"${nanos_to_usd(limit):.2f}; this request's worst case does not fit"
-            ),
-            metadata=request.metadata,
-        )
+        assert self.budget is not None
+        result = exceeded_result(self.budget, request, self.tier, self.choice.provider, self.choice.model)
         return Outgoing(self.topology.results.name, request.workflow_id.encode(), encode(result))
 
 
@@ -249,7 +233,7 @@ def build(worker: Worker, tier: Tier) -> RoleSpec:
         providers=providers,
         limiter=limiter,
         view=view,
-        timers=[PauseReport(view, source.name).timer(), (LEASE_TICK_SECONDS, budget.tick)],
+        timers=[PauseReport(view, source.name).timer(), (TICK_SECONDS, budget.tick)],
         lifecycles=[budget],
         on_assigned=[share_rate_limits],
     )
