@@ -322,6 +322,26 @@ async def test_a_batch_refused_whole_is_split_and_the_requests_refused_alone_are
         await role.stop()
 
 
+async def test_a_batch_too_large_for_an_empty_anthropic_queue_is_split_not_retried_forever() -> None:
+    """Anthropic answers 429 to a batch over its enqueued-token limit; with nothing else of
+    the cluster queued for the model, waiting cannot help: the batch is halved."""
+    from streams.batches.jobs import enqueued_tokens
+    from streams.simulator import ProviderSimulator, SimulatorConfig
+
+    requests = [_request(n, Tier.STANDARD) for n in range(2)]
+    one = enqueued_tokens(_job("x", "submitting", 1).model_copy(update={"items": requests[:1]}))
+    config = SimulatorConfig(port=0, latency_ms_median=0, batch_delay_seconds=0.05, batch_max_enqueued_tokens=one + 1)
+    async with ProviderSimulator(config) as sim:
+        worker, role = _role(sim)
+        assert await role._open(0, "anthropic", "claude-sonnet-4-6", requests) == []
+        sizes = [(j["state"], len(j["items"])) for j in worker.on(worker.topology.batch_jobs.name)]
+        assert sizes[0] == ("submitting", 2) and ("submitted", 2) not in sizes
+        assert [n for state, n in sizes if state == "submitting"] == [2, 1, 1]
+        await _until_no_open_jobs(role)
+        assert sorted(r["request_id"] for r in worker.on(worker.topology.results.name)) == ["r-0", "r-1"]
+        await role.stop()
+
+
 @pytest.mark.parametrize("policy", ["online", "dead_letter"])
 async def test_items_the_provider_failed_follow_the_configured_policy(policy: str) -> None:
     from streams.simulator import ProviderSimulator, SimulatorConfig

@@ -252,6 +252,11 @@ class BatchRole:
         except BatchRejected as exc:
             return await self._split(job, str(exc))
         except ProviderError as exc:
+            alone = self.book.enqueued(job.provider, job.model).requests == len(job.items)
+            if exc.status == 429 and alone and len(job.items) > 1:
+                # Nothing else of the cluster is queued for the model: the provider's queue
+                # cannot take this batch by itself, however long it waits.
+                return await self._split(job, f"{exc} (with nothing else queued for {job.model})")
             log.warning("batch %s not sent (%s): the poller sends it again", job.job_key, exc)
             return []
         _crash_point("submitted", job.provider)
