@@ -47,10 +47,11 @@ def batch_role_in(cluster: Cluster, patience: float = 0.2) -> BatchBudget:
 
 
 async def in_cluster(cluster: Cluster, work: Awaitable[Any]) -> Any:
-    """``work``'s result, run while the cluster's time passes (faster than real time: the
-    admission's real-time waits of a second may take hours of it)."""
+    """``work``'s result, run while the cluster's time passes, a millisecond a turn: an
+    admission waits for its tasks a real second at most, which must not take the cluster
+    into the next hour."""
     task = asyncio.ensure_future(work)
-    await cluster.run(task, limit_seconds=86_400)
+    await cluster.run(task, step=0.001)
     return task.result()
 
 
@@ -87,6 +88,8 @@ async def test_a_batch_reserves_its_worst_case_per_workflow_and_what_does_not_fi
     assert admission.exceeded == runaway[4:], "its budget has room for four worst cases, not six"
     assert admission.waiting == []
     assert outstanding(cluster, "wf-a") == 4 * w, "a lease of exactly the batch's worst case, no more"
+    hour = cluster.cost_view.hour_ledger(hour_window(NOW))
+    assert [lease.granted for lease in hour.leases.values()] == [6 * w], "one hourly lease for the whole batch"
     assert budget.gate.workflow_room("wf-a") < w
 
     # The batch ends: each item cost half its worst case. Its lease goes back once idle.

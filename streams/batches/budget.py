@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -99,19 +98,20 @@ class BatchBudget:
                     result.exceeded.append(request)
             if fits:
                 tasks[asyncio.create_task(self.gate.admit(workflow_id, total))] = fits
-        deadline = None if give_up is None else time.monotonic() + give_up
+        clock = self.gate.clock  # the gate's time: patience is counted as its leases are
+        deadline = None if give_up is None else clock() + give_up
         pending = set(tasks)
         try:
             while pending:
-                timeout = RECHECK_SECONDS if deadline is None else min(RECHECK_SECONDS, deadline - time.monotonic())
+                timeout = RECHECK_SECONDS if deadline is None else min(RECHECK_SECONDS, deadline - clock())
                 done, pending = await asyncio.wait(
                     pending, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED)
                 self._take(done, tasks, result)
                 if rebalanced():
                     raise Rebalanced
                 if result.admitted and deadline is None:
-                    deadline = time.monotonic() + self.patience
-                if deadline is not None and time.monotonic() >= deadline:
+                    deadline = clock() + self.patience
+                if deadline is not None and clock() >= deadline:
                     break
             self._take(await _cancelled(pending), tasks, result)
         except BaseException:

@@ -147,6 +147,9 @@ class WrittenRecords:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._consumer: AIOKafkaConsumer | None = None
+        # One read at a time: the consumer's assignment is the read's (two batches resumed
+        # together after a restart each assigned their own, and one waited forever).
+        self._reading = asyncio.Lock()
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -168,6 +171,10 @@ class WrittenRecords:
 
     async def request_ids(self, since: dict[str, int]) -> dict[str, set[str]]:
         """Per topic, the request ids of the records written from ``since`` to now."""
+        async with self._reading:
+            return await self._request_ids(since)
+
+    async def _request_ids(self, since: dict[str, int]) -> dict[str, set[str]]:
         assert self._consumer is not None
         consumer = self._consumer
         starts = {}

@@ -170,6 +170,7 @@ class BudgetGate:
         # this process has reserved leaves no room is over budget, since waiting would
         # wait for this process's own reservations.
         self.long_reservations = long_reservations
+        self._demand: dict[object, int] = {}  # the worst case of each admission waiting
         self.send = send
         self.costs_topic = costs_topic
         self.holder = holder
@@ -196,8 +197,12 @@ class BudgetGate:
         if the workflow's counted spend leaves no room for it."""
         await self.view.caught_up.wait()
         self.waiting += 1
+        token = object()
+        self._demand[token] = worst_nanos
         started = time.perf_counter()
         try:
+            if self.long_reservations:
+                await asyncio.sleep(0)  # admissions started together (a batch's workflows) ask for the hour together
             while True:
                 changed = self._changed
                 # Checking and reserving do not await: no other task runs in between.
@@ -211,6 +216,7 @@ class BudgetGate:
                     pass
         finally:
             self.waiting -= 1
+            del self._demand[token]
 
     def _allowance(self, scope: str, window: int | None) -> Allowance:
         key = (scope, window)
@@ -328,8 +334,10 @@ class BudgetGate:
         # Sized to the calls of the last second (enough for lease_seconds / 2 of them), and
         # to an eighth of what the scope has left: far from a limit, one lease lasts long
         # and calls do not wait for grants. The cost role grants at most half the room.
-        want = worst if self.long_reservations else max(
-            worst * max(4, int(allowance.rate(now) * self.lease_seconds / 2)), self._room(allowance) // 8)
+        if self.long_reservations:
+            want = self._whole_demand(allowance, worst) if allowance.window is not None else worst
+        else:
+            want = max(worst * max(4, int(allowance.rate(now) * self.lease_seconds / 2)), self._room(allowance) // 8)
         allowance.request = _Request(lease_id, now)
         record = BudgetRecord(
             budget="request", lease_id=lease_id, scope=allowance.scope,
@@ -337,6 +345,18 @@ class BudgetGate:
             want_nanos=want, least_nanos=worst,
         )
         self._spawn(self._send_request(allowance, allowance.request, record))
+
+    def _whole_demand(self, allowance: Allowance, worst: int) -> int:
+        """What a long reservation asks of the hour: the admissions waiting (a batch's
+        workflows are admitted together), as many whole ones as the grant can be (half the
+        room, see ``grant_size``). A lease larger than the reservations it carries would
+        hold the rest for the batch's hours, as one cut mid-reservation would."""
+        cap = max(worst, self._room(allowance) // 2)
+        want = 0
+        for waiting in self._demand.values():
+            if want + waiting <= cap:
+                want += waiting
+        return max(want, worst)
 
     async def _send_request(self, allowance: Allowance, request: _Request, record: BudgetRecord) -> None:
         assert self.send is not None
