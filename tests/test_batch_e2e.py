@@ -4,6 +4,7 @@ request or answer it twice."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -170,3 +171,30 @@ def _exited(proc) -> int | None:
 
 def _is_code(code: int | None) -> bool:
     return code is not None
+
+
+async def test_two_batches_resumed_together_each_read_what_they_already_wrote(pipeline_factory) -> None:
+    """After a restart, two batches that were being answered read back their topics at the
+    same time, through one consumer: each gets its own request ids."""
+    from streams.admin import ensure_topics
+    from streams.batches.jobs import WrittenRecords
+
+    pipeline: Pipeline = pipeline_factory()
+    settings, topology = pipeline.settings, pipeline.topology
+    await ensure_topics(settings)
+    written = WrittenRecords(settings)
+    await written.start()
+    try:
+        before = await written.ends([topology.results.name, topology.costs.name])
+        for topic, prefix in ((topology.results.name, "r"), (topology.costs.name, "c")):
+            await produce_raw(settings.kafka.bootstrap_servers, topic, [
+                (f"wf-{n}".encode(), orjson.dumps({"request_id": f"{prefix}-{n}"})) for n in range(40)
+            ])
+        results = {k: v for k, v in before.items() if k.startswith(f"{topology.results.name}:")}
+        costs = {k: v for k, v in before.items() if k.startswith(f"{topology.costs.name}:")}
+        read_results, read_costs = await asyncio.wait_for(
+            asyncio.gather(written.request_ids(results), written.request_ids(costs)), 60)
+    finally:
+        await written.stop()
+    assert read_results == {topology.results.name: {f"r-{n}" for n in range(40)}}
+    assert read_costs == {topology.costs.name: {f"c-{n}" for n in range(40)}}
