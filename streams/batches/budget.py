@@ -59,6 +59,9 @@ class Admission:
 
 
 class BatchBudget:
+    """What the batch role holds of the budgets: a reservation per workflow of each batch,
+    until its items are answered."""
+
     def __init__(self, gate: BudgetGate, prices: PriceBook, price_factor: float,
                  patience: float = ADMISSION_PATIENCE_SECONDS) -> None:
         self.gate = gate
@@ -80,8 +83,9 @@ class BatchBudget:
     ) -> Admission:
         """Reserve the worst case of ``requests``, one reservation per workflow. Returns when
         every workflow was reserved or refused, ``patience`` seconds after the first was
-        reserved, or after ``give_up`` seconds (whichever is first); raises :class:`Rebalanced` (having released
-        what it reserved) if ``rebalanced()`` says so while it waits."""
+        reserved, or after ``give_up`` seconds, whichever comes first; raises
+        :class:`Rebalanced` (having released what it reserved) if ``rebalanced()`` says so
+        while it waits."""
         result = Admission()
         groups: dict[str, list[TieredRequest]] = {}
         for request in requests:
