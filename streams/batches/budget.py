@@ -57,6 +57,13 @@ class Admission:
     exceeded: list[TieredRequest] = field(default_factory=list)  # their workflow's budget has no room
     waiting: list[TieredRequest] = field(default_factory=list)  # not reserved yet: ask again
 
+    def in_order_of(self, requests: list[TieredRequest]) -> None:
+        """Put each list in the order of ``requests``: reservations complete in any order,
+        and a batch keeps the order its requests arrived in."""
+        position = {id(r): n for n, r in enumerate(requests)}
+        for members in (self.admitted, self.exceeded, self.waiting):
+            members.sort(key=lambda r: position[id(r)])
+
 
 class BatchBudget:
     """What the batch role holds of the budgets: a reservation per workflow of each batch,
@@ -87,6 +94,7 @@ class BatchBudget:
         :class:`Rebalanced` (having released what it reserved) if ``rebalanced()`` says so
         while it waits."""
         result = Admission()
+        requests = list(requests)
         groups: dict[str, list[TieredRequest]] = {}
         for request in requests:
             groups.setdefault(request.workflow_id, []).append(request)
@@ -122,6 +130,7 @@ class BatchBudget:
             self._take(await _cancelled(pending), tasks, result)
             self.answered(dict.fromkeys((r.request_id for r in result.admitted), 0))
             raise
+        result.in_order_of(requests)
         return result
 
     def _take(
