@@ -273,3 +273,30 @@ def test_the_transport_and_the_cost_role_share_one_offset_state_machine() -> Non
 
     assert isinstance(_app().consumer.delivery, OffsetOrder)
     assert isinstance(CostOffsets(GuardrailView(load_settings(environ={}))).order, OffsetOrder)
+
+
+async def test_a_fetch_that_raced_a_seek_reads_its_drained_partitions_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka's fetched_records advances each partition's position as it drains it; a
+    KeyError on a later partition (a seek from another thread cleared its buffer) throws
+    the drained records away. The fetch loop seeks every tracked partition back to the
+    record it expects next: otherwise, with no later record to show the hole, those
+    records would never be read and the partition's lag would stay."""
+    tpb = TP("requests.tier.standard", 1)
+    seeking = _Seeking(monkeypatch, {TPA, tpb})
+    consumer = seeking.consumer
+    consumer.delivery.reset({TPA: 5, tpb: 7})
+    monkeypatch.setattr(consumer.app.topics, "acks_enabled_for", lambda topic: True)
+    stop = asyncio.Event()
+    namespace: dict[str, Any] = {}
+    exec(compile("def fetched_records(records):\n    return records[TPB]\n",
+                 "/venv/site-packages/aiokafka/consumer/fetcher.py", "exec"), {"TPB": tpb}, namespace)
+
+    async def getmany(timeout: float) -> Any:
+        stop.set()  # one fetch, then the loop ends
+        namespace["fetched_records"]({})
+        yield  # an async generator, as Faust's is
+
+    monkeypatch.setattr(consumer, "getmany", getmany)
+    await consumer._drain_messages(SimpleNamespace(_stopped=stop))
+    assert sorted(seeking.sought) == [(TPA, 5), (tpb, 7)]
+    assert consumer.delivery.rewinding(TPA) and consumer.delivery.rewinding(tpb)

@@ -243,6 +243,7 @@ class _Consumer(faust_aiokafka.Consumer):
                         # robinhood/aiokafka#19): what was not handed over stays buffered or
                         # is fetched again, and the offset order sees any gap.
                         log.warning("the fetch raced with a seek or rebalance (%r): fetching again", exc)
+                        await self._read_again_where_delivery_stopped(fetch)
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -257,6 +258,21 @@ class _Consumer(faust_aiokafka.Consumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _read_again_where_delivery_stopped(self, fetch: int) -> None:
+        """After a fetch that raised: aiokafka advanced its position past each partition it
+        had drained before the error, and none of those records reached the streams. If no
+        later record of such a partition arrives, no hole is ever seen and its lag stays.
+        So every tracked partition is read again from the record it expects next."""
+        if self._seeking:
+            return  # the seek under way sets every position
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        for tp in self.assignment():
+            expected = self.delivery.expected(tp)
+            if expected is None or not acks_enabled_for(tp.topic) or self.delivery.rewinding(tp):
+                continue
+            self.delivery.rewind(tp, expected, fetch)
+            await super().seek(tp, expected)
 
     def _delivers_at_once(self, tp: TP) -> bool:
         """Whether handing a record of ``tp`` to its streams cannot block: the flow is on
