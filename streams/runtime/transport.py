@@ -240,8 +240,8 @@ class _Consumer(faust_aiokafka.Consumer):
                             raise
                         # aiokafka's fetched_records can find a partition's buffer gone when
                         # an assignment or a seek clears it mid-iteration (aio-libs/aiokafka,
-                        # robinhood/aiokafka#19): what was not handed over stays buffered or
-                        # is fetched again, and the offset order sees any gap.
+                        # robinhood/aiokafka#19), after moving the positions of the partitions
+                        # it drained: those are sought back to what their streams expect next.
                         log.warning("the fetch raced with a seek or rebalance (%r): fetching again", exc)
                         await self._read_again_where_delivery_stopped(fetch)
                 self.diag.unset_flag(CONSUMER_FETCHING)
