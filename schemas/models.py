@@ -202,7 +202,7 @@ class BudgetRecord(WireModel):
     window_start: datetime | None = Field(default=None, description="The hour of an hourly lease.")
     want_nanos: int = Field(default=0, ge=0, description="request: the amount asked for.")
     least_nanos: int = Field(default=0, ge=0, description="request: the least worth granting.")
-    spent_nanos: int = Field(default=0, ge=0, description="spend: one call's cost under the lease.")
+    spent_nanos: int = Field(default=0, ge=0, description="spend: what calls under the lease cost since its previous spend record.")
     timestamp: datetime = Field(default_factory=utcnow)
 
 

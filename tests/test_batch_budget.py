@@ -57,18 +57,15 @@ async def in_cluster(cluster: Cluster, work: Awaitable[Any]) -> Any:
 
 async def answer(cluster: Cluster, budget: BatchBudget, items: list[TieredRequest], nanos: int) -> None:
     """The batch ended, each item costing ``nanos``: each item's cost event (naming its
-    lease and hour), then the records that settle the reservations, as the batch role
-    writes them."""
+    lease and hour), then the reservations settled, as the batch role does (the hour's
+    spend goes with the gate's next tick)."""
     for r in items:
         fields = budget.cost_fields(r.request_id, datetime.fromtimestamp(NOW, UTC))
         event = CostEvent(request_id=r.request_id, workflow_id=r.workflow_id, agent_type=r.agent_type, tier=r.tier,
                           provider=PROVIDER, model=MODEL, attempt=1, input_tokens=1, output_tokens=1,
                           cost_usd=nanos / USD, **fields)  # type: ignore[arg-type]
         await cluster.send(r.workflow_id.encode(), encode(event))
-    for out in budget.answered({r.request_id: nanos for r in items}):
-        where = await cluster.send(out.key or b"", out.value)
-        assert out.on_delivered is not None
-        out.on_delivered(*where)
+    budget.answered({r.request_id: nanos for r in items})
 
 
 def outstanding(cluster: Cluster, workflow: str) -> int:

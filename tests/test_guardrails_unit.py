@@ -627,7 +627,10 @@ async def test_gate_hour_waits_while_the_ledger_has_no_room_until_the_operator_r
     await cluster.run(task, limit_seconds=0.5)
     r = task.result()
     assert r.hour_lease is None and r.workflow_lease.granted > 0
-    assert gate.settle(r, 500) == [], "no hourly lease, no spend record for the hour's ledger"
+    gate.settle(r, 500)
+    await gate.tick()
+    await written(cluster)
+    assert lease_records(cluster, "spend") == [], "no hourly lease, no spend record for the hour's ledger"
 
 
 def count_attempts(gate: BudgetGate) -> list[int]:
@@ -677,8 +680,7 @@ async def test_gate_a_denied_scope_is_asked_again_after_a_second_or_when_its_roo
     assert not task.done()
     # The holder's call is settled and its lease returned: the room grows, the waiter asks.
     asked = requests()
-    for out in holder.settle(held, worst // 2):
-        out.on_delivered(*await cluster.send(out.key or b"", out.value))  # type: ignore[misc]
+    holder.settle(held, worst // 2)
     holder.delivered(held)
     cluster.now += 0.1
     for lease in list(holder._allowances[("wf", None)].leases):
@@ -786,18 +788,12 @@ async def test_gate_stops_using_a_lease_at_80_percent_of_lease_seconds() -> None
     assert {rec.lease_id for rec, _ in lease_records(cluster, "return")} == held, "the old ones given back"
 
 
-async def test_gate_returns_a_lease_only_once_its_calls_cost_records_are_delivered() -> None:
+async def test_gate_returns_a_lease_only_once_its_calls_cost_events_are_delivered() -> None:
     cluster = Cluster(settings_with(lease_seconds=9.0), holders=1)
     gate = cluster.gates[0]
     r = await admitted(cluster, gate, "wf-a", 1_000)
     assert r.hour_lease is not None
-    [spend] = gate.settle(r, 600)
-    record = decode(spend.value, BudgetRecord)
-    assert (spend.topic, spend.key) == (cluster.topology.costs.name, b"hour")
-    assert (record.budget, record.lease_id, record.scope, record.spent_nanos) == (
-        "spend", r.hour_lease.lease_id, "hour", 600
-    )
-    assert record.window_start == datetime.fromtimestamp(hour_window(cluster.now), UTC)
+    gate.settle(r, 600)
     assert (r.workflow_lease.spent, r.workflow_lease.reserved) == (600, 0)
     cluster.now += 6.0  # idle for longer than lease_seconds / 2
 
@@ -806,22 +802,54 @@ async def test_gate_returns_a_lease_only_once_its_calls_cost_records_are_deliver
         await written(cluster)
         return {rec.lease_id for rec, _ in lease_records(cluster, "return")}
 
-    assert await returned() == set(), "neither of its cost records is in Kafka yet"
-    assert spend.on_delivered is not None
-    spend.on_delivered(0, 0)
     assert await returned() == set(), "its cost event is not in Kafka yet"
     gate.delivered(r, 1, 0)
     assert await returned() == {r.workflow_lease.lease_id, r.hour_lease.lease_id}
+
+
+async def test_gate_tells_the_hours_ledger_what_its_lease_spent_once_a_tick_and_before_returning_it() -> None:
+    cluster = Cluster(settings_with(lease_seconds=9.0), holders=1)
+    gate = cluster.gates[0]
+    calls = [await admitted(cluster, gate, "wf-a", 1_000) for _ in range(3)]
+    hour_lease = calls[0].hour_lease
+    assert hour_lease is not None and all(r.hour_lease is hour_lease for r in calls)
+    gate.settle(calls[0], 600)
+    gate.settle(calls[1], 250)
+    assert lease_records(cluster, "spend") == [], "not one record per call"
+    await gate.tick()
+    await written(cluster)
+    [(spend, _)] = lease_records(cluster, "spend")
+    assert (spend.lease_id, spend.scope, spend.spent_nanos) == (hour_lease.lease_id, "hour", 850)
+    assert spend.window_start == datetime.fromtimestamp(hour_window(cluster.now), UTC)
+    await gate.tick()
+    await written(cluster)
+    assert len(lease_records(cluster, "spend")) == 1, "nothing new spent: nothing to tell"
+    gate.settle(calls[2], 100)
+    for r in calls:
+        gate.delivered(r)
+    cluster.now += 6.0  # idle: returned at the next tick, with what it spent since
+    await gate.tick()
+    await written(cluster)
+    hour = [decode_cost_record(value) for _key, value, _at in cluster.log[cluster.partition_of(b"hour")]]
+    mine = [(rec.budget, rec.spent_nanos) for rec in hour
+            if isinstance(rec, BudgetRecord) and rec.lease_id == hour_lease.lease_id]
+    assert mine[-2:] == [("spend", 100), ("return", 0)], "the spend goes before the return"
+    cluster.pump()
+    ledger = cluster.cost_view.hour_ledger(hour_window(cluster.now))
+    assert ledger is not None and (ledger.nanos, ledger.leases) == (950, {}), "what was not spent is free"
 
 
 async def test_gate_a_call_that_cost_nothing_writes_no_spend_record() -> None:
     cluster = Cluster(settings_with(), holders=1)
     gate = cluster.gates[0]
     r = await admitted(cluster, gate, "wf-a", 1_000)
-    assert gate.settle(r, 0) == []
+    gate.settle(r, 0)
     gate.delivered(r)  # its cost event
     for lease in (r.workflow_lease, r.hour_lease):
         assert lease is not None and (lease.spent, lease.reserved, lease.calls) == (0, 0, 0)
+    await gate.tick()
+    await written(cluster)
+    assert lease_records(cluster, "spend") == []
 
 
 async def test_gate_summary_shows_the_leases_held_and_requests_unanswered() -> None:

@@ -85,9 +85,9 @@ class Cluster:
                 listener()
 
     async def call(self, gate: BudgetGate, workflow_id: str, worst: int, actual: int) -> int | None:
-        """One model call under ``gate``: admitted, settled, its records written (the
-        hour's spend record first, then the cost event), as the tier role does. The
-        call's cost, or None if the workflow's budget was exceeded."""
+        """One model call under ``gate``: admitted, settled and its cost event written, as
+        the tier role does (the hour's spend goes with the gate's next tick). The call's
+        cost, or None if the workflow's budget was exceeded."""
         try:
             reservation = await gate.admit(workflow_id, worst)
         except BudgetExceeded:
@@ -97,10 +97,7 @@ class Cluster:
         return actual
 
     async def settle(self, gate: BudgetGate, reservation: Reservation, actual: int) -> None:
-        for out in gate.settle(reservation, actual):
-            where = await self.send(out.key or b"", out.value)
-            assert out.on_delivered is not None
-            out.on_delivered(*where)
+        gate.settle(reservation, actual)
         event = CostEvent(
             request_id=f"r{random.random()}", workflow_id=reservation.workflow_id, agent_type="researcher",
             tier=Tier.STANDARD, provider="openai", model="gpt-5-mini", attempt=1, input_tokens=1,

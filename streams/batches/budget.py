@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from schemas.models import TieredRequest
-from streams.envelope import Outgoing
 from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
 from streams.guardrails.money import usd_to_nanos
 from streams.pricing import PriceBook
@@ -163,11 +162,10 @@ class BatchBudget:
         r = held.reservation
         return {"lease_id": r.workflow_lease.lease_id, "window_start": datetime.fromtimestamp(r.window, UTC)}
 
-    def answered(self, costs: dict[str, int]) -> list[Outgoing]:
+    def answered(self, costs: dict[str, int]) -> None:
         """Items answered (``request_id`` -> what it cost, 0 for a failed one): a workflow's
-        reservation is settled once all its items are, and the records that count it
-        against its leases returned, to be written."""
-        out: list[Outgoing] = []
+        reservation is settled once all its items are (its items' cost events, written
+        already, name its workflow lease; the hour's ledger is told by the gate's tick)."""
         for request_id, nanos in costs.items():
             held = self._held.pop(request_id, None)
             if held is None:
@@ -179,15 +177,14 @@ class BatchBudget:
             if held.actual == 0:
                 self.gate.release(held.reservation)
             else:
-                out += self.gate.settle(held.reservation, held.actual)
-                self.gate.delivered(held.reservation)  # its items' cost events are written already
-        return out
+                self.gate.settle(held.reservation, held.actual)
+                self.gate.delivered(held.reservation)
 
-    def forget(self, still_open: Callable[[str], bool]) -> list[Outgoing]:
+    def forget(self, still_open: Callable[[str], bool]) -> None:
         """Settle what this process holds for items no open batch carries any more (another
         process answered them after a rebalance): they were counted without a lease."""
         gone = [request_id for request_id in self._held if not still_open(request_id)]
-        return self.answered(dict.fromkeys(gone, 0))
+        self.answered(dict.fromkeys(gone, 0))
 
 
 async def _cancelled(tasks: set[asyncio.Task[Reservation]]) -> set[asyncio.Task[Reservation]]:

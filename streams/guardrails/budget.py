@@ -27,9 +27,15 @@ that every worker reads (:class:`~streams.guardrails.view.GuardrailView`).
   renewing, and its lease expires after ``lease_seconds``; this process stops using a
   lease at 80 % of that, counted from when it sent the request or renewal (earlier than
   the cost role's clock, which stamps the record once written).
-- A lease is returned only once the cost records of its calls are in Kafka: they are in
-  the scope's partition before the return, so the cost role has counted them when it
-  frees the rest.
+- A lease is returned only once the cost records of its calls are in Kafka: a workflow's
+  cost events are in its partition before the return, so the cost role has counted them
+  when it frees the rest. What an hourly lease spent is told to the hour's ledger in one
+  spend record per tick (not one per call, which would double the records the cost role
+  reads), and always before the lease's return. Until then the ledger counts that spend
+  as held by the lease, and the hour's total counts it too once its cost events are
+  read: the room is underestimated for a tick, never overestimated. A holder killed
+  before telling loses nothing either: its lease expires, and its calls' cost events are
+  spend the ledger did not see, which takes room (``unleased`` in the cost role).
 """
 
 from __future__ import annotations
@@ -48,7 +54,6 @@ from datetime import UTC, datetime
 
 from schemas.codec import encode
 from schemas.models import AgentResult, BudgetRecord, Tier, TieredRequest, Timings
-from streams.envelope import Outgoing
 from streams.guardrails.ledger import Lease, Total
 from streams.guardrails.money import hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView
@@ -81,6 +86,8 @@ class HeldLease:
     reserved: int = 0
     calls: int = 0  # admitted calls whose cost records are not in Kafka yet
     last_used: float = 0.0
+    unreported: int = 0  # spent, and not yet told to the hour's ledger (hourly leases)
+    writing: asyncio.Task[None] | None = None  # its last record being written: the next waits for it
 
     def room(self) -> int:
         return self.granted - self.spent - self.reserved
@@ -125,7 +132,7 @@ class Reservation:
     workflow_lease: HeldLease
     hour_lease: HeldLease | None  # None: the operator resumed this hour past its limit
     actual_nanos: int = 0
-    undelivered: int = 0  # cost records sent, not yet acknowledged
+    undelivered: int = 0  # its cost event: sent, not yet acknowledged
 
 
 class BudgetExceeded(Exception):
@@ -275,28 +282,22 @@ class BudgetGate:
                 lease.calls -= 1
         self._notify()
 
-    def settle(self, r: Reservation, actual_nanos: int) -> list[Outgoing]:
-        """The call cost ``actual_nanos``: the records that count it against its leases,
-        to be written before its cost event (which names the workflow lease)."""
+    def settle(self, r: Reservation, actual_nanos: int) -> None:
+        """The call cost ``actual_nanos``: its reservation is replaced by that. The
+        workflow lease's share is counted from the call's cost event (which names the
+        lease); the hourly lease's is told to the hour's ledger at the next tick."""
         r.actual_nanos = actual_nanos
-        out: list[Outgoing] = []
         for lease in (r.workflow_lease, r.hour_lease):
             if lease is not None:
                 lease.reserved -= r.worst_nanos
                 lease.spent += actual_nanos
+        if r.hour_lease is not None:
+            r.hour_lease.unreported += actual_nanos
         r.undelivered = 1  # the cost event
-        if r.hour_lease is not None and actual_nanos:
-            record = BudgetRecord(
-                budget="spend", lease_id=r.hour_lease.lease_id, scope=HOUR_SCOPE,
-                window_start=_utc(r.hour_lease.window), spent_nanos=actual_nanos,
-            )
-            r.undelivered += 1
-            out.append(Outgoing(self.costs_topic, HOUR_SCOPE.encode(), encode(record), lambda _p, _o: self.delivered(r)))
         self._notify()
-        return out
 
     def delivered(self, r: Reservation, _partition: int = 0, _offset: int = 0) -> None:
-        """One of the call's cost records is in Kafka; once all are, its leases may go back."""
+        """The call's cost event is in Kafka: its leases may go back."""
         r.undelivered -= 1
         if r.undelivered == 0:
             for lease in (r.workflow_lease, r.hour_lease):
@@ -320,7 +321,7 @@ class BudgetGate:
         for lease in list(allowance.leases):
             if lease.calls == 0 and (lease.room() < worst or now >= lease.deadline):
                 allowance.leases.remove(lease)  # too little left for this call: give it back
-                self._spawn(self._write(allowance, "return", lease.lease_id))
+                self._write(allowance, lease, "return")
         request = allowance.request
         if request is not None and now - request.sent_at < self.lease_seconds:
             return  # still waiting (a dead cost role: ask again after lease_seconds)
@@ -445,13 +446,15 @@ class BudgetGate:
                 spent_out = lease.room() <= 0
                 if lease.calls == 0 and (idle or spent_out or not current_hour or now >= lease.deadline):
                     allowance.leases.remove(lease)
-                    self._spawn(self._write(allowance, "return", lease.lease_id))
+                    self._write(allowance, lease, "return")
                 elif current_hour and now >= lease.renew_at and now < lease.deadline + 0.2 * self.lease_seconds:
                     # A past hour's lease is not renewed: no call is admitted in that hour any
                     # more, and its calls' spend counts there whether the lease lives or not.
                     lease.renew_at = now + self.lease_seconds / 3
                     lease.deadline = now + 0.8 * self.lease_seconds
-                    self._spawn(self._write(allowance, "renew", lease.lease_id))
+                    self._write(allowance, lease, "renew")
+                elif lease.unreported:
+                    self._write(allowance, lease, None)
             if not allowance.leases and allowance.request is None and not (
                 allowance.denied_at and (now - allowance.denied_at < RECHECK_SECONDS or self._held(allowance, now))
             ):
@@ -459,19 +462,36 @@ class BudgetGate:
         if wake:
             self._notify()
 
-    async def _write(self, allowance: Allowance, op: str, lease_id: str) -> None:
-        if self.send is None:
+    def _write(self, allowance: Allowance, lease: HeldLease, op: str | None) -> None:
+        """Write ``lease``'s unreported spend, then ``op`` (renew, return; None: only the
+        spend), after the lease's previous records: the ledger must count what a lease
+        spent before its return frees the rest."""
+        spent, lease.unreported = lease.unreported, 0
+        if self.send is None or (not spent and op is None):
             return
-        record = BudgetRecord(
-            budget=op, lease_id=lease_id, scope=allowance.scope,  # type: ignore[arg-type]
-            window_start=_utc(allowance.window) if allowance.window is not None else None,
-        )
-        await self.send(allowance.scope.encode(), encode(record))
+        scope = allowance.scope.encode()
+        window = _utc(allowance.window) if allowance.window is not None else None
+        records = [BudgetRecord(budget="spend", lease_id=lease.lease_id, scope=allowance.scope,
+                                window_start=window, spent_nanos=spent)] if spent else []
+        if op is not None:
+            records.append(BudgetRecord(budget=op, lease_id=lease.lease_id, scope=allowance.scope,  # type: ignore[arg-type]
+                                        window_start=window))
+        previous = lease.writing
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def write() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])  # its failure is logged by _done
+            assert self.send is not None
+            for record in records:
+                await self.send(scope, encode(record))
+
+        lease.writing = self._spawn(write())
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -490,7 +510,9 @@ class BudgetGate:
         for allowance in list(self._allowances.values()):
             for lease in allowance.leases:
                 if lease.calls == 0:
-                    self._spawn(self._write(allowance, "return", lease.lease_id))
+                    self._write(allowance, lease, "return")
+                elif lease.unreported:
+                    self._write(allowance, lease, None)
             allowance.leases = [lease for lease in allowance.leases if lease.calls]
         if self._tasks:
             _done, pending = await asyncio.wait(list(self._tasks), timeout=5)

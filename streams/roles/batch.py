@@ -270,7 +270,7 @@ class BatchRole:
         log.warning("%s refused batch %s (%d requests): %s", job.provider, job.job_key, len(job.items), reason)
         if len(job.items) == 1:
             rejected = [(job.items[0], reason)]
-            await self._write_now(self.budget.answered({job.items[0].request_id: 0}))
+            self.budget.answered({job.items[0].request_id: 0})
         else:
             half = len(job.items) // 2
             rejected = []
@@ -302,7 +302,7 @@ class BatchRole:
         """Move every open job of this process's partitions on, one task per job."""
         if not self.book.ready.is_set() or not self.answered.ready.is_set():
             return
-        await self._write_now(self.budget.forget(lambda rid: rid in self._opening or self.book.carries(rid)))
+        self.budget.forget(lambda rid: rid in self._opening or self.book.carries(rid))
         self._resumed &= set(self.book.jobs)
         for job in self.book.owned(self._owned_partitions()):
             if job.job_key in self._busy:
@@ -401,7 +401,7 @@ class BatchRole:
             if request.request_id not in written.get(answer.topic, ()):
                 answers.append(answer)
         await self._write_now(costs)
-        await self._write_now(self.budget.answered(spent))  # the reservations, settled
+        self.budget.answered(spent)  # the reservations, settled
         half = len(answers) // 2
         await self._write_now(answers[:half])
         _crash_point("answering", job.provider)

@@ -160,18 +160,13 @@ class TierHandler:
             log.debug("answered", extra={"prompt": request.prompt_text(), "output": completion.text})
         key = request.workflow_id.encode()
         on_delivered = None
-        lease_records: list[Outgoing] = []
         if reservation is not None:
             assert self.budget is not None
-            # The hour's spend record goes first: the costs topic's records are written in
-            # order and each waited for, so a call's cost event is never counted in Kafka
-            # without its hourly lease's spend.
-            lease_records = self.budget.settle(reservation, usd_to_nanos(cost.cost_usd))
+            self.budget.settle(reservation, usd_to_nanos(cost.cost_usd))
             on_delivered = partial(self.budget.delivered, reservation)
             cost = cost.model_copy(update={"lease_id": reservation.workflow_lease.lease_id})
         return [
             Outgoing(self.topology.results.name, key, encode(result)),
-            *lease_records,
             Outgoing(self.topology.costs.name, key, encode(cost), on_delivered),
         ]
 
