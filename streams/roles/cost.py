@@ -373,7 +373,11 @@ class CostAccountant:
 
 
 COST_BATCH_EVENTS = 500  # cost events per batch of tables writes and snapshots
-COST_BATCH_SECONDS = 0.02  # at most this long after a batch's first event
+# How often a busy cost role publishes: each batch writes one spend snapshot and one
+# changelog record per key it touched (an hour scope of a partition, a workflow), which at
+# a few hundred calls per second is more than the cost events it reads. A lease request
+# waits for its batch, up to this long (grants are asked for ahead of need, docs/guardrails.md).
+COST_BATCH_SECONDS = 0.1
 
 
 def cost_tables(worker: Worker) -> tuple[HourlyTable, KeyedTable]:
