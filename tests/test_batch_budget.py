@@ -39,7 +39,7 @@ def batch_role_in(cluster: Cluster, patience: float = 0.2) -> BatchBudget:
     spend snapshots."""
     view = GuardrailView(cluster.settings)
     view.caught_up.set()
-    gate = BudgetGate(view, cluster.send, "batch", costs_topic=cluster.topology.costs.name,
+    gate = BudgetGate(view, cluster.send, "batch",
                       clock=lambda: cluster.now, long_reservations=True)
     cluster.views.append(view)
     cluster.gates.append(gate)

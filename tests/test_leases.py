@@ -49,7 +49,7 @@ class Cluster:
         self.accountant = CostAccountant(settings, self.topology, HourWindows(), Workflows(), self.cost_view)
         self.views = [GuardrailView(settings) for _ in range(holders)]
         self.gates = [
-            BudgetGate(view, self.send, f"h{i}", costs_topic=self.topology.costs.name, clock=lambda: self.now)
+            BudgetGate(view, self.send, f"h{i}", clock=lambda: self.now)
             for i, view in enumerate(self.views)
         ]
         for view in (*self.views, self.cost_view):

@@ -132,7 +132,6 @@ class Reservation:
     workflow_lease: HeldLease
     hour_lease: HeldLease | None  # None: the operator resumed this hour past its limit
     actual_nanos: int = 0
-    undelivered: int = 0  # its cost event: sent, not yet acknowledged
 
 
 class BudgetExceeded(Exception):
@@ -167,7 +166,7 @@ class BudgetGate:
 
     def __init__(
         self, view: GuardrailView, send: SendRecord | None = None, holder: str = "holder",
-        costs_topic: str = "", lease_seconds: float | None = None, clock: Callable[[], float] = time.time,
+        lease_seconds: float | None = None, clock: Callable[[], float] = time.time,
         long_reservations: bool = False,
     ) -> None:
         self.view = view
@@ -179,7 +178,6 @@ class BudgetGate:
         self.long_reservations = long_reservations
         self._demand: dict[object, int] = {}  # the worst case of each admission waiting
         self.send = send
-        self.costs_topic = costs_topic
         self.holder = holder
         self.lease_seconds = lease_seconds or view.settings.cost_guardrails.lease_seconds
         self.idle_seconds = view.settings.cost_guardrails.workflow_idle_expiry_seconds
@@ -293,16 +291,13 @@ class BudgetGate:
                 lease.spent += actual_nanos
         if r.hour_lease is not None:
             r.hour_lease.unreported += actual_nanos
-        r.undelivered = 1  # the cost event
         self._notify()
 
     def delivered(self, r: Reservation, _partition: int = 0, _offset: int = 0) -> None:
         """The call's cost event is in Kafka: its leases may go back."""
-        r.undelivered -= 1
-        if r.undelivered == 0:
-            for lease in (r.workflow_lease, r.hour_lease):
-                if lease is not None:
-                    lease.calls -= 1
+        for lease in (r.workflow_lease, r.hour_lease):
+            if lease is not None:
+                lease.calls -= 1
 
     def workflow_committed(self, workflow_id: str) -> tuple[int, int]:
         """(spent as the cost role counted it, held here and not spent) for a workflow."""

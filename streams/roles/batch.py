@@ -94,8 +94,7 @@ class BatchRole:
         self.dead_letters = DeadLetters(topology.dead_letters.name, self.stage)
         self.view = GuardrailView(settings)
         self.gate = BudgetGate(
-            self.view, worker.sender(topology.costs), holder_name(worker.role),
-            costs_topic=topology.costs.name, long_reservations=True,
+            self.view, worker.sender(topology.costs), holder_name(worker.role), long_reservations=True,
         )
         self.budget = BatchBudget(self.gate, self.prices, self.conf.price_factor)
         self._send: dict[str, Send] = {

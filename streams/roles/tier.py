@@ -204,9 +204,7 @@ def build(worker: Worker, tier: Tier) -> RoleSpec:
     providers = ProviderRegistry(settings)
     view = GuardrailView(settings)
     limiter = RateLimiter(settings, tier, topology, providers.throttles)
-    budget = BudgetGate(
-        view, worker.sender(topology.costs), holder_name(worker.role), costs_topic=topology.costs.name
-    )
+    budget = BudgetGate(view, worker.sender(topology.costs), holder_name(worker.role))
     budget.observe_wait = default_metrics().budget_admission.labels(tier.value).observe
     handler = TierHandler(tier, settings, topology, providers, PriceBook(settings), budget, limiter)
     source = topology.tiers[tier]
