@@ -483,7 +483,7 @@ def run_app(settings: Settings, role: Role, build: RoleBuilder) -> None:
     # starts: one created later may be missing from its metadata when partitions are
     # assigned (a changelog then fails every event with "0 partitions").
     asyncio.run(ensure_topics(settings, changelog_topics(app, settings)))
-    worker = faust.Worker(
+    worker = _Worker(
         app,
         loglevel=settings.worker.log_level,
         logging_config=logging_config(settings.worker.log_level, role),
@@ -493,8 +493,26 @@ def run_app(settings: Settings, role: Role, build: RoleBuilder) -> None:
     # record), so every library's logger.debug built a LogRecord. A headless worker has no
     # use for it.
     worker.spinner = None
-    # What is alive now (the SDKs' and Faust's modules and types: most of the heap) lives
-    # as long as the process; frozen, the collector's full passes stop walking it.
+    freeze_the_heap()  # the SDKs' and Faust's modules and types: most of the heap
+    worker.execute_from_commandline()
+
+
+def freeze_the_heap() -> None:
+    """Move every live object out of the collector's reach: what is alive at start lives
+    as long as the process, and a full pass walks every tracked object while the event
+    loop waits (an agent's 4,000 actors, at ``max_concurrent_tasks=4000``, are about
+    600,000 objects: 0.2-0.7 s per pass on the benchmark machine)."""
     gc.collect()
     gc.freeze()
-    worker.execute_from_commandline()
+
+
+class _Worker(faust.Worker):
+    @property
+    def shortlabel(self) -> str:
+        return "Worker"  # Faust's "[^Worker]: Ready" line, which people and tests look for
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        # The agents' actors, the clients and the services exist once the app has
+        # started; the objects a worker creates from here on are its events and calls.
+        freeze_the_heap()
