@@ -48,7 +48,14 @@ class AnsweredIndex:
         self.window = settings.worker.dedupe_window_seconds
         self._answered: dict[str, float] = {}  # request_id -> when seen, oldest first
         self._answering: dict[str, asyncio.Event] = {}  # in progress here: set when it ends
-        self._tail = TopicTail(settings, [topology_of(settings).results.name], self._apply, self.window)
+        # Every result of every tier passes here, and what it tells is needed only when a
+        # request is read again: fetched in chunks of 64 KiB (or every 250 ms) rather than
+        # one fetch per producer batch, each of which costs this process a fetch request
+        # and response to handle (a catch-up after an assignment waits up to 250 ms more).
+        self._tail = TopicTail(
+            settings, [topology_of(settings).results.name], self._apply, self.window,
+            fetch_min_bytes=64 * 1024, fetch_max_wait_ms=250,
+        )
         self.ready = asyncio.Event()  # caught up since the last assignment
         self._generation = 0
         self._catching_up: set[asyncio.Future[None]] = set()

@@ -40,10 +40,15 @@ async def until_answered(call: Callable[[], Awaitable[T]]) -> T:
 
 class TopicTail:
     def __init__(
-        self, settings: Settings, topics: Sequence[str], apply: Apply, since_seconds: float | None = None
+        self, settings: Settings, topics: Sequence[str], apply: Apply, since_seconds: float | None = None,
+        fetch_min_bytes: int = 1, fetch_max_wait_ms: int = 500,
     ) -> None:
-        """``since_seconds``: start that far back in time; None: from the beginning."""
+        """``since_seconds``: start that far back in time; None: from the beginning.
+        ``fetch_min_bytes``/``fetch_max_wait_ms``: the broker answers a fetch once it has
+        that much or has waited that long (a follower that need not be prompt asks less
+        often)."""
         self.settings = settings
+        self.fetch = {"fetch_min_bytes": fetch_min_bytes, "fetch_max_wait_ms": fetch_max_wait_ms}
         self.topics = list(topics)
         self.apply = apply
         self.since_seconds = since_seconds
@@ -65,7 +70,7 @@ class TopicTail:
         await offsets.start()
         self._offsets = offsets
         consumer = AIOKafkaConsumer(
-            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **kafka
+            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **self.fetch, **kafka
         )
         await consumer.start()
         self._consumer = consumer

@@ -54,10 +54,15 @@ async def test_kafka_errors_are_retried_until_answered(no_backoff: None) -> None
 
 
 @pytest.mark.e2e
-async def test_a_tail_since_a_time_starts_there_per_partition_and_catches_up(kafka_bootstrap: str) -> None:
+@pytest.mark.parametrize("fetch", [{}, {"fetch_min_bytes": 64 * 1024, "fetch_max_wait_ms": 250}],
+                         ids=["prompt", "in-chunks"])
+async def test_a_tail_since_a_time_starts_there_per_partition_and_catches_up(
+    kafka_bootstrap: str, fetch: dict[str, int]
+) -> None:
     """On a real broker: a partition with only old records starts at its end, one with
     recent records at the first recent one, an empty one at its end (0); the first
-    catch-up covers what the topic held at start, and later records are read too."""
+    catch-up covers what the topic held at start, and later records are read too, also
+    by a follower that asks for more than the topic holds (as the answered index does)."""
     import asyncio
     import time
     import uuid
@@ -88,7 +93,7 @@ async def test_a_tail_since_a_time_starts_there_per_partition_and_catches_up(kaf
 
     seen: list[bytes | None] = []
     settings = load_settings(environ={"TIERSTREAM__KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap})
-    tail = TopicTail(settings, [topic], lambda _topic, value: seen.append(value), since_seconds=3600)
+    tail = TopicTail(settings, [topic], lambda _topic, value: seen.append(value), since_seconds=3600, **fetch)
     await tail.start()
     try:
         await asyncio.wait_for(tail.caught_up.wait(), 30)
