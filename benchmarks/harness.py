@@ -122,7 +122,8 @@ NOTES = [
     "sdk_alone (scenario 2): the same SDK calls held open in one process with no Kafka: the SDKs' own "
     "KB per in-flight call, under every pipeline's.",
     "worker_idle_cpu_s_per_s: CPU the idle workers burn (timers, commits, fetch loops), measured for "
-    "--idle-window s before the burst; cpu_ms_per_result_net_of_idle subtracts it over the burst.",
+    "--idle-window s before the burst, from --settle s after the workers are ready; "
+    "cpu_ms_per_result_net_of_idle subtracts it over the burst.",
     "The simulator and the broker share the machine's cores with the workers.",
 ]
 # The issue's scenarios; explicit options override them.
@@ -316,6 +317,10 @@ def run_pipeline(
                 await sampling
             return seen
 
+        # Ready is not yet idle: for a few seconds the workers finish starting (group
+        # joins, the first fetches and metadata, the heap freeze), which is neither idle
+        # CPU nor the burst's.
+        time.sleep(args.settle)
         # Idle CPU first: what the workers burn doing nothing (timers, commits, fetch
         # loops); over a slow run it is part of cpu_s, so it is reported beside it.
         idle = TreeSampler([p.pid for p in procs])
@@ -527,6 +532,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of every pipeline, each round starting one pipeline later; each "
                              "pipeline is reported by its median round (by results/s), every round listed")
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds between the workers being ready and the idle window (0: none)")
     parser.add_argument("--idle-window", type=float, default=2.0,
                         help="seconds of idle CPU measured before each burst (0: none)")
     parser.add_argument("--rate", type=float, default=None, metavar="PER_S",
@@ -615,7 +622,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> dict:
                     # three runs of 10,000 gave 433, 534 and 529 results/s (broker 11.5, 6.1
                     # and 5.7 s). Warm-up runs are not reported.
                     console.print(f"warm-up: {args.warmup} requests through tierstream (not measured)")
-                    warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "idle_window": 0,
+                    warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "idle_window": 0, "settle": 0,
                                                     "rate": None})
                     run_pipeline("tierstream", 1, bootstrap, sim_port, sim.pid, warm, logs, progress,
                                  stoppers, broker_pid)

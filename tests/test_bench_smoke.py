@@ -30,7 +30,7 @@ WARMUP = 50
 def _harness(kafka_bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.harness", "--requests", str(REQUESTS), "--workers", "1",
-         "--latency-ms", "0", "--timeout", "120", "--idle-window", "0.5", "--warmup", "0", *args],
+         "--latency-ms", "0", "--timeout", "120", "--idle-window", "0.5", "--settle", "0", "--warmup", "0", *args],
         cwd=REPO_ROOT,
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
         capture_output=True, text=True, timeout=230, check=False,
