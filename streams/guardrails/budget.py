@@ -131,7 +131,6 @@ class Reservation:
     worst_nanos: int
     workflow_lease: HeldLease
     hour_lease: HeldLease | None  # None: the operator resumed this hour past its limit
-    actual_nanos: int = 0
 
 
 class BudgetExceeded(Exception):
@@ -284,7 +283,6 @@ class BudgetGate:
         """The call cost ``actual_nanos``: its reservation is replaced by that. The
         workflow lease's share is counted from the call's cost event (which names the
         lease); the hourly lease's is told to the hour's ledger at the next tick."""
-        r.actual_nanos = actual_nanos
         for lease in (r.workflow_lease, r.hour_lease):
             if lease is not None:
                 lease.reserved -= r.worst_nanos
