@@ -14,11 +14,12 @@ import orjson
 import pytest
 
 from schemas.codec import decode
-from schemas.models import DeadLetter, Tier, TieredRequest
+from schemas.models import ChatMessage, DeadLetter, Tier, TieredRequest
 from streams.envelope import Source
 from streams.pricing import PriceBook
 from streams.processes import simulator_env
-from streams.providers import ProviderRegistry
+from streams.providers import Completion, ProviderError, ProviderRegistry
+from streams.providers.openai_client import OpenAIClient
 from streams.ratelimit import RateLimiter, Throttle, Throttles, bucket_sizes
 from streams.roles.tier import TierHandler
 from streams.simulator import ProviderSimulator
@@ -331,3 +332,30 @@ def test_status_reads_pools_limits_and_throttles_from_metrics() -> None:
     assert status["throttles"]["openai/o3"]["provider_429"] == 1
     (unreachable,) = read_status(["http://127.0.0.1:9"], timeout=1)
     assert "error" in unreachable
+
+
+@pytest.mark.parametrize("retry_after", [None, 0.0])
+async def test_a_call_that_fails_once_is_retried_and_both_attempts_count(
+    simulator: ProviderSimulator, monkeypatch: pytest.MonkeyPatch, retry_after: float | None
+) -> None:
+    """The first attempt runs outside the retry loop; its failure still gets a retry (a
+    server asking for a wait of 0 s asks for one at once)."""
+    settings = sim_settings(simulator)
+    registry = ProviderRegistry(settings)
+    answer = OpenAIClient.complete
+    calls: list[str] = []
+
+    async def fails_once(client: OpenAIClient, model: str, messages: list[ChatMessage], max_output_tokens: int) -> Completion:
+        calls.append(model)
+        if len(calls) == 1:
+            raise ProviderError("openai", "HTTP 503 InternalServerError", status=503, retryable=True, retry_after=retry_after)
+        return await answer(client, model, messages, max_output_tokens)
+
+    monkeypatch.setattr(OpenAIClient, "complete", fails_once)
+    try:
+        out = await handle(settings, registry, tiered("Summarise the findings."))
+    finally:
+        await registry.close()
+    result = orjson.loads(out[0].value)
+    assert (result["status"], result["attempts"], len(calls)) == ("ok", 2, 2)
+    assert simulator.stats()["requests_total"] == 1  # the failure never reached the server

@@ -1,7 +1,7 @@
 """Anthropic Messages through the official async SDK.
 
 As :mod:`streams.providers.openai_client`: the SDK's low-level ``post`` with a body built
-once, the answer read with orjson; ``TIERSTREAM_SDK_CALL=typed`` uses
+once and serialised with orjson, the answer read with orjson; ``TIERSTREAM_SDK_CALL=typed`` uses
 ``messages.create``, which gives the same Completion.
 """
 
@@ -64,7 +64,7 @@ class AnthropicClient:
             if self._typed:
                 typed = await self._sdk.messages.create(**body)
                 return completion_from_payload(typed.model_dump(), model)
-            response = await self._sdk.post("/v1/messages", body=body, cast_to=httpx2.Response)
+            response = await self._sdk.post("/v1/messages", content=orjson.dumps(body), cast_to=httpx2.Response)
         except anthropic.APIStatusError as exc:
             raise error_from_status(self.provider, exc, exc.status_code) from None
         except anthropic.APIError as exc:  # connection errors and timeouts

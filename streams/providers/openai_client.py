@@ -1,11 +1,12 @@
 """OpenAI Chat Completions through the official async SDK.
 
 The call goes through the SDK's documented low-level request method
-(``client.post(path, body=..., cast_to=httpx2.Response)``): authentication, base URL,
+(``client.post(path, content=..., cast_to=httpx2.Response)``): authentication, base URL,
 headers, timeouts, retries honouring Retry-After, typed errors with their status codes and
 the aiohttp transport all stay the SDK's, while the per-call work that only builds and
 parses typed objects (validating the body against its TypedDicts, constructing response
-models) is skipped; the answer is read with orjson into the project's own
+models) is skipped; the body is serialised with orjson (the SDK's ``content`` takes the
+bytes as they are) and the answer is read with orjson into the project's own
 :class:`~streams.providers.base.Completion`. ``TIERSTREAM_SDK_CALL=typed`` uses
 ``chat.completions.create`` instead (docs/benchmarks.md), which gives the same
 Completion.
@@ -66,7 +67,7 @@ class OpenAIClient:
             if self._typed:
                 typed = await self._sdk.chat.completions.create(**body)  # type: ignore[call-overload]
                 return completion_from_payload(typed.model_dump(), model)
-            response = await self._sdk.post("/chat/completions", body=body, cast_to=httpx2.Response)
+            response = await self._sdk.post("/chat/completions", content=orjson.dumps(body), cast_to=httpx2.Response)
         except openai.APIStatusError as exc:
             raise error_from_status(self.provider, exc, exc.status_code) from None
         except openai.APIError as exc:  # connection errors and timeouts

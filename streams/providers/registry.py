@@ -151,28 +151,46 @@ class ProviderRegistry:
         conf = self.settings.providers[provider]  # type: ignore[index]
         throttle = self.throttles.get(provider, model)
         attempts = 0
+
+        async def attempt() -> Attempted:
+            nonlocal attempts
+            attempts += 1
+            if before_attempt is not None:
+                await before_attempt(attempts)
+            else:
+                await throttle.wait()
+            try:
+                async with self.pools[provider].acquire() as client:
+                    completion = await client.complete(model, messages, max_output_tokens)
+            except ProviderError as exc:
+                if exc.status == 429:  # slow every call down, here and in every replica
+                    self.throttles.on_rate_limited(provider, model, exc.retry_after)
+                raise
+            return Attempted(completion, attempts)
+
         try:
-            async for attempt in stamina.retry_context(
+            # The first attempt runs outside stamina: setting up its retry context costs
+            # about as much CPU as the rest of this method, and most calls succeed at once.
+            try:
+                return await attempt()
+            except ProviderError as exc:
+                if conf.max_retries == 0 or _backoff_hook(exc) is False:  # a wait of 0.0 still retries
+                    raise
+                first_failure: ProviderError | None = exc
+            # Stamina sees that failure as its own first attempt, so the retries get its
+            # backoff, the server's Retry-After and its retry hooks as any failure would.
+            async for retrying in stamina.retry_context(
                 on=_backoff_hook,
                 attempts=conf.max_retries + 1,
                 timeout=None,
                 wait_initial=conf.retry_initial_seconds,
                 wait_max=conf.retry_max_seconds,
             ):
-                with attempt:
-                    attempts += 1
-                    if before_attempt is not None:
-                        await before_attempt(attempts)
-                    else:
-                        await throttle.wait()
-                    try:
-                        async with self.pools[provider].acquire() as client:
-                            completion = await client.complete(model, messages, max_output_tokens)
-                    except ProviderError as exc:
-                        if exc.status == 429:  # slow every call down, here and in every replica
-                            self.throttles.on_rate_limited(provider, model, exc.retry_after)
-                        raise
-                    return Attempted(completion, attempts)
+                with retrying:
+                    if first_failure is not None:
+                        failure, first_failure = first_failure, None
+                        raise failure
+                    return await attempt()
         except ProviderError as exc:
             exc.attempts = attempts
             raise
