@@ -52,7 +52,7 @@ from streams.providers.registry import Attempted
 from streams.roles.classifier import Classifier, ClassifierHandler
 from streams.roles.cost import COST_BATCH_EVENTS, CostAccountant
 from streams.roles.tier import TierHandler
-from streams.runtime.worker import producer_max_batch_bytes, use_event_loop
+from streams.runtime.worker import producer_linger_seconds, producer_max_batch_bytes, use_event_loop
 from streams.simulator import SimulatorConfig
 from streams.simulator.content import AnswerMaker, content_text, estimate_text_tokens
 from topologies.config import Settings, load_settings
@@ -160,7 +160,8 @@ def _clients(
     ``source``, committing by hand."""
     kafka_kwargs = aiokafka_kwargs(settings.kafka)
     producer = AIOKafkaProducer(
-        acks="all", linger_ms=5, max_request_size=settings.kafka.max_message_bytes,
+        acks="all", linger_ms=round(producer_linger_seconds() * 1000),
+        max_request_size=settings.kafka.max_message_bytes,
         max_batch_size=producer_max_batch_bytes(settings), **kafka_kwargs,
     )
     consumer = AIOKafkaConsumer(
