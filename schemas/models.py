@@ -193,16 +193,23 @@ class BudgetRecord(WireModel):
     cost events (key: the workflow_id for a workflow's budget, ``hour`` for the hourly
     limit), so the cost role that counts a scope's spend also grants its leases, in the
     same order. Readers of the costs topic tell the two apart by the ``budget`` field.
+    A partition's openings (scope ``~openings``) are keyed by any workflow_id of that
+    partition; ``open`` turns an opening's share of a workflow into a lease of it.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    budget: Literal["request", "renew", "return", "spend"]
+    budget: Literal["request", "renew", "return", "spend", "open"]
     lease_id: str = Field(min_length=1, max_length=200, description="'<holder>#<n>'")
     scope: str = Field(min_length=1, max_length=128, description="'hour' or a workflow_id.")
     window_start: datetime | None = Field(default=None, description="The hour of an hourly lease.")
     want_nanos: int = Field(default=0, ge=0, description="request: the amount asked for.")
     least_nanos: int = Field(default=0, ge=0, description="request: the least worth granting.")
     spent_nanos: int = Field(default=0, ge=0, description="spend: what calls under the lease cost since its previous spend record.")
+    opening_id: str | None = Field(
+        default=None, max_length=200,
+        description="open: the opening (a lease of scope '~openings' in this partition) whose share "
+        "of the workflow becomes the lease lease_id.",
+    )
     timestamp: datetime = Field(default_factory=utcnow)
 
 
@@ -249,7 +256,7 @@ class SpendSnapshot(WireModel):
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    kind: Literal["hour", "workflow"]
+    kind: Literal["hour", "workflow", "openings"]
     scope: str = Field(description="'global' or 'tier:<tier>' for hours; the workflow_id for workflows.")
     window_start: datetime | None = None
     partition: int = Field(ge=0)
@@ -258,7 +265,12 @@ class SpendSnapshot(WireModel):
     updated_at: datetime = Field(default_factory=utcnow)
     leases: dict[str, LeaseState] = Field(
         default_factory=dict,
-        description="Outstanding budget leases of this scope ('ledger' hours and workflows).",
+        description="Outstanding budget leases of this scope ('ledger' hours, workflows, a partition's openings).",
+    )
+    opened: list[str] = Field(
+        default_factory=list,
+        description="workflow: the openings already turned into leases of this workflow, which no "
+        "longer hold part of its budget.",
     )
 
     @property

@@ -151,7 +151,10 @@ async def test_batch_requests_are_answered_once_at_the_batch_price_across_sigkil
             "task": "Summarise.", "max_output_tokens": 32, "tier_hint": "premium", "latency_class": "batch",
         })
 
-    fits = int(workflow_budget / worst_usd(settings, runaway_request(0)[1], Decimal("0.5")))
+    # The tier workers' budget openings may hold opening_share of the workflow's budget,
+    # which a workflow only the batch role calls cannot use.
+    usable = Decimal(str(workflow_budget)) * (1 - Decimal(str(settings.cost_guardrails.opening_share)))
+    fits = int(usable / worst_usd(settings, runaway_request(0)[1], Decimal("0.5")))
     runaway = [runaway_request(n) for n in range(fits + 20)]
     await produce_raw(settings.kafka.bootstrap_servers, topology.requests.name, runaway)
     again = await collect(pipeline, expected=len(everything) + len(runaway), timeout=120)

@@ -115,6 +115,8 @@ async def test_budgets_hold_across_three_replicas_per_tier(pipeline_factory) -> 
         TIERSTREAM__COST_GUARDRAILS__ALERT_THRESHOLD_USD=str(hour_limit / 2),
         TIERSTREAM__COST_GUARDRAILS__MAX_COST_PER_WORKFLOW_USD=str(workflow_limit),
         TIERSTREAM__COST_GUARDRAILS__LEASE_SECONDS=str(lease_seconds),
+        # Openings of a tenth of the workflow budget: the nano calls of new workflows use them.
+        TIERSTREAM__COST_GUARDRAILS__OPENING_SHARE="0.1",
         TIERSTREAM__WORKER__MAX_CONCURRENT_TASKS="64",
     )
     tiers = ("nano", "standard", "premium")
@@ -122,9 +124,11 @@ async def test_budgets_hold_across_three_replicas_per_tier(pipeline_factory) -> 
     await wait_for_roles(pipeline.settings, [f"tier-{t}" for t in tiers], timeout=180, members=3)
     await wait_for_roles(pipeline.settings, ["classifier", "cost"], timeout=120)
     runaway = [(b"runaway", request(f"r-{n}", "runaway", tier=tiers[n % 3], max_tokens=200)) for n in range(90)]
+    # New workflows' first calls, once the nano replicas hold openings (asked with their first call).
+    fresh = [(f"fresh-{n}".encode(), request(f"f-{n}", f"fresh-{n}", tier="nano", max_tokens=50)) for n in range(30)]
     others = [(f"wf-{n % 40}".encode(), request(f"h-{n}", f"wf-{n % 40}", tier="standard", max_tokens=200))
               for n in range(400)]
-    bodies = {orjson.loads(body)["request_id"]: body for _, body in runaway + others}
+    bodies = {orjson.loads(body)["request_id"]: body for _, body in runaway + fresh + others}
     worst = max(worst_case_nanos(pipeline.settings, body) for body in bodies.values())
     bootstrap, topic = pipeline.settings.kafka.bootstrap_servers, pipeline.topology.requests.name
 
@@ -139,6 +143,8 @@ async def test_budgets_hold_across_three_replicas_per_tier(pipeline_factory) -> 
     assert {r["status"] for r in flow} == {"ok", "budget_exceeded"}
     assert flow_spent <= usd_to_nanos(workflow_limit) + worst
     assert flow_spent >= usd_to_nanos(workflow_limit) - 2 * worst, "budget left unusable"
+    await produce_raw(bootstrap, topic, fresh)
+    await collect(pipeline, expected=len(runaway) + len(fresh), timeout=120)
 
     await produce_raw(bootstrap, topic, others[:200])
     # A replica holding an unspent hourly lease is SIGKILLed; its lease must come back.
@@ -189,6 +195,9 @@ async def test_budgets_hold_across_three_replicas_per_tier(pipeline_factory) -> 
     collected = await collect(pipeline, expected=len(bodies), timeout=240)
     assert set(collected.result_ids()) == set(bodies), "a request was lost"
     assert max(collected.result_ids().values()) == 1
+    opened = [wf for wf, total in (await read_state(pipeline.settings)).workflows.items() if total.opened]
+    print(f"{len(opened)} workflows had first calls under openings")
+    assert opened, "no first call went through an opening"
 
 
 async def test_totals_stay_exact_when_the_cost_worker_is_killed(pipeline_factory) -> None:

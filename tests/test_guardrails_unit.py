@@ -22,7 +22,7 @@ from schemas.codec import decode, decode_cost_record, encode
 from schemas.models import BudgetRecord, CostEvent, GuardrailEvent, LeaseState, SpendSnapshot, Tier
 from streams.envelope import Source
 from streams.guardrails.budget import RECHECK_SECONDS, BudgetExceeded, BudgetGate, Reservation
-from streams.guardrails.ledger import Lease, Total, expired, hour_key
+from streams.guardrails.ledger import OPENINGS_SCOPE, Lease, Total, expired, hour_key
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
 from streams.guardrails.view import LEDGER, GuardrailView, PartTotal, WorkflowTotal
 from streams.roles.cost import CostAccountant, _newest
@@ -464,9 +464,15 @@ def test_view_lists_the_outstanding_leases_by_holder() -> None:
         "tier-a@x:1:ab#3": LeaseState(granted_nanos=50_000_000, spent_nanos=50_000_000, renewed_at=NOW),
         "tier-d@w:4:gh#9": LeaseState(granted_nanos=1_000, spent_nanos=0, renewed_at=NOW),
     }))
+    view.apply(spend, encode(SpendSnapshot(
+        kind="openings", scope="~openings|p3", partition=3, spent_nanos=0, last_offset=4,
+        leases={"tier-a@x:1:ab#4": LeaseState(granted_nanos=3_000_000, spent_nanos=0, renewed_at=NOW)},
+    )))
     expected = {
-        "tier-a@x:1:ab": {"hour_outstanding_usd": 0.2, "workflow_leases": 2, "workflow_outstanding_usd": 0.04},
-        "tier-d@w:4:gh": {"hour_outstanding_usd": 0.0, "workflow_leases": 1, "workflow_outstanding_usd": 0.000001},
+        "tier-a@x:1:ab": {"hour_outstanding_usd": 0.2, "workflow_leases": 2, "workflow_outstanding_usd": 0.04,
+                         "opening_outstanding_usd": 0.003},
+        "tier-d@w:4:gh": {"hour_outstanding_usd": 0.0, "workflow_leases": 1, "workflow_outstanding_usd": 0.000001,
+                         "opening_outstanding_usd": 0.0},
     }
     assert view.leases_by_holder(NOW) == expected
     assert view.status(NOW)["leases"] == expected
@@ -479,12 +485,13 @@ def test_view_lists_the_outstanding_leases_by_holder() -> None:
 
 
 def lease_records(cluster: Cluster, op: str | None = None) -> list[tuple[BudgetRecord, float]]:
-    """The lease records written to the costs topic (of one kind, if ``op``), with when."""
+    """The lease records written to the costs topic (of one kind, if ``op``), with when;
+    openings' own records aside (tests/test_leases.py covers them)."""
     found = []
     for records in cluster.log.values():
         for _key, value, at in records:
             record = decode_cost_record(value)
-            if isinstance(record, BudgetRecord) and op in (None, record.budget):
+            if isinstance(record, BudgetRecord) and op in (None, record.budget) and record.scope != OPENINGS_SCOPE:
                 found.append((record, at))
     return sorted(found, key=lambda item: item[1])
 
@@ -853,7 +860,7 @@ async def test_gate_a_call_that_cost_nothing_writes_no_spend_record() -> None:
 
 
 async def test_gate_summary_shows_the_leases_held_and_requests_unanswered() -> None:
-    cluster = Cluster(settings_with(lease_seconds=8.0), holders=1)
+    cluster = Cluster(settings_with(lease_seconds=8.0, opening_share=0.0), holders=1)  # no openings asked for
     gate, view = cluster.gates[0], cluster.views[0]
     asked_at = cluster.now
     cluster.cost_role_up = False

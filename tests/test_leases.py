@@ -16,21 +16,23 @@ from schemas.codec import decode_cost_record, encode
 from schemas.models import BudgetRecord, CostEvent, Tier
 from streams.envelope import Source
 from streams.guardrails.budget import BudgetExceeded, BudgetGate, Reservation
-from streams.guardrails.ledger import Lease, Total, apply_budget, grant_size
+from streams.guardrails.ledger import OPENINGS_SCOPE, Lease, Total, apply_budget, grant_size, openings_held
 from streams.guardrails.money import hour_window, usd_to_nanos
 from streams.guardrails.view import GuardrailView
 from streams.roles.cost import CostAccountant
 from topologies.config import Settings, load_settings
-from topologies.topics import Topology
+from topologies.topics import Topology, partition_of
 
 NOW = 1_700_000_000.0 + 600.0  # ten minutes into an hour
 USD = 1_000_000_000
 
 
-def settings_with(hour_usd: float = 100.0, workflow_usd: float = 100.0, lease_seconds: float = 10.0) -> Settings:
+def settings_with(
+    hour_usd: float = 100.0, workflow_usd: float = 100.0, lease_seconds: float = 10.0, opening_share: float = 0.02,
+) -> Settings:
     return load_settings(environ={}, overrides={"cost_guardrails": {
         "max_cost_per_hour_usd": hour_usd, "max_cost_per_workflow_usd": workflow_usd,
-        "alert_threshold_usd": hour_usd, "lease_seconds": lease_seconds,
+        "alert_threshold_usd": hour_usd, "lease_seconds": lease_seconds, "opening_share": opening_share,
     }})
 
 
@@ -49,7 +51,8 @@ class Cluster:
         self.accountant = CostAccountant(settings, self.topology, HourWindows(), Workflows(), self.cost_view)
         self.views = [GuardrailView(settings) for _ in range(holders)]
         self.gates = [
-            BudgetGate(view, self.send, f"h{i}", clock=lambda: self.now)
+            BudgetGate(view, self.send, f"h{i}", clock=lambda: self.now,
+                       partitioner=(partitions, self.partition_of))
             for i, view in enumerate(self.views)
         ]
         for view in (*self.views, self.cost_view):
@@ -243,7 +246,8 @@ async def test_no_cost_role_means_no_grants_and_calls_resume_when_it_returns() -
     task = asyncio.ensure_future(cluster.call(gate, "wf", 1_000, 1_000))
     await cluster.run(asyncio.wait_for(_until(lambda: cluster.now > NOW + 6), 60))
     assert not task.done() and gate.summary()["grants_stalled"] is True
-    assert gate.view.summary()["lease_requests_waiting"] == 2, "the workflow's and the hour's, on /ready"
+    waiting = gate.view.summary()["lease_requests_waiting"]
+    assert waiting == 2 + cluster.partitions, "the workflow's, the hour's and an opening per partition, on /ready"
     cluster.cost_role_up = True
     await cluster.run(task)
     assert task.result() == 1_000 and gate.summary()["grants_stalled"] is False
@@ -268,6 +272,125 @@ async def test_a_workflow_idle_past_its_expiry_starts_a_new_budget() -> None:
     assert spent == [worst, worst, None]
     cluster.now += 120  # idle for twice the expiry
     assert await _run(cluster, cluster.call(gate, "wf", worst, worst)) == worst
+
+
+# ------------------------------------------------------------------------- openings
+def openings_granted(view: GuardrailView, partition: int) -> int:
+    openings = view.openings.get(partition)
+    return sum(lease.granted for lease in openings.leases.values()) if openings else 0
+
+
+async def held_openings(cluster: Cluster, gate: BudgetGate, worst: int) -> None:
+    """``gate``'s first call (of a workflow of its own), after which it holds an opening
+    of every partition."""
+    assert await _run(cluster, cluster.call(gate, f"wf-first-{gate.holder}", worst, worst)) == worst
+    await cluster.run(_until(lambda: all(
+        any(lease_id.startswith(f"{gate.holder}#") for lease_id in gate.view.openings[p].leases)
+        for p in range(cluster.partitions) if p in gate.view.openings
+    ) and len(gate.view.openings) == cluster.partitions), limit_seconds=10)
+
+
+def test_an_opening_holds_its_share_of_every_workflow_until_it_is_opened_there() -> None:
+    openings = {"h#1": Lease(300, 0, NOW), "g#4": Lease(200, 0, NOW - 8)}
+    wf = Total(100, 5, NOW)
+    assert openings_held(openings, wf.opened, NOW, 10.0) == 500
+    opened = wf.open("h#1/wf", "h#1", 300, 6, NOW)
+    assert opened is not None and opened.leases == {"h#1/wf": Lease(300, 0, NOW)}
+    assert openings_held(openings, opened.opened, NOW, 10.0) == 200, "h#1's share is now its lease"
+    assert opened.room(1_000) - openings_held(openings, opened.opened, NOW, 10.0) == 1_000 - 100 - 500
+    again = opened.open("h#1/wf", "h#1", 300, 7, NOW)
+    assert again is not None and again.leases == opened.leases, "an opening is turned into a lease once"
+    assert opened.open("h#1/wf", "h#1", 300, 6, NOW) is None, "a record read again changes nothing"
+    assert openings_held(openings, frozenset(), NOW + 3, 10.0) == 300, "an expired opening holds nothing"
+    assert Total.from_list(opened.to_list()) == opened
+
+
+def test_a_workflows_partition_is_found_as_the_producer_finds_it() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    partitions = list(range(6))
+    for n in range(300):
+        key = f"wf-{n}".encode()
+        assert partition_of(key, 6) == DefaultPartitioner()(key, partitions, partitions)
+
+
+async def test_a_new_workflows_first_call_is_admitted_under_an_opening_without_a_grant() -> None:
+    cluster = Cluster(settings_with(workflow_usd=1.0), holders=1)
+    gate = cluster.gates[0]
+    worst = usd_to_nanos(0.001)
+    await held_openings(cluster, gate, worst)
+    cluster.cost_role_up = False  # nothing is granted from here on
+    calls = [cluster.call(gate, f"wf-new-{n}", worst, worst // 2) for n in range(12)]
+    assert await asyncio.wait_for(asyncio.gather(*calls), 5) == [worst // 2] * 12
+    assert gate.opened == 12
+    cluster.cost_role_up = True
+    cluster.pump()
+    for n in range(12):
+        total = cluster.cost_view.workflow_spend(f"wf-new-{n}")
+        assert total is not None and total.nanos == worst // 2
+        (lease_id, lease), = total.leases.items()
+        assert lease_id.endswith(f"/wf-new-{n}") and lease.spent == worst // 2
+        assert lease_id.rpartition("/")[0] in total.opened, "the opening holds nothing more of it"
+
+
+async def test_an_opening_is_granted_only_out_of_the_least_room_of_its_partition() -> None:
+    budget, worst = usd_to_nanos(0.01), usd_to_nanos(0.001)
+    cluster = Cluster(settings_with(workflow_usd=0.01, opening_share=0.5), holders=1)
+    spender = cluster.gates[0]
+    low = cluster.partition_of(b"wf-spent")
+    spent = [await _run(cluster, cluster.call(spender, "wf-spent", worst, worst)) for _ in range(7)]
+    assert spent == [worst] * 7
+    total = cluster.cost_view.workflow_spend("wf-spent")
+    assert total is not None
+    held = openings_held(cluster.cost_view.openings[low].leases, total.opened, cluster.now, 10.0)
+    least_room = Total(total.nanos, leases=total.leases).room(budget) - held
+    asked = {}
+    for p in range(cluster.partitions):  # another process asks for an opening of every partition
+        key = next(k for k in (f"k{n}".encode() for n in range(1000)) if cluster.partition_of(k) == p)
+        record = BudgetRecord(budget="request", lease_id=f"late#{p}", scope=OPENINGS_SCOPE,
+                              want_nanos=budget, least_nanos=1)
+        asked[p] = await cluster.send(key, encode(record))
+    cluster.pump()
+    granted = {p: cluster.cost_view.openings[p].leases[f"late#{p}"].granted for p in range(cluster.partitions)}
+    assert 0 < granted[low] <= least_room, "no workflow's room is overdrawn"
+    assert all(granted[p] > least_room for p in granted if p != low)
+
+
+async def test_openings_let_no_workflow_pass_its_budget_across_six_holders() -> None:
+    """Six processes that hold openings, twelve new workflows each called by all six,
+    with openings half the budget: every workflow stops within its budget."""
+    budget, worst = usd_to_nanos(0.02), usd_to_nanos(0.0012)
+    cluster = Cluster(settings_with(workflow_usd=0.02, opening_share=0.5), holders=6)
+    for gate in cluster.gates:  # each holder's first call asks for openings: halving, they go round four
+        assert await _run(cluster, cluster.call(gate, f"wf-first-{gate.holder}", worst, worst)) == worst
+    settled = cluster.now + 1
+    await cluster.run(_until(lambda: cluster.now > settled))
+    rng = random.Random(11)
+    workflows = [f"wf-runaway-{n}" for n in range(12)]
+
+    async def slow_call(gate: BudgetGate, wf: str) -> None:
+        try:
+            reservation = await gate.admit(wf, worst)
+        except BudgetExceeded:
+            return
+        done = cluster.now + 2.0  # the model call: its reservation is not spend yet
+        await _until(lambda: cluster.now >= done)
+        await cluster.settle(gate, reservation, worst)  # every call costs its worst case
+
+    async def holder(gate: BudgetGate, delay: float) -> None:
+        # The first two holders' calls take two seconds: their leases are granted and
+        # nothing is spent yet when the others join, whose first calls use their openings.
+        start = cluster.now + delay
+        await _until(lambda: cluster.now >= start)
+        order = workflows[:]
+        rng.shuffle(order)
+        await asyncio.gather(*(slow_call(gate, wf) for wf in order for _ in range(16)))
+
+    await cluster.run(asyncio.gather(*(holder(g, 0.0 if n < 2 else 1.0) for n, g in enumerate(cluster.gates))))
+    assert sum(g.opened for g in cluster.gates[2:]) >= 12, "the late holders' first calls went through openings"
+    for wf in workflows:
+        spent = cluster.spent(lambda e, wf=wf: e.workflow_id == wf)  # type: ignore[misc]
+        assert budget - 2 * worst <= spent <= budget, (wf, spent)
 
 
 async def _run(cluster: Cluster, work: Awaitable[int | None]) -> int | None:

@@ -275,6 +275,12 @@ class CostGuardrails(Section):
     # A budget lease its holder has not renewed for this long is expired by the cost role
     # (its holder stopped): what it did not spend is free again. Holders renew at a third.
     lease_seconds: float = Field(default=10.0, ge=1.0, le=600.0)
+    # The share of the workflow budget that tier workers may hold, per costs partition, as
+    # openings: budget for the first calls of a workflow a worker holds no lease of yet,
+    # spent without waiting for a grant. The cost role counts the openings against every
+    # workflow of their partition until used there, so at most this share of a workflow's
+    # budget can sit unused. 0: a worker's first call of each workflow waits for a grant.
+    opening_share: float = Field(default=0.02, ge=0.0, le=0.5)
 
     @model_validator(mode="after")
     def _alert_below_limit(self) -> CostGuardrails:

@@ -10,6 +10,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
+from aiokafka.partitioner import murmur2
+
 from schemas.models import (
     AgentRequest,
     AgentResult,
@@ -226,3 +228,9 @@ def topology_of(settings: Settings) -> Topology:
         found = _BUILT[key] = Topology(settings)
         weakref.finalize(settings, _BUILT.pop, key, None)  # an id is reused once its object is gone
     return found
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition a record keyed ``key`` goes to: murmur2, the default partitioner of
+    aiokafka (which Faust's producer uses) and of the Java client."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

@@ -27,6 +27,15 @@ that every worker reads (:class:`~streams.guardrails.view.GuardrailView`).
   renewing, and its lease expires after ``lease_seconds``; this process stops using a
   lease at 80 % of that, counted from when it sent the request or renewal (earlier than
   the cost role's clock, which stamps the record once written).
+- The first call of a workflow this process holds nothing of is admitted at once under
+  an opening of the workflow's costs partition: a lease that holds its share of every
+  workflow there, granted ahead of need (:data:`~streams.guardrails.ledger.OPENINGS_SCOPE`).
+  The call's reservation turns the opening's share of that workflow into a lease of it
+  (an ``open`` record, ahead of the call's cost event in the workflow's partition), which
+  this process then renews, spends and returns like any other; an opening is used once
+  per workflow. Openings are asked for at start (and again, of a call's size, when too
+  small), and kept while this process runs (a renewal per partition every
+  ``lease_seconds / 3``).
 - A lease is returned only once the cost records of its calls are in Kafka: a workflow's
   cost events are in its partition before the return, so the cost role has counted them
   when it frees the rest. What an hourly lease spent is told to the hour's ledger in one
@@ -54,9 +63,10 @@ from datetime import UTC, datetime
 
 from schemas.codec import encode
 from schemas.models import AgentResult, BudgetRecord, Tier, TieredRequest, Timings
-from streams.guardrails.ledger import Lease, Total
+from streams.guardrails.ledger import OPENINGS_SCOPE, Lease, Total, openings_held, openings_key
 from streams.guardrails.money import hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView
+from topologies.topics import partition_of
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +75,9 @@ TICK_SECONDS = 0.25  # how often a gate's leases in use are renewed and the othe
 HOUR_SCOPE = "hour"  # the key of every hourly lease record: one partition keeps the hour's ledger
 # Where a lease's record is written: (key, value) -> (partition, offset) once acknowledged.
 SendRecord = Callable[[bytes, bytes], Awaitable[tuple[int, int]]]
+# The workflows one opening is used for before it is given back for a new one: what this
+# process remembers of it, since it must never use it twice for a workflow.
+OPENED_LIMIT = 4096
 
 
 def holder_name(role: str) -> str:
@@ -88,6 +101,7 @@ class HeldLease:
     last_used: float = 0.0
     unreported: int = 0  # spent, and not yet told to the hour's ledger (hourly leases)
     writing: asyncio.Task[None] | None = None  # its last record being written: the next waits for it
+    opened: set[str] | None = None  # an opening: the workflows it was turned into leases of
 
     def room(self) -> int:
         return self.granted - self.spent - self.reserved
@@ -102,15 +116,24 @@ class _Request:
 
 @dataclass(eq=False, slots=True)
 class Allowance:
-    """This process's share of one scope: a workflow, or one hour window."""
+    """This process's share of one scope: a workflow, one hour window, or the openings of
+    one costs partition (``partition`` set, its records keyed ``key``)."""
 
     scope: str
     window: int | None
+    partition: int | None = None
+    key: bytes = b""
     leases: list[HeldLease] = field(default_factory=list)
     request: _Request | None = None
     denied_at: float = 0.0
     denied_room: int = 0  # the scope's room, as published, when a request was denied
     admitted: deque[float] = field(default_factory=deque)  # when calls were admitted, last second
+
+    def record_key(self) -> bytes:
+        return self.key or self.scope.encode()
+
+    def record_scope(self) -> str:
+        return OPENINGS_SCOPE if self.partition is not None else self.scope
 
     def usable(self, worst: int, now: float) -> HeldLease | None:
         for lease in self.leases:
@@ -166,7 +189,7 @@ class BudgetGate:
     def __init__(
         self, view: GuardrailView, send: SendRecord | None = None, holder: str = "holder",
         lease_seconds: float | None = None, clock: Callable[[], float] = time.time,
-        long_reservations: bool = False,
+        long_reservations: bool = False, partitioner: tuple[int, Callable[[bytes], int]] | None = None,
     ) -> None:
         self.view = view
         # Reservations held for hours (the batch role's, until a provider's batch ends): a
@@ -194,6 +217,13 @@ class BudgetGate:
         self.observe_wait: Callable[[float], None] = lambda _seconds: None  # admission time, for metrics
         self.granted = 0  # leases granted to this process, for metrics and tests
         self.denied = 0
+        self.opened = 0  # calls admitted under an opening, without waiting for a grant
+        # Openings: none for long reservations, which would hold them for a batch's hours.
+        guard = view.settings.cost_guardrails
+        self.opening_share = 0.0 if long_reservations else guard.opening_share
+        partitions = view.topology.costs.partitions
+        self.partitions, self.partition_of = partitioner or (partitions, lambda key: partition_of(key, partitions))
+        self._opening_keys: dict[int, bytes] = {}  # costs partition -> a key that goes there
 
     # ------------------------------------------------------------------ admission
     async def admit(self, workflow_id: str, worst_nanos: int) -> Reservation:
@@ -243,6 +273,17 @@ class BudgetGate:
             hour_lease = hour.usable(worst, now)
             if hour_lease is None:
                 self._ask(hour, worst, now)
+        if self.opening_share and worst > int(view.workflow_limit * self.opening_share):
+            self._give_up_openings()
+        if flow_lease is None and self.opening_share:
+            if not flow.leases and flow.request is None:
+                if hour is not None and hour_lease is None:
+                    if self._opening(self._openings(self.partition_of(workflow_id.encode())), worst, now, workflow_id):
+                        return None  # the hour's lease is asked for; an opening serves the workflow once it comes
+                else:
+                    flow_lease = self._open(flow, worst, now)
+            if flow_lease is None:
+                self._want_openings(worst, now)  # for the next workflows' first calls
         if flow_lease is None:
             self._ask(flow, worst, now)
         if flow_lease is None or (hour is not None and hour_lease is None):
@@ -258,6 +299,82 @@ class BudgetGate:
                     self._ask(allowance, worst, now)  # the next lease before this one runs out
         return reservation
 
+    def _openings(self, partition: int) -> Allowance:
+        allowance = self._allowance(openings_key(partition), None)
+        if allowance.partition is None:
+            if not self._opening_keys:
+                for n in itertools.count():  # a key per partition, for its openings' records
+                    key = f"openings-{n}".encode()
+                    self._opening_keys.setdefault(self.partition_of(key), key)
+                    if len(self._opening_keys) == self.partitions:
+                        break
+            allowance.partition, allowance.key = partition, self._opening_keys[partition]
+        return allowance
+
+    @staticmethod
+    def _opening(openings: Allowance, worst: int, now: float, workflow_id: str = "") -> HeldLease | None:
+        """An opening of ``openings`` that can make a call of ``worst`` (of ``workflow_id``,
+        which it must not have been used for)."""
+        for lease in openings.leases:
+            if (
+                now < lease.deadline and lease.granted >= worst and lease.opened is not None
+                and workflow_id not in lease.opened and len(lease.opened) < OPENED_LIMIT
+            ):
+                return lease
+        return None
+
+    def _want_openings(self, worst: int, now: float) -> None:
+        """Ask for an opening of each partition where this process holds none; after a
+        denial (a workflow of the partition is near its budget), not for a while. One too
+        small for a call is kept for smaller ones: asking again for each larger call would
+        send a return and a request per call."""
+        if not 0 < worst <= int(self.view.workflow_limit * self.opening_share):
+            return
+        for p in range(self.partitions):
+            openings = self._openings(p)
+            if not openings.leases and (not openings.denied_at or now - openings.denied_at >= self.lease_seconds):
+                self._ask(openings, worst, now)
+
+    def _give_up_openings(self) -> None:
+        """This process makes calls larger than all the openings of a partition together
+        may be: none would serve it, and what it holds is given back for good."""
+        self.opening_share = 0.0
+        for allowance in [a for a in self._allowances.values() if a.partition is not None]:
+            for lease in allowance.leases:
+                self._write(allowance, lease, "return")
+            allowance.leases = []
+        log.info("model calls larger than cost_guardrails.opening_share of a workflow budget: no openings")
+
+    def _open(self, flow: Allowance, worst: int, now: float) -> HeldLease | None:
+        """A lease of ``flow``'s workflow made at once of an opening's share of it, or None."""
+        key = flow.scope.encode()
+        partition = self.partition_of(key)
+        opening = self._opening(self._openings(partition), worst, now, flow.scope)
+        if opening is None:
+            return None
+        assert opening.opened is not None
+        opening.opened.add(flow.scope)
+        lease = HeldLease(
+            f"{opening.lease_id}/{flow.scope}", flow.scope, None, opening.granted,
+            deadline=now + 0.8 * self.lease_seconds,
+            renew_at=now + self.lease_seconds / 3, last_used=now,
+        )
+        flow.leases.append(lease)
+        self.opened += 1
+        record = BudgetRecord(
+            budget="open", lease_id=lease.lease_id, scope=flow.scope, want_nanos=opening.granted,
+            opening_id=opening.lease_id,
+        )
+        lease.writing = self._spawn(self._send_open(key, record, partition))
+        return lease
+
+    async def _send_open(self, key: bytes, record: BudgetRecord, partition: int) -> None:
+        assert self.send is not None
+        written, _offset = await self.send(key, encode(record))
+        if written != partition:  # the producer partitions differently: openings would not hold
+            log.error("a workflow's record went to costs partition %d, not %d: openings off", written, partition)
+            self.opening_share = 0.0
+
     def workflow_room(self, workflow_id: str, now: float | None = None) -> int:
         """The most a new reservation of the workflow may be: its budget less its counted
         spend (and, with long reservations, less what this process has reserved)."""
@@ -266,6 +383,12 @@ class BudgetGate:
         if known is not None and now - known.updated_at > self.idle_seconds:
             known = None  # idle long enough to start a new budget period (the cost role agrees)
         room = self.view.workflow_limit - (known.nanos if known is not None else 0)
+        if self.view.openings:  # what openings hold of the workflow it cannot spend, as long as they do
+            partition = known.partition if known is not None else self.partition_of(workflow_id.encode())
+            openings = self.view.openings.get(partition)
+            if openings is not None:
+                opened = known.opened if known is not None else frozenset()
+                room -= openings_held(openings.leases, opened, now, self.lease_seconds)
         if self.long_reservations:
             flow = self._allowances.get((workflow_id, None))
             room -= sum(lease.reserved for lease in flow.leases) if flow else 0
@@ -330,11 +453,13 @@ class BudgetGate:
         # and calls do not wait for grants. The cost role grants at most half the room.
         if self.long_reservations:
             want = self._whole_demand(allowance, worst) if allowance.window is not None else worst
+        elif allowance.partition is not None:
+            want = 4 * worst  # each workflow's first calls: a few, before its own lease comes
         else:
             want = max(worst * max(4, int(allowance.rate(now) * self.lease_seconds / 2)), self._room(allowance) // 8)
         allowance.request = _Request(lease_id, now)
         record = BudgetRecord(
-            budget="request", lease_id=lease_id, scope=allowance.scope,
+            budget="request", lease_id=lease_id, scope=allowance.record_scope(),
             window_start=_utc(allowance.window) if allowance.window is not None else None,
             want_nanos=want, least_nanos=worst,
         )
@@ -354,11 +479,14 @@ class BudgetGate:
 
     async def _send_request(self, allowance: Allowance, request: _Request, record: BudgetRecord) -> None:
         assert self.send is not None
-        request.where = await self.send(allowance.scope.encode(), encode(record))
+        request.where = await self.send(allowance.record_key(), encode(record))
         self._on_view_update()  # the answer may already be in
 
     def _scope_total(self, allowance: Allowance) -> tuple[dict[str, Lease], int, int, int] | None:
         """(leases, last offset, partition, spent) of the scope as last published."""
+        if allowance.partition is not None:
+            openings = self.view.openings.get(allowance.partition)
+            return (openings.leases, openings.last_offset, openings.partition, 0) if openings else None
         if allowance.window is None:
             wf = self.view.workflow_spend(allowance.scope)
             return (wf.leases, wf.last_offset, wf.partition, wf.nanos) if wf else None
@@ -366,13 +494,24 @@ class BudgetGate:
         return (ledger.leases, ledger.last_offset, ledger.partition, ledger.nanos) if ledger else None
 
     def _room(self, allowance: Allowance) -> int:
-        """What the scope has left to grant, as last published."""
-        limit = self.view.workflow_limit if allowance.window is None else self.view.hour_limit
+        """What the scope has left to grant, as last published (the cost role's own rules)."""
+        if allowance.partition is not None:
+            limit = int(self.view.workflow_limit * self.opening_share)
+        elif allowance.window is None:
+            limit = self.view.workflow_limit
+            known = self.view.workflow_spend(allowance.scope)
+            partition = known.partition if known else self.partition_of(allowance.scope.encode())
+            openings = self.view.openings.get(partition)
+            if openings is not None:
+                opened = known.opened if known else frozenset()
+                limit -= openings_held(openings.leases, opened, self.clock(), self.lease_seconds)
+        else:
+            limit = self.view.hour_limit
         total = self._scope_total(allowance)
         if total is None:
             return limit
         leases, _offset, _partition, spent = total
-        return Total(spent, leases=leases).room(limit)  # the cost role's own rule
+        return Total(spent, leases=leases).room(limit)
 
     def _room_grew(self, allowance: Allowance) -> bool:
         return self._room(allowance) > allowance.denied_room
@@ -407,17 +546,18 @@ class BudgetGate:
             if granted is not None:
                 answered = True
                 allowance.request = None
-                self.granted += 1
+                self.granted += allowance.partition is None  # openings are counted in `opened`
                 allowance.leases.append(HeldLease(
                     request.lease_id, allowance.scope, allowance.window, granted.granted,
                     deadline=request.sent_at + 0.8 * self.lease_seconds,
                     renew_at=request.sent_at + self.lease_seconds / 3, last_used=now,
+                    opened=set() if allowance.partition is not None else None,
                 ))
             elif request.where is not None and request.where[0] == partition and last_offset >= request.where[1]:
                 answered = True
                 allowance.request = None  # counted and not granted: no room now
                 allowance.denied_at, allowance.denied_room = now, self._room(allowance)
-                self.denied += 1
+                self.denied += allowance.partition is None
         if answered:
             self._notify()
 
@@ -432,9 +572,22 @@ class BudgetGate:
             for a in self._allowances.values()
         )
         self._window = window
+        if self.opening_share and not self._opening_keys and self.send is not None and self.view.caught_up.is_set():
+            # Openings and the hour's lease from the start, so that a new process's first
+            # calls need not wait for grants either: openings sized for calls of up to a
+            # sixteenth of what a partition's openings may hold (larger calls give them back
+            # and ask for their own size); an hourly lease not used is returned as idle.
+            least = int(self.view.workflow_limit * self.opening_share) // 16
+            self._want_openings(least, now)
+            if least and window not in self.view.resumed_windows:
+                self._ask(self._allowance(HOUR_SCOPE, window), least, now)  # and the hour's lease
         for key, allowance in list(self._allowances.items()):
             current_hour = allowance.window is None or allowance.window == window
             for lease in list(allowance.leases):
+                if allowance.partition is not None:  # an opening: kept (renewed) while this process runs
+                    lease.last_used = now if self.opening_share else 0.0  # or given back
+                    if lease.opened is not None and len(lease.opened) >= OPENED_LIMIT:
+                        lease.last_used = 0.0  # used up: give it back, the next is asked for
                 idle = now - lease.last_used > self.lease_seconds / 2
                 spent_out = lease.room() <= 0
                 if lease.calls == 0 and (idle or spent_out or not current_hour or now >= lease.deadline):
@@ -462,12 +615,12 @@ class BudgetGate:
         spent, lease.unreported = lease.unreported, 0
         if self.send is None or (not spent and op is None):
             return
-        scope = allowance.scope.encode()
+        scope, key = allowance.record_scope(), allowance.record_key()
         window = _utc(allowance.window) if allowance.window is not None else None
-        records = [BudgetRecord(budget="spend", lease_id=lease.lease_id, scope=allowance.scope,
+        records = [BudgetRecord(budget="spend", lease_id=lease.lease_id, scope=scope,
                                 window_start=window, spent_nanos=spent)] if spent else []
         if op is not None:
-            records.append(BudgetRecord(budget=op, lease_id=lease.lease_id, scope=allowance.scope,  # type: ignore[arg-type]
+            records.append(BudgetRecord(budget=op, lease_id=lease.lease_id, scope=scope,  # type: ignore[arg-type]
                                         window_start=window))
         previous = lease.writing
 
@@ -476,7 +629,7 @@ class BudgetGate:
                 await asyncio.wait([previous])  # its failure is logged by _done
             assert self.send is not None
             for record in records:
-                await self.send(scope, encode(record))
+                await self.send(key, encode(record))
 
         lease.writing = self._spawn(write())
 

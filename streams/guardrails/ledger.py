@@ -15,6 +15,12 @@ expired in the order of the scope's partition, and published with its total
 
 A lease is granted only out of the room, so the spend of every holder together stays
 within the limit as long as each spends only what it holds.
+
+Openings are leases of a costs partition (scope :data:`OPENINGS_SCOPE`): each holds its
+share of every workflow of the partition, so a worker can make the first call of a
+workflow it holds nothing of without waiting for a grant. A workflow's room counts every
+opening not yet turned into a lease of it (``open``, :meth:`Total.open`); an opening is
+granted only when every workflow of the partition has room for it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class Total:
     last_offset: int = -1
     last_seen: float = 0.0
     leases: dict[str, Lease] = field(default_factory=dict)
+    # The openings turned into leases of this workflow: they hold nothing more of it.
+    opened: frozenset[str] = frozenset()
 
     def add(self, nanos: int, offset: int, seen: float, lease_id: str | None = None) -> Total | None:
         """The new total, or None if ``offset`` is already included. ``lease_id``: the
@@ -48,7 +56,7 @@ class Total:
         lease = leases.get(lease_id) if lease_id is not None else None
         if lease is not None:
             leases = {**leases, lease_id: lease._replace(spent=lease.spent + nanos)}  # type: ignore[dict-item]
-        return Total(self.nanos + nanos, offset, max(seen, self.last_seen), leases)
+        return Total(self.nanos + nanos, offset, max(seen, self.last_seen), leases, self.opened)
 
     def outstanding(self) -> int:
         return sum(lease.outstanding() for lease in self.leases.values())
@@ -56,10 +64,23 @@ class Total:
     def room(self, limit: int) -> int:
         return limit - self.nanos - self.outstanding()
 
+    def open(self, lease_id: str, opening_id: str, granted: int, offset: int, at: float) -> Total | None:
+        """The total once ``opening_id``'s share of this workflow is the lease ``lease_id``:
+        what the opening held of the room, the lease now holds. None if ``offset`` is
+        already included."""
+        if offset <= self.last_offset:
+            return None
+        leases = self.leases
+        if opening_id not in self.opened:
+            leases = {**leases, lease_id: Lease(granted, 0, at)}
+        return Total(self.nanos, offset, max(self.last_seen, at), leases, self.opened | {opening_id})
+
     def to_list(self) -> list[Any]:
         value: list[Any] = [self.nanos, self.last_offset, self.last_seen]
-        if self.leases:
+        if self.leases or self.opened:
             value.append({k: list(v) for k, v in self.leases.items()})
+        if self.opened:
+            value.append(sorted(self.opened))
         return value
 
     @classmethod
@@ -68,7 +89,8 @@ class Total:
             return cls()
         nanos, offset, *rest = raw
         leases = {k: Lease(int(g), int(s), float(r)) for k, (g, s, r) in rest[1].items()} if len(rest) > 1 else {}
-        return cls(int(nanos), int(offset), float(rest[0]) if rest else 0.0, leases)
+        opened = frozenset(rest[2]) if len(rest) > 2 else frozenset()
+        return cls(int(nanos), int(offset), float(rest[0]) if rest else 0.0, leases, opened)
 
 
 def grant_size(want: int, least: int, room: int) -> int:
@@ -95,7 +117,7 @@ def apply_budget(
     nanos = total.nanos
     lease = leases.get(lease_id)
     if op == "request" and lease is None:
-        current = Total(nanos, offset, total.last_seen, leases)
+        current = Total(nanos, offset, total.last_seen, leases, total.opened)
         granted = grant_size(want, least, current.room(limit))
         if granted:
             leases[lease_id] = Lease(granted, 0, at)
@@ -107,7 +129,24 @@ def apply_budget(
         nanos += spent
         if lease is not None:
             leases[lease_id] = lease._replace(spent=lease.spent + spent)
-    return Total(nanos, offset, max(total.last_seen, at), leases)
+    return Total(nanos, offset, max(total.last_seen, at), leases, total.opened)
+
+
+OPENINGS_SCOPE = "~openings"  # not a workflow_id: those begin with a letter or a digit
+
+
+def openings_key(partition: int) -> str:
+    """The cost role's key for the openings of one costs partition."""
+    return f"{OPENINGS_SCOPE}|p{partition}"
+
+
+def openings_held(openings: dict[str, Lease], opened: frozenset[str], at: float, lease_seconds: float) -> int:
+    """What a partition's openings hold of one of its workflows at ``at``: each opening
+    neither turned into a lease of it (``opened``) nor expired."""
+    return sum(
+        lease.outstanding() for lease_id, lease in openings.items()
+        if lease_id not in opened and at - lease.renewed <= lease_seconds
+    )
 
 
 def hour_key(scope: str, partition: int) -> str:

@@ -43,6 +43,7 @@ class WorkflowTotal:
     # When the cost role published it (epoch seconds): how long the workflow has been idle.
     updated_at: float = field(default=0.0, compare=False)
     leases: dict[str, Lease] = field(default_factory=dict, compare=False)
+    opened: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 class GuardrailView:
@@ -56,6 +57,7 @@ class GuardrailView:
         # (window_start, scope, partition) -> total; only the newest windows are kept
         self.hours: dict[tuple[int, str, int], PartTotal] = {}
         self.workflows: dict[str, WorkflowTotal] = {}
+        self.openings: dict[int, PartTotal] = {}  # costs partition -> its openings (streams.guardrails.ledger)
         self.resumed_windows: set[int] = set()
         # hour window -> the limit it was reached at: the spend left no room for a call
         # (it stays below the limit when every call is admitted under a lease)
@@ -93,8 +95,11 @@ class GuardrailView:
             self._forget_old_windows(window)
         elif snap.kind == "workflow":
             self.workflows[snap.scope] = WorkflowTotal(
-                snap.spent_nanos, snap.partition, snap.last_offset, snap.updated_at.timestamp(), leases
+                snap.spent_nanos, snap.partition, snap.last_offset, snap.updated_at.timestamp(), leases,
+                frozenset(snap.opened),
             )
+        elif snap.kind == "openings":
+            self.openings[snap.partition] = PartTotal(snap.spent_nanos, snap.last_offset, snap.partition, leases)
 
     def _forget_old_windows(self, newest: int) -> None:
         if len(self.hours) > 512:
@@ -167,8 +172,9 @@ class GuardrailView:
         }
 
     def leases_by_holder(self, now: float | None = None) -> dict[str, dict[str, float | int]]:
-        """The outstanding budget leases, per holder: the hour's (this window) and the
-        workflows' (how many, and what is granted and not yet spent)."""
+        """The outstanding budget leases, per holder: the hour's (this window), the
+        workflows' (how many, and what is granted and not yet spent), and its openings'
+        (what each holds of every workflow of its partition)."""
         now = time.time() if now is None else now
         holders: dict[str, dict[str, float | int]] = {}
 
@@ -179,6 +185,7 @@ class GuardrailView:
                 return  # expired: free again at the scope's next record
             entry = holders.setdefault(lease_id.rpartition("#")[0] or lease_id, {
                 "hour_outstanding_usd": 0.0, "workflow_leases": 0, "workflow_outstanding_usd": 0.0,
+                "opening_outstanding_usd": 0.0,
             })
             entry[f"{kind}_outstanding_usd"] = round(
                 float(entry[f"{kind}_outstanding_usd"]) + nanos_to_usd(lease.outstanding()), 9
@@ -192,6 +199,9 @@ class GuardrailView:
         for total in list(self.workflows.values()):
             for lease_id, lease in total.leases.items():
                 add(lease_id, lease, "workflow")
+        for openings in list(self.openings.values()):
+            for lease_id, lease in openings.leases.items():
+                add(lease_id, lease, "opening")
         return holders
 
     # ------------------------------------------------------------- consuming

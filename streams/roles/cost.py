@@ -22,7 +22,15 @@ from datetime import UTC, datetime
 from schemas.codec import DecodeError, decode_cost_record, encode
 from schemas.models import BudgetRecord, CostEvent, GuardrailEvent, LeaseState, SpendSnapshot
 from streams.envelope import DeadLetters, Outgoing, Source
-from streams.guardrails.ledger import Total, apply_budget, expired, hour_key
+from streams.guardrails.ledger import (
+    OPENINGS_SCOPE,
+    Total,
+    apply_budget,
+    expired,
+    hour_key,
+    openings_held,
+    openings_key,
+)
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
 from streams.guardrails.view import LEDGER, GuardrailView, PartTotal, WorkflowTotal
 from streams.runtime.offsets import OffsetOrder, Verdict
@@ -120,7 +128,10 @@ def _newest(table: Total, published: PartTotal | WorkflowTotal | None) -> Total:
         # A workflow's published total also says when it was last active, so one whose
         # table entry was dropped as idle (or lost) still expires instead of coming back.
         seen = published.updated_at if isinstance(published, WorkflowTotal) else 0.0
-        return Total(published.nanos, published.last_offset, max(table.last_seen, seen), dict(published.leases))
+        opened = published.opened if isinstance(published, WorkflowTotal) else frozenset()
+        return Total(
+            published.nanos, published.last_offset, max(table.last_seen, seen), dict(published.leases), opened
+        )
     return table
 
 
@@ -195,6 +206,7 @@ class CostAccountant:
         self.view = view
         self.idle_seconds = settings.cost_guardrails.workflow_idle_expiry_seconds
         self.lease_seconds = settings.cost_guardrails.lease_seconds
+        self.opening_share = settings.cost_guardrails.opening_share
         # Idle workflows are forgotten: per costs partition, a heap of (when to look again,
         # workflow_id) with one entry per workflow; its table total says when it was last seen.
         self._idle: dict[int, list[tuple[float, str]]] = {}
@@ -272,15 +284,65 @@ class CostAccountant:
                 current = updated
             self.batch.snapshot("hour", LEDGER, p, current, window)
             return out
+        if record.scope == OPENINGS_SCOPE:
+            return self._apply_opening(record, source, timestamp)
         wf = record.scope
         total = self._workflow(wf, timestamp)
-        updated = apply_budget(
-            total, record.budget, record.lease_id, source.offset, timestamp,
-            limit=view.workflow_limit, **rules,  # type: ignore[arg-type]
-        )
+        openings = self._openings(p).leases
+        if record.budget == "open" and record.opening_id is not None:
+            opening = openings.get(record.opening_id)
+            # An opening already expired here is still counted at what its holder says it held.
+            granted = opening.granted if opening is not None else record.want_nanos
+            updated = total.open(record.lease_id, record.opening_id, granted, source.offset, timestamp)
+        else:
+            held = openings_held(openings, total.opened, timestamp, self.lease_seconds)
+            updated = apply_budget(
+                total, record.budget, record.lease_id, source.offset, timestamp,
+                limit=view.workflow_limit - held, **rules,  # type: ignore[arg-type]
+            )
         total = self._set_workflow(wf, updated, p, timestamp) if updated is not None else total
         self.batch.snapshot("workflow", wf, p, total, None)
         return []
+
+    def _openings(self, p: int) -> Total:
+        return _newest(self.tables.workflow(openings_key(p)), self.view.openings.get(p))
+
+    def _apply_opening(self, record: BudgetRecord, source: Source, timestamp: float) -> list[Outgoing]:
+        """A record of one of partition ``p``'s openings. An opening holds its share of
+        every workflow of the partition, so it is granted only out of what the one with the
+        least room has left, and the openings together hold at most ``opening_share`` of
+        the workflow budget."""
+        p, key = source.partition, openings_key(source.partition)
+        current = self._openings(p)
+        limit = 0
+        if record.budget == "request":
+            unexpired = sum(
+                lease.outstanding() for lease in current.leases.values()
+                if timestamp - lease.renewed <= self.lease_seconds
+            )
+            limit = min(int(self.view.workflow_limit * self.opening_share), unexpired + self._least_room(p, timestamp))
+        updated = apply_budget(
+            current, record.budget, record.lease_id, source.offset, timestamp, limit=limit,
+            lease_seconds=self.lease_seconds, want=record.want_nanos, least=record.least_nanos,
+        )
+        if updated is not None:
+            self.tables.set_workflow(key, updated, p)
+            current = updated
+        self.batch.snapshot("openings", key, p, current, None)
+        return []
+
+    def _least_room(self, p: int, at: float) -> int:
+        """The least room of the workflows of costs partition ``p``: those published, and
+        those counted since this process started (its own snapshots may not be read yet)."""
+        names = {wf for wf, t in self.view.workflows.items() if t.partition == p}
+        names.update(wf for _, wf in self._idle.get(p, ()))
+        openings = self._openings(p).leases
+        least = self.view.workflow_limit - openings_held(openings, frozenset(), at, self.lease_seconds)  # one not seen yet
+        for wf in names:
+            total = self._workflow(wf, at)
+            held = openings_held(openings, total.opened, at, self.lease_seconds)
+            least = min(least, total.room(self.view.workflow_limit) - held)
+        return least
 
     def _hour_spent(self, ledger: Total, least: int, limit: int, window: int) -> list[Outgoing]:
         """A call's hourly lease was denied: if the hour's spend alone leaves no room for
@@ -298,7 +360,7 @@ class CostAccountant:
         )]
 
     def _snapshot(self, kind: str, scope: str, p: int, total: Total, window: int | None) -> Outgoing:
-        key = f"hour|{window}|{scope}|p{p}" if kind == "hour" else f"workflow|{scope}"
+        key = f"hour|{window}|{scope}|p{p}" if kind == "hour" else f"{kind}|{scope}"
         snap = SpendSnapshot(
             kind=kind, scope=scope, partition=p, spent_nanos=total.nanos,
             last_offset=max(total.last_offset, 0),
@@ -310,6 +372,7 @@ class CostAccountant:
                 lease_id: LeaseState(granted_nanos=lease.granted, spent_nanos=lease.spent, renewed_at=lease.renewed)
                 for lease_id, lease in total.leases.items()
             },
+            opened=sorted(total.opened),
         )
         return Outgoing(self.topology.spend.name, key.encode(), encode(snap))
 
