@@ -65,7 +65,7 @@ from schemas.codec import encode
 from schemas.models import AgentResult, BudgetRecord, Tier, TieredRequest, Timings
 from streams.guardrails.ledger import OPENINGS_SCOPE, Lease, Total, openings_held, openings_key
 from streams.guardrails.money import hour_window, nanos_to_usd
-from streams.guardrails.view import GuardrailView
+from streams.guardrails.view import GuardrailView, WorkflowTotal
 from topologies.topics import partition_of
 
 log = logging.getLogger(__name__)
@@ -383,12 +383,7 @@ class BudgetGate:
         if known is not None and now - known.updated_at > self.idle_seconds:
             known = None  # idle long enough to start a new budget period (the cost role agrees)
         room = self.view.workflow_limit - (known.nanos if known is not None else 0)
-        if self.view.openings:  # what openings hold of the workflow it cannot spend, as long as they do
-            partition = known.partition if known is not None else self.partition_of(workflow_id.encode())
-            openings = self.view.openings.get(partition)
-            if openings is not None:
-                opened = known.opened if known is not None else frozenset()
-                room -= openings_held(openings.leases, opened, now, self.lease_seconds)
+        room -= self._held_by_openings(workflow_id, known, now)
         if self.long_reservations:
             flow = self._allowances.get((workflow_id, None))
             room -= sum(lease.reserved for lease in flow.leases) if flow else 0
@@ -500,11 +495,7 @@ class BudgetGate:
         elif allowance.window is None:
             limit = self.view.workflow_limit
             known = self.view.workflow_spend(allowance.scope)
-            partition = known.partition if known else self.partition_of(allowance.scope.encode())
-            openings = self.view.openings.get(partition)
-            if openings is not None:
-                opened = known.opened if known else frozenset()
-                limit -= openings_held(openings.leases, opened, self.clock(), self.lease_seconds)
+            limit -= self._held_by_openings(allowance.scope, known, self.clock())
         else:
             limit = self.view.hour_limit
         total = self._scope_total(allowance)
@@ -512,6 +503,18 @@ class BudgetGate:
             return limit
         leases, _offset, _partition, spent = total
         return Total(spent, leases=leases).room(limit)
+
+    def _held_by_openings(self, workflow_id: str, known: WorkflowTotal | None, now: float) -> int:
+        """What the openings of the workflow's partition hold of it: room it cannot use
+        as long as they do."""
+        if not self.view.openings:
+            return 0
+        partition = known.partition if known is not None else self.partition_of(workflow_id.encode())
+        openings = self.view.openings.get(partition)
+        if openings is None:
+            return 0
+        opened = known.opened if known is not None else frozenset()
+        return openings_held(openings.leases, opened, now, self.lease_seconds)
 
     def _room_grew(self, allowance: Allowance) -> bool:
         return self._room(allowance) > allowance.denied_room

@@ -288,14 +288,16 @@ class CostAccountant:
             return self._apply_opening(record, source, timestamp)
         wf = record.scope
         total = self._workflow(wf, timestamp)
-        openings = self._openings(p).leases
         if record.budget == "open" and record.opening_id is not None:
-            opening = openings.get(record.opening_id)
+            opening = self._openings(p).leases.get(record.opening_id)
             # An opening already expired here is still counted at what its holder says it held.
             granted = opening.granted if opening is not None else record.want_nanos
             updated = total.open(record.lease_id, record.opening_id, granted, source.offset, timestamp)
-        else:
-            held = openings_held(openings, total.opened, timestamp, self.lease_seconds)
+        else:  # only a request's grant depends on the limit, and so on the openings
+            held = (
+                openings_held(self._openings(p).leases, total.opened, timestamp, self.lease_seconds)
+                if record.budget == "request" else 0
+            )
             updated = apply_budget(
                 total, record.budget, record.lease_id, source.offset, timestamp,
                 limit=view.workflow_limit - held, **rules,  # type: ignore[arg-type]
@@ -316,10 +318,7 @@ class CostAccountant:
         current = self._openings(p)
         limit = 0
         if record.budget == "request":
-            unexpired = sum(
-                lease.outstanding() for lease in current.leases.values()
-                if timestamp - lease.renewed <= self.lease_seconds
-            )
+            unexpired = openings_held(current.leases, frozenset(), timestamp, self.lease_seconds)
             limit = min(int(self.view.workflow_limit * self.opening_share), unexpired + self._least_room(p, timestamp))
         updated = apply_budget(
             current, record.budget, record.lease_id, source.offset, timestamp, limit=limit,
