@@ -25,8 +25,9 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from streams.roles import build_role
+from streams.roles.cost import COST_FETCH_WAIT_SECONDS
 from streams.runtime.offsets import OffsetOrder
-from streams.runtime.transport import as_current_event
+from streams.runtime.transport import FETCH_GATHER_BYTES, as_current_event
 from streams.runtime.worker import FaustWorker, _Worker, build_role_app
 from topologies.config import load_settings
 from topologies.topics import ALL_ROLES, COST_ROLE
@@ -92,6 +93,20 @@ async def test_what_is_alive_once_a_worker_has_started_is_out_of_the_collectors_
         assert not any(o is actors for o in gc.get_objects()), "still walked by every full collection"
     finally:
         gc.unfreeze()
+
+
+async def test_the_cost_role_lets_the_broker_gather_its_fetches_and_the_roles_on_the_requests_path_do_not() -> None:
+    """Faust creates its consumer with a fixed fetch wait and no minimum; the transport
+    sets both on the consumer it creates, before aiokafka's fetcher reads them at start."""
+    for role in ALL_ROLES:
+        app = _app(role)
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        gathers = (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms)
+        if role == COST_ROLE:
+            assert gathers == (FETCH_GATHER_BYTES, round(COST_FETCH_WAIT_SECONDS * 1000))
+        else:
+            assert consumer._fetch_min_bytes == 1, role  # answered at the first record
+        await consumer.stop()
 
 
 def test_roles_wait_for_their_events_at_a_rebalance_unless_they_hold_calls() -> None:

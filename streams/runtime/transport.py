@@ -29,6 +29,8 @@ committed (docs/architecture.md, "Faust pitfalls the design answers").
 * Giving back: with ``stream_wait_empty`` a rebalance waits until every message handed to
   an agent is acked; a message an agent leaves to be read again after a seek is taken off
   that list (``_Consumer.release``), or the rebalance would wait out its timeout.
+* Gathering: a role may let the broker hold its fetches to gather a batch
+  (``RoleSpec.fetch_wait_seconds``); Faust fixes the consumer's fetch wait and minimum.
 * The hand-over: Faust hands each fetched record to its streams in a race against a flow
   stop (four tasks and two turns of the event loop per record); a record that cannot block
   (flow on, no full stream queue of its partition, read from the conductor's private
@@ -73,7 +75,18 @@ async def seek_to_committed_or_beginning(
     return {**committed, **await consumer.beginning_offsets(rewind)}
 
 
+FETCH_GATHER_BYTES = 64 * 1024  # what a gathering role's fetch waits for (RoleSpec.fetch_wait_seconds)
+
+
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        wait = getattr(transport, "fetch_wait_seconds", 0.0)
+        if wait:  # Faust passes neither; aiokafka hands both to its fetcher when it starts
+            consumer._fetch_min_bytes = FETCH_GATHER_BYTES
+            consumer._fetch_max_wait_ms = round(wait * 1000)
+        return consumer
+
     async def seek_to_committed(self) -> Mapping[TopicPartition, int | None]:
         return await self.call_thread(self._seek_to_committed_or_beginning)
 
@@ -310,6 +323,7 @@ class _Producer(faust_aiokafka.Producer):
 class Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
     Producer = _Producer
+    fetch_wait_seconds = 0.0  # the role's, set by the worker before the consumer is created
 
 
 @contextmanager

@@ -125,6 +125,11 @@ class RoleSpec:
     # for long (the budget gate) do not wait: an event held across a rebalance is answered
     # once by whoever owns it then (see ``answered``).
     wait_empty: bool = True
+    # How long the broker may hold a fetch of the role's input to gather a batch of it
+    # (0: answered as soon as one record is there, as Faust has it). Each fetch costs the
+    # role (Faust's consumer thread, the hand-over to the agent) and the broker about the
+    # same however few records it brings, so a role off the requests' path gathers.
+    fetch_wait_seconds: float = 0.0
     # Answer each request once (tier roles): requests already answered are skipped, and a
     # result whose partition moved while it was made is dropped.
     answered: AnsweredIndex | None = None

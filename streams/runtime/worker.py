@@ -238,6 +238,7 @@ class FaustWorker:
         """Declare the role's agent, services and hooks on the app; return the app."""
         app, settings, role = self.app, self.settings, self.role
         app.conf.stream_wait_empty = spec.wait_empty
+        app.transport.fetch_wait_seconds = spec.fetch_wait_seconds
         metrics = default_metrics()
         self._needs(spec, metrics)
         for service in worker_services(self.partitions, settings, metrics, spec.providers, spec.view):
