@@ -66,6 +66,18 @@ def test_the_consumer_members_the_transport_reads_exist() -> None:
     assert callable(faust_aiokafka.AIOKafkaConsumerThread.call_thread)
     assert isinstance(_app().topics._tp_index, defaultdict), "the conductor's partition index"
     assert callable(faust.Stream.noack_take)
+    assert callable(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer)
+
+
+def test_the_stream_members_the_gathering_batches_use_exist() -> None:
+    """``streams.runtime.worker.gathered`` buffers a stream's events as ``noack_take``
+    does: a processor fed by the stream's passive drainer."""
+    app = _app("classifier")
+    stream = app.stream(app.channel())
+    for method in ("add_processor", "_enable_passive", "wait", "wait_for_stopped"):
+        assert callable(getattr(stream, method)), method
+    assert isinstance(stream._processors, list) and hasattr(stream, "current_event")
+    assert stream.enable_acks is True and stream.noack().enable_acks is False
 
 
 async def test_every_role_produces_idempotently() -> None:

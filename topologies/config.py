@@ -192,12 +192,12 @@ class ClassifierSettings(Section):
     rules: RulesSettings = RulesSettings()
     learned: LearnedRouterSettings = LearnedRouterSettings()
     agent_type_floor: bool = True
-    # Requests are classified in batches (one model pass for `learned`): a batch closes
-    # at batch_size requests or batch_wait_seconds after it was started. The wait is also
-    # how often an idle classifier wakes up: 20 ms costs about 2 % of a core when idle
-    # (5 ms: 5 %), and adds at most 20 ms to a request that arrives alone.
+    # Requests are classified in batches (one model pass for `learned`) of up to
+    # batch_size. 0 s: a batch is what arrived while the previous one was classified, so
+    # a request that arrives alone waits for nothing. Above 0: a batch closes that long
+    # after it started, however few it holds, and an idle classifier wakes that often.
     batch_size: int = Field(default=256, ge=1, le=10_000)
-    batch_wait_seconds: float = Field(default=0.02, gt=0, le=5)
+    batch_wait_seconds: float = Field(default=0.0, ge=0, le=5)
 
 
 class AgentTypeSettings(Section):

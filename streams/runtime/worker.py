@@ -17,7 +17,7 @@ import gc
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -326,6 +326,50 @@ def _delivery_callback(on_delivered: Callable[[int, int], None]) -> Callable[[as
     return callback
 
 
+async def gathered(stream: faust.StreamT, max_: int) -> AsyncIterator[list[faust.EventT]]:
+    """Batches of a stream's events, in order, as they come: a batch is taken as soon as
+    one event is there, with every event handed to the stream meanwhile (at most ``max_``),
+    and the events that arrive while it is handled make the next batch. Alone, an event
+    waits for nothing; in a burst, batches grow to ``max_``. Acks nothing (as
+    ``noack_take``, whose stream plumbing this follows; ``noack_take`` instead closes a
+    batch on a timer, which both delays an event that arrives alone and wakes an idle
+    role at that period)."""
+    buffer: list[faust.EventT] = []
+    ready = asyncio.Event()  # the buffer holds an event
+    room = asyncio.Event()  # set when a batch was taken
+
+    async def add_to_buffer(value: Any) -> Any:
+        event = stream.current_event
+        if event is None:
+            raise RuntimeError("a stream event without its current_event")
+        while len(buffer) >= max_:  # a full buffer holds the stream until it is taken
+            room.clear()
+            await stream.wait(room)
+            if stream.should_stop:
+                return value
+        buffer.append(event)
+        ready.set()
+        return value
+
+    acks, stream.enable_acks = stream.enable_acks, False
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(aiter(stream.channel))  # type: ignore[attr-defined]
+    try:
+        while not stream.should_stop:
+            await stream.wait_for_stopped(ready)
+            await asyncio.sleep(0)  # events already in the stream's hands join the batch
+            if not buffer:
+                continue
+            batch = buffer[:]
+            buffer.clear()
+            ready.clear()
+            room.set()
+            yield batch
+    finally:
+        stream.enable_acks = acks
+        stream._processors.remove(add_to_buffer)  # type: ignore[attr-defined]
+
+
 class _AgentLoop:
     """Every role's agent: hands events to the role's handler and its output to the
     producer, and acks an event only then (Faust's own ack runs in a ``finally`` block,
@@ -417,7 +461,12 @@ class _AgentLoop:
         are acked together once all of its output is with the producer."""
         spec, app = self.spec, self.app
         assert spec.handle_batch is not None
-        async for events in stream.noack().noack_take(spec.batch_size, within=spec.batch_wait_seconds):
+        stream = stream.noack()
+        batches = (
+            stream.noack_take(spec.batch_size, within=spec.batch_wait_seconds) if spec.batch_wait_seconds
+            else gathered(stream, spec.batch_size)
+        )
+        async for events in batches:
             with self.in_flight.track(), self.metrics.track_in_flight(self.role):
                 self.batch.last_of = {event.message.partition: event for event in events}
                 try:
