@@ -63,7 +63,7 @@ from datetime import UTC, datetime
 
 from schemas.codec import encode
 from schemas.models import AgentResult, BudgetRecord, Tier, TieredRequest, Timings
-from streams.guardrails.ledger import OPENINGS_SCOPE, Lease, Total, openings_held, openings_key
+from streams.guardrails.ledger import OPENINGS_SCOPE, Lease, Total, openings_held, openings_key, openings_limit
 from streams.guardrails.money import hour_window, nanos_to_usd
 from streams.guardrails.view import GuardrailView, WorkflowTotal
 from topologies.topics import partition_of
@@ -273,7 +273,7 @@ class BudgetGate:
             hour_lease = hour.usable(worst, now)
             if hour_lease is None:
                 self._ask(hour, worst, now)
-        if self.opening_share and worst > int(view.workflow_limit * self.opening_share):
+        if self.opening_share and worst > self._openings_limit():
             self._give_up_openings()
         if flow_lease is None and self.opening_share:
             if not flow.leases and flow.request is None:
@@ -328,7 +328,7 @@ class BudgetGate:
         denial (a workflow of the partition is near its budget), not for a while. One too
         small for a call is kept for smaller ones: asking again for each larger call would
         send a return and a request per call."""
-        if not 0 < worst <= int(self.view.workflow_limit * self.opening_share):
+        if not 0 < worst <= self._openings_limit():
             return
         for p in range(self.partitions):
             openings = self._openings(p)
@@ -491,7 +491,7 @@ class BudgetGate:
     def _room(self, allowance: Allowance) -> int:
         """What the scope has left to grant, as last published (the cost role's own rules)."""
         if allowance.partition is not None:
-            limit = int(self.view.workflow_limit * self.opening_share)
+            limit = self._openings_limit()
         elif allowance.window is None:
             limit = self.view.workflow_limit
             known = self.view.workflow_spend(allowance.scope)
@@ -503,6 +503,9 @@ class BudgetGate:
             return limit
         leases, _offset, _partition, spent = total
         return Total(spent, leases=leases).room(limit)
+
+    def _openings_limit(self) -> int:
+        return openings_limit(self.view.workflow_limit, self.opening_share)
 
     def _held_by_openings(self, workflow_id: str, known: WorkflowTotal | None, now: float) -> int:
         """What the openings of the workflow's partition hold of it: room it cannot use
@@ -580,7 +583,7 @@ class BudgetGate:
             # calls need not wait for grants either: openings sized for calls of up to a
             # sixteenth of what a partition's openings may hold (larger calls give them back
             # and ask for their own size); an hourly lease not used is returned as idle.
-            least = int(self.view.workflow_limit * self.opening_share) // 16
+            least = self._openings_limit() // 16
             self._want_openings(least, now)
             if least and window not in self.view.resumed_windows:
                 self._ask(self._allowance(HOUR_SCOPE, window), least, now)  # and the hour's lease

@@ -140,6 +140,12 @@ def openings_key(partition: int) -> str:
     return f"{OPENINGS_SCOPE}|p{partition}"
 
 
+def openings_limit(workflow_limit: int, opening_share: float) -> int:
+    """The most the openings of one costs partition hold together: their share of the
+    workflow budget (the cost role grants no more; a gate asks for no more)."""
+    return int(workflow_limit * opening_share)
+
+
 def openings_held(openings: dict[str, Lease], opened: frozenset[str], at: float, lease_seconds: float) -> int:
     """What a partition's openings hold of one of its workflows at ``at``: each opening
     neither turned into a lease of it (``opened``) nor expired."""

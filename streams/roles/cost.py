@@ -24,12 +24,14 @@ from schemas.models import BudgetRecord, CostEvent, GuardrailEvent, LeaseState, 
 from streams.envelope import DeadLetters, Outgoing, Source
 from streams.guardrails.ledger import (
     OPENINGS_SCOPE,
+    Lease,
     Total,
     apply_budget,
     expired,
     hour_key,
     openings_held,
     openings_key,
+    openings_limit,
 )
 from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
 from streams.guardrails.view import LEDGER, GuardrailView, PartTotal, WorkflowTotal
@@ -319,7 +321,10 @@ class CostAccountant:
         limit = 0
         if record.budget == "request":
             unexpired = openings_held(current.leases, frozenset(), timestamp, self.lease_seconds)
-            limit = min(int(self.view.workflow_limit * self.opening_share), unexpired + self._least_room(p, timestamp))
+            limit = min(
+                openings_limit(self.view.workflow_limit, self.opening_share),
+                unexpired + self._least_room(p, current.leases, timestamp),
+            )
         updated = apply_budget(
             current, record.budget, record.lease_id, source.offset, timestamp, limit=limit,
             lease_seconds=self.lease_seconds, want=record.want_nanos, least=record.least_nanos,
@@ -330,12 +335,12 @@ class CostAccountant:
         self.batch.snapshot("openings", key, p, current, None)
         return []
 
-    def _least_room(self, p: int, at: float) -> int:
-        """The least room of the workflows of costs partition ``p``: those published, and
-        those counted since this process started (its own snapshots may not be read yet)."""
+    def _least_room(self, p: int, openings: dict[str, Lease], at: float) -> int:
+        """The least room of the workflows of costs partition ``p`` (whose openings are
+        ``openings``): those published, and those counted since this process started (its
+        own snapshots may not be read yet)."""
         names = {wf for wf, t in self.view.workflows.items() if t.partition == p}
         names.update(wf for _, wf in self._idle.get(p, ()))
-        openings = self._openings(p).leases
         least = self.view.workflow_limit - openings_held(openings, frozenset(), at, self.lease_seconds)  # one not seen yet
         for wf in names:
             total = self._workflow(wf, at)
