@@ -4,7 +4,10 @@
 bench-guardrails ...``). Cost guardrails are cluster-wide budget leases
 (:mod:`streams.guardrails.budget`): a call is admitted only if its worst case fits in the
 leases its process holds for its workflow and for the hour, so the cluster should spend
-neither past the hourly limit nor past a workflow budget. For each replica count W
+past the hourly limit and past a workflow budget at most the one call that overdraws it
+(``cost_guardrails.overdraft``, on by default; nothing at all without it, as with
+``TIERSTREAM__COST_GUARDRAILS__OVERDRAFT=false`` in the environment, which the workers
+inherit). For each replica count W
 (tier:standard worker processes) and each repeat, from scratch:
 
 1. a broker: ``$KAFKA_BOOTSTRAP_SERVERS``, else a local KRaft broker on free ports (one
@@ -42,8 +45,8 @@ neither past the hourly limit nor past a workflow budget. For each replica count
      budget, if positive; in dollars and in worst-case calls (the largest worst case of
      its requests' tiers: standard);
    * usable share of the hourly limit: the hour's spend / the limit (what the leases
-     let the cluster spend of it; a lease is never smaller than the worst case of a
-     call, so up to one worst-case call of the limit can stay unusable);
+     let the cluster spend of it; without overdraft a lease is never smaller than the
+     worst case of a call, so up to one worst-case call of the limit can stay unusable);
    * reaction, per tier worker: from the Kafka record time (CreateTime) of the hour's
      first ``limit_reached`` guardrail event (scope ``hour``, published when an hourly
      lease request is denied, or the spend reached the limit) to the ``ts`` of the
@@ -838,7 +841,8 @@ def main(argv: list[str] | None = None) -> int:
                           + ("" if result["ok"] else f"; [red]failed: {result.get('error')}[/]"))
             else:
                 err.print(f"  [red]failed: {result.get('error')}[/]")
-    lease_seconds = load_settings().cost_guardrails.lease_seconds
+    guard = load_settings().cost_guardrails
+    lease_seconds = guard.lease_seconds
     report = {
         "schema": 2,
         "kind": "guardrails",
@@ -853,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
             "hour_workflows": WORKFLOWS, "max_output_tokens": MAX_OUTPUT_TOKENS,
             "max_concurrent_tasks": args.max_concurrent_tasks, "sim_latency_ms": SIM_LATENCY_MS,
             "quiet_s": args.quiet_s if args.quiet_s is not None else lease_seconds,
-            "lease_seconds": lease_seconds, "hour_margin_s": args.hour_margin_s,
+            "lease_seconds": lease_seconds, "overdraft": guard.overdraft, "hour_margin_s": args.hour_margin_s,
             "processes": "classifier, cost, W x tier:standard, tier:nano, tier:premium",
             "broker": "external" if external else "local, started per repeat",
         },

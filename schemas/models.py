@@ -205,6 +205,11 @@ class BudgetRecord(WireModel):
     want_nanos: int = Field(default=0, ge=0, description="request: the amount asked for.")
     least_nanos: int = Field(default=0, ge=0, description="request: the least worth granting.")
     spent_nanos: int = Field(default=0, ge=0, description="spend: what calls under the lease cost since its previous spend record.")
+    overdraft: bool = Field(
+        default=False,
+        description="request: least_nanos is one call's worst case, granted even if the scope's room is "
+        "above zero but below it (the limit is then passed by at most that call).",
+    )
     opening_id: str | None = Field(
         default=None, max_length=200,
         description="open: the opening (a lease of scope '~openings' in this partition) whose share "

@@ -92,6 +92,7 @@ def test_bench_guardrails_one_worker_one_repeat(kafka_bootstrap: str, tmp_path: 
     assert close(hour["over_limit_usd"], hour["spent_usd"] - LIMIT)
     assert close(hour["overspend_usd"], max(hour["spent_usd"] - LIMIT, 0))
     assert hour["overspend_calls"] == pytest.approx(hour["overspend_usd"] / worst, abs=1e-3)
+    assert hour["overspend_calls"] <= 1, "past the hour by more than one worst-case call"
     assert hour["usable_share"] == pytest.approx(hour["spent_usd"] / LIMIT, abs=1e-4)
     assert close(hour["view_hour_spent_usd"], hour["spent_usd"])  # the cost role counted it all
     assert close(hour["old_per_process_bound_usd"], 64 * worst)
@@ -104,6 +105,7 @@ def test_bench_guardrails_one_worker_one_repeat(kafka_bootstrap: str, tmp_path: 
     assert close(flow["over_limit_usd"], flow["spent_usd"] - WORKFLOW_LIMIT)
     assert close(flow["overspend_usd"], max(flow["spent_usd"] - WORKFLOW_LIMIT, 0))
     assert flow["overspend_calls"] == pytest.approx(flow["overspend_usd"] / flow_worst, abs=1e-3)
+    assert flow["overspend_calls"] <= 1, "past the workflow budget by more than one worst-case call"
 
     # Reaction: a figure per tier worker, missing (not zero) without an event or a pause line.
     assert list(run["reaction_s"]) == TIER_WORKERS == list(run["pause_log_lines"])

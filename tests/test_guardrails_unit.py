@@ -571,7 +571,7 @@ async def test_gate_admit_waits_for_view_caught_up() -> None:
 
 
 async def test_gate_raises_when_counted_spend_plus_worst_exceeds_budget() -> None:
-    cluster = Cluster(settings_with(workflow_usd=1.0), holders=1)
+    cluster = Cluster(settings_with(workflow_usd=1.0, overdraft=False), holders=1)
     gate = cluster.gates[0]
     with pytest.raises(BudgetExceeded):
         await gate.admit("wf-a", USD + 1)  # can never fit
@@ -586,14 +586,33 @@ async def test_gate_raises_when_counted_spend_plus_worst_exceeds_budget() -> Non
     assert gate.waiting == 0
 
 
-async def test_gate_waiter_raises_once_counted_spend_leaves_no_room() -> None:
+async def test_with_overdraft_the_last_call_of_a_budget_is_made_and_the_next_is_exceeded() -> None:
     cluster = Cluster(settings_with(workflow_usd=1.0), holders=1)
+    gate = cluster.gates[0]
+    with pytest.raises(BudgetExceeded):
+        await gate.admit("wf-a", USD + 1)  # larger than the whole budget: never made
+    await counted_spend(cluster, "wf-a", 700_000_000)
+    r = await admitted(cluster, gate, "wf-a", 300_000_001)  # its worst case passes the budget by 1
+    assert r.workflow_lease.granted == 300_000_001
+    request = next(record for record, _at in lease_records(cluster, "request") if record.scope == "wf-a")
+    assert request.overdraft and request.least_nanos == 300_000_001
+    gate.settle(r, 300_000_000)
+    await counted_spend(cluster, "wf-a", 300_000_000)  # its cost event
+    with pytest.raises(BudgetExceeded):
+        await gate.admit("wf-a", 1)
+    assert gate.waiting == 0
+
+
+@pytest.mark.parametrize(("overdraft", "others_spent"), [(False, 700_000_000), (True, 1_000_000_000)])
+async def test_gate_waiter_raises_once_counted_spend_leaves_no_room(overdraft: bool, others_spent: int) -> None:
+    """No room: less than the call's worst case, or with overdraft nothing at all."""
+    cluster = Cluster(settings_with(workflow_usd=1.0, overdraft=overdraft), holders=1)
     gate = cluster.gates[0]
     cluster.cost_role_up = False
     waiter = await admitting(gate, "wf-a", 400_000_000)
     await written(cluster)
     # another holder's calls are written after the request, and counted with it
-    await counted_spend(cluster, "wf-a", 700_000_000)
+    await counted_spend(cluster, "wf-a", others_spent)
     assert not waiter.done()
     cluster.cost_role_up = True
     await answered(cluster)
@@ -656,7 +675,7 @@ def count_attempts(gate: BudgetGate) -> list[int]:
 async def test_gate_a_denied_scope_is_asked_again_after_a_second_or_when_its_room_grows() -> None:
     """A workflow's room held by another process's lease: the waiter does not ask again on
     every wake-up, but a second after the denial, or at once when the lease comes back."""
-    cluster = Cluster(settings_with(workflow_usd=0.003), holders=2)
+    cluster = Cluster(settings_with(workflow_usd=0.003, overdraft=False), holders=2)
     holder, waiter = cluster.gates
     worst = usd_to_nanos(0.002)
     held = await admitted(cluster, holder, "wf", worst)  # its lease leaves less than a call
@@ -711,7 +730,7 @@ async def test_gate_hour_wait_ends_when_limit_is_raised() -> None:
 
 
 async def test_gate_release_gives_the_reservation_back_to_the_next_call() -> None:
-    cluster = Cluster(settings_with(workflow_usd=0.0015), holders=1)
+    cluster = Cluster(settings_with(workflow_usd=0.0015, overdraft=False), holders=1)
     gate = cluster.gates[0]
     worst = usd_to_nanos(0.001)
     r1 = await admitted(cluster, gate, "wf-a", worst)
@@ -1312,3 +1331,34 @@ def test_idle_workflows_are_forgotten_with_one_watch_each_and_announce_again() -
 
     again = [k for i in range(6) for k in spend("wf-a", 0.01, t0 + 200 + i)]
     assert again == ["limit_reached"], "a new budget period reaches its limit and says so"
+
+
+def test_the_hour_reached_across_partitions_in_one_batch_is_announced() -> None:
+    """Two partitions' events in one batch take the hour past its limit together: the cost
+    role counts both before its own snapshots are read back, and still announces it."""
+    from benchmarks.baseline import HourWindows, Workflows
+    from schemas.models import CostEvent, Tier
+    from streams.envelope import Source
+    from streams.roles.cost import CostAccountant
+
+    settings = load_settings(environ={}, overrides={"cost_guardrails": {
+        "max_cost_per_hour_usd": 1.0, "alert_threshold_usd": 0.5,
+    }})
+    topology = Topology(settings)
+    accountant = CostAccountant(settings, topology, HourWindows(), Workflows(), GuardrailView(settings))
+    at = 7_200.0 + 60
+
+    def spend(p: int, offset: int, usd: float) -> list[str]:
+        event = CostEvent(
+            request_id=f"r{p}-{offset}", workflow_id=f"wf-{p}", agent_type="researcher", tier=Tier.NANO,
+            provider="openai", model="gpt-5-nano", attempt=1, input_tokens=1, output_tokens=1, cost_usd=usd,
+        )
+        source = Source(topology.costs.name, p, offset, f"wf-{p}".encode(), encode(event), at)
+        out = accountant.apply(source, at)
+        return [GuardrailEvent.model_validate_json(o.value).kind for o in out if o.topic == topology.guardrails.name]
+
+    assert spend(0, 0, 0.3) == []
+    assert spend(1, 0, 0.3) == ["alert"], "0.6 over both partitions"
+    assert spend(0, 1, 0.3) == []
+    assert spend(1, 1, 0.2) == ["limit_reached"], "1.1 over both partitions, none read back yet"
+    assert spend(1, 2, 0.1) == [], "announced once"

@@ -281,6 +281,11 @@ class CostGuardrails(Section):
     # workflow of their partition until used there, so at most this share of a workflow's
     # budget can sit unused. 0: a worker's first call of each workflow waits for a grant.
     opening_share: float = Field(default=0.02, ge=0.0, le=0.5)
+    # When a limit has room left but less than the next call's worst case, that call is
+    # still made (one at a time per limit): a limit is passed by at most one call's worst
+    # case, and all of it can be spent. False: never passed, and up to one worst case of
+    # each limit stays unspent. Batches never overdraw (their worst case is many calls').
+    overdraft: bool = True
 
     @model_validator(mode="after")
     def _alert_below_limit(self) -> CostGuardrails:

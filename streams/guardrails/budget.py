@@ -10,12 +10,17 @@ that every worker reads (:class:`~streams.guardrails.view.GuardrailView`).
 - A call is admitted only if its worst case fits in what this process holds of a lease
   of the workflow and of a lease of the hour, both; the worst case is reserved, and
   replaced by the real cost once the call is settled. No process ever spends more than
-  it was granted, and the cost role never grants more than the limit leaves, so the
-  cluster's spend stays within each limit (to the precision of the worst-case estimate).
+  it was granted, and the cost role never grants more than the limit leaves (but for
+  one overdraft, below), so the cluster's spend stays within each limit plus at most one
+  call (to the precision of the worst-case estimate).
 - A request that cannot be granted is answered with nothing: the call waits, and asks
   again when the scope's total changes (another holder returned or spent) or after a
-  second. A workflow whose counted spend leaves no room for the call's worst case ends
-  the request as ``budget_exceeded`` instead.
+  second. A workflow whose counted spend leaves no room for the call ends the request as
+  ``budget_exceeded`` instead.
+- The last call of a limit: with ``cost_guardrails.overdraft``, a request is granted one
+  call's worst case when the scope has room left, but less than that
+  (:func:`~streams.guardrails.ledger.grant_size`), so a limit can be spent to its end and
+  is passed by at most one call; without it, a call fits in the room or is not made.
 - Leases are sized to the calls this process admitted in the scope over the last second
   (``lease_seconds / 2`` of them, at least four worst cases), and the next one is asked
   for when half of the current one is used, so a steady flow of calls does not wait for
@@ -176,7 +181,7 @@ def exceeded_result(
         ),
         error=(
             f"workflow budget exhausted: spent ${nanos_to_usd(spent):.6f} of "
-            f"${nanos_to_usd(gate.view.workflow_limit):.2f}; this request's worst case does not fit"
+            f"${nanos_to_usd(gate.view.workflow_limit):.2f}, no room for this request"
         ),
         metadata=request.metadata,
     )
@@ -221,6 +226,8 @@ class BudgetGate:
         # Openings: none for long reservations, which would hold them for a batch's hours.
         guard = view.settings.cost_guardrails
         self.opening_share = 0.0 if long_reservations else guard.opening_share
+        # A long reservation's worst case is many calls': it never overdraws a limit.
+        self.overdraft = guard.overdraft and not long_reservations
         partitions = view.topology.costs.partitions
         self.partitions, self.partition_of = partitioner or (partitions, lambda key: partition_of(key, partitions))
         self._opening_keys: dict[int, bytes] = {}  # costs partition -> a key that goes there
@@ -261,7 +268,8 @@ class BudgetGate:
 
     def _try_reserve(self, workflow_id: str, worst: int, now: float) -> Reservation | None:
         view = self.view
-        if worst > self.workflow_room(workflow_id, now):
+        room = self.workflow_room(workflow_id, now)
+        if room <= 0 or (worst > room and not self.overdraft) or worst > view.workflow_limit:
             raise BudgetExceeded(workflow_id)
         window = hour_window(now)
         flow = self._allowance(workflow_id, None)
@@ -456,7 +464,7 @@ class BudgetGate:
         record = BudgetRecord(
             budget="request", lease_id=lease_id, scope=allowance.record_scope(),
             window_start=_utc(allowance.window) if allowance.window is not None else None,
-            want_nanos=want, least_nanos=worst,
+            want_nanos=want, least_nanos=worst, overdraft=self.overdraft and allowance.partition is None,
         )
         self._spawn(self._send_request(allowance, allowance.request, record))
 

@@ -14,7 +14,8 @@ expired in the order of the scope's partition, and published with its total
     room = limit - spent - sum(granted - spent of each outstanding lease)
 
 A lease is granted only out of the room, so the spend of every holder together stays
-within the limit as long as each spends only what it holds.
+within the limit as long as each spends only what it holds; an overdraft (see
+:func:`grant_size`) lets it pass the limit by at most one call's worst case.
 
 Openings are leases of a costs partition (scope :data:`OPENINGS_SCOPE`): each holds its
 share of every workflow of the partition, so a worker can make the first call of a
@@ -93,18 +94,26 @@ class Total:
         return cls(int(nanos), int(offset), float(rest[0]) if rest else 0.0, leases, opened)
 
 
-def grant_size(want: int, least: int, room: int) -> int:
+def grant_size(want: int, least: int, room: int, overdraft: bool = False) -> int:
     """What a request is granted: at most half the room unless that is less than
     ``least`` (so the holders of one scope share it, and a scope can be spent to its last
-    worst-case call), and nothing when not even ``least`` fits."""
-    if least <= 0 or room < least:
+    worst-case call), and nothing when not even ``least`` fits.
+
+    An ``overdraft`` request (one call's worst case as ``least``) is granted ``least``
+    when the room is above zero but below it. The grant takes the room below zero, so no
+    other is made until spend or returns bring it back above: what the scope's holders
+    spend stays within its limit plus one call's worst case, and the last of the room
+    is spent instead of left unusable."""
+    if least <= 0:
         return 0
+    if room < least:
+        return least if overdraft and room > 0 else 0
     return min(want, max(least, room // 2))
 
 
 def apply_budget(
     total: Total, op: str, lease_id: str, offset: int, at: float, *,
-    limit: int, lease_seconds: float, want: int = 0, least: int = 0, spent: int = 0,
+    limit: int, lease_seconds: float, want: int = 0, least: int = 0, spent: int = 0, overdraft: bool = False,
 ) -> Total | None:
     """``total`` after one budget record at ``offset`` and timestamp ``at``; None if the
     offset is already included. Leases not renewed within ``lease_seconds`` of ``at``
@@ -118,7 +127,8 @@ def apply_budget(
     lease = leases.get(lease_id)
     if op == "request" and lease is None:
         current = Total(nanos, offset, total.last_seen, leases, total.opened)
-        granted = grant_size(want, least, current.room(limit))
+        # A call larger than the whole limit could never fit: it is not overdrawn either.
+        granted = grant_size(want, least, current.room(limit), overdraft and least <= limit)
         if granted:
             leases[lease_id] = Lease(granted, 0, at)
     elif op == "renew" and lease is not None:

@@ -214,6 +214,9 @@ class CostAccountant:
         self._idle: dict[int, list[tuple[float, str]]] = {}
         self._watched: set[str] = set()
         self._announced: set[str] = set()
+        # (window, costs partition) -> the hour's global total there as this process last
+        # counted it: newer than the view's until this batch's snapshots are read back.
+        self._counted_hours: dict[tuple[int, int], Total] = {}
 
     def apply(self, source: Source, timestamp: float) -> list[Outgoing]:
         try:
@@ -234,6 +237,8 @@ class CostAccountant:
                 self.tables.set_hour(key, window, updated, p)
                 current = updated
             self.batch.snapshot("hour", scope, p, current, window)
+            if scope == "global":
+                self._count_hour(window, p, current)
 
         wf = event.workflow_id
         total = self._workflow(wf, timestamp)
@@ -267,6 +272,7 @@ class CostAccountant:
         rules = {
             "lease_seconds": self.lease_seconds, "want": record.want_nanos,
             "least": record.least_nanos, "spent": record.spent_nanos,
+            "overdraft": record.overdraft,
         }
         if record.window_start is not None:  # the hourly limit's ledger
             window = int(record.window_start.timestamp())
@@ -282,7 +288,8 @@ class CostAccountant:
             if updated is not None:
                 self.tables.set_hour(key, window, updated, p)
                 if record.budget == "request" and record.lease_id not in updated.leases:
-                    out = self._hour_spent(updated, record.least_nanos, view.hour_limit - unleased, window)
+                    need = 1 if record.overdraft else record.least_nanos
+                    out = self._hour_spent(updated, need, view.hour_limit - unleased, window)
                 current = updated
             self.batch.snapshot("hour", LEDGER, p, current, window)
             return out
@@ -349,18 +356,19 @@ class CostAccountant:
         return least
 
     def _hour_spent(self, ledger: Total, least: int, limit: int, window: int) -> list[Outgoing]:
-        """A call's hourly lease was denied: if the hour's spend alone leaves no room for
-        the call, the hour's limit is reached (every worker then says it is paused)."""
+        """A call's hourly lease was denied: if the hour's spend alone leaves less than
+        ``least`` (the call's worst case; one nanodollar for a call that may overdraw),
+        the hour's limit is reached (every worker then says it is paused)."""
         tag = f"hour|{window}|limit_reached|{self.view.hour_limit}"
         if limit - ledger.nanos >= least or tag in self._announced:
             return []
         self._announced.add(tag)
         spent = self.view.hour_limit - limit + ledger.nanos
+        reached = f"leaves less than a call's worst case (${nanos_to_usd(least):.6f}) of" if least > 1 else "reached"
         return [self._event(
             "hour", "limit_reached", "pause", spent, self.view.hour_limit, window,
-            f"spend this hour ${nanos_to_usd(spent):.4f} leaves less than a call's worst case "
-            f"(${nanos_to_usd(least):.6f}) of the hourly limit ${nanos_to_usd(self.view.hour_limit):.2f}; "
-            "model calls wait for the next hour or an operator",
+            f"spend this hour ${nanos_to_usd(spent):.4f} {reached} the hourly limit "
+            f"${nanos_to_usd(self.view.hour_limit):.2f}; model calls wait for the next hour or an operator",
         )]
 
     def _snapshot(self, kind: str, scope: str, p: int, total: Total, window: int | None) -> Outgoing:
@@ -395,10 +403,7 @@ class CostAccountant:
                 f"its ${nanos_to_usd(view.workflow_limit):.2f} budget; further requests end as budget_exceeded",
                 workflow_id=event.workflow_id,
             ))
-        # This process knows its own partitions first-hand and the others through the view.
-        own = self.tables.hour(hour_key("global", p), window).nanos
-        seen = view.hour_part(window, p)
-        hour_total = view.hour_spend(window) - (seen.nanos if seen else 0) + own
+        hour_total = self._hour_total(window)
         for threshold, kind, action, label in (
             (view.alert_threshold, "alert", "none", "alert threshold"),
             (view.hour_limit, "limit_reached", "pause", "hourly limit"),
@@ -412,6 +417,26 @@ class CostAccountant:
                     f"${nanos_to_usd(threshold):.2f}",
                 ))
         return out
+
+    def _count_hour(self, window: int, p: int, total: Total) -> None:
+        counted = self._counted_hours
+        if (window, p) not in counted:
+            for old in [k for k in counted if k[0] < window - HOUR_SECONDS]:
+                del counted[old]  # late events of the previous hour may still come
+        counted[window, p] = total
+
+    def _hour_total(self, window: int) -> int:
+        """The hour's spend over every costs partition: for each, the newest of what this
+        process counted and what the spend topic says. The view alone would miss the
+        partitions counted since its last read (this batch's snapshots, not yet sent), and
+        a spend that reaches the limit across two partitions would go unannounced."""
+        counted = {p: t for (w, p), t in self._counted_hours.items() if w == window}
+        total = 0
+        for (w, scope, p), part in self.view.hours.items():
+            if w == window and scope == "global":
+                mine = counted.pop(p, None)
+                total += mine.nanos if mine is not None and mine.last_offset > part.last_offset else part.nanos
+        return total + sum(t.nanos for t in counted.values())
 
     def _event(
         self, scope: str, kind: str, action: str, spent: int, limit: int, window: int | None,
