@@ -230,6 +230,98 @@ async def test_the_hour_holds_across_holders_and_one_busy_holder_can_use_it_all(
     task.cancel()
 
 
+async def test_a_steady_flow_of_long_calls_never_waits_for_its_next_lease() -> None:
+    """Calls that last two seconds keep a used-up lease in hand until they end: the next
+    lease is still asked for when what is held runs low, so no call waits for a grant."""
+    cluster = Cluster(settings_with(workflow_usd=1.0, hour_usd=10.0), holders=1)
+    gate = cluster.gates[0]
+    worst = usd_to_nanos(0.004)
+    waits: list[float] = []
+
+    async def call() -> None:
+        asked = cluster.now
+        reservation = await gate.admit("wf", worst)
+        waits.append(cluster.now - asked)
+        until = cluster.now + 2.0  # the model call
+        await _until(lambda: cluster.now >= until)
+        await cluster.settle(gate, reservation, worst // 2)
+
+    async def flow() -> None:
+        calls = []
+        for _ in range(400):  # 20 calls a second for 20 s
+            calls.append(asyncio.ensure_future(call()))
+            await _until(lambda start=cluster.now: cluster.now > start)  # the next step
+        await asyncio.gather(*calls)
+
+    await cluster.run(flow())
+    assert gate.granted >= 3, "several leases of the workflow and the hour, one after another"
+    late = [w for w in waits[40:] if w > 0]  # after the first two seconds
+    assert late == [], f"{len(late)} calls waited for a grant, up to {max(late):.2f} s"
+
+
+async def test_a_workflows_first_calls_do_not_wait_for_its_lease_when_calls_vary_in_size() -> None:
+    """A workflow's first calls go under the lease its opening made, which holds a few
+    calls. The next lease is asked for as soon as two of the largest calls seen lately
+    would not fit, not only once half of it is used: else a large call after small ones
+    waits for the grant."""
+    cluster = Cluster(settings_with(workflow_usd=1.0, hour_usd=10.0), holders=1)
+    gate = cluster.gates[0]
+    small, large = usd_to_nanos(0.001), usd_to_nanos(0.004)
+    waits: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+    large_admitted: list[float] = []
+
+    async def call(workflow: str, worst: int) -> None:
+        started.setdefault(workflow, cluster.now)
+        asked = cluster.now
+        reservation = await gate.admit(workflow, worst)
+        waits.setdefault(workflow, []).append(cluster.now - asked)
+        if worst == large:
+            large_admitted.append(cluster.now)
+        until = cluster.now + 2.0  # the model call
+        await _until(lambda: cluster.now >= until)
+        await cluster.settle(gate, reservation, worst // 2)
+
+    async def flow() -> None:
+        await _until(lambda: bool(gate.granted))  # the openings and the hour's lease, at start
+        calls = []
+        for step in range(12):  # a new workflow every step: a small call, a small one, a large one
+            for n, worst in enumerate((small, small, large)):
+                if 0 <= step - n < 10:
+                    calls.append(asyncio.ensure_future(call(f"wf-{step - n}", worst)))
+            await _until(lambda start=cluster.now: cluster.now > start)
+        await asyncio.gather(*calls)
+
+    await cluster.run(flow())
+    assert gate.opened == 10, "each workflow's first call went under an opening"
+    assert waits["wf-0"][2] > 0, "the first large call waits: the opening's lease holds less"
+    known = [wf for wf, at in started.items() if at > min(large_admitted)]  # once a large call was seen
+    assert len(known) >= 6
+    late = {wf: waits[wf] for wf in known if max(waits[wf]) > 0}
+    assert late == {}, f"calls waited for a grant: {late}"
+
+
+async def test_the_next_lease_is_kept_while_the_one_before_it_is_used() -> None:
+    """Calls go under the oldest lease with room, so the next one, asked for ahead, stays
+    unused while the one before it lasts: it is not given back as idle meanwhile."""
+    cluster = Cluster(settings_with(workflow_usd=1.0, hour_usd=10.0, lease_seconds=10.0), holders=1)
+    gate = cluster.gates[0]
+    worst = usd_to_nanos(0.002)  # the lease an opening makes holds two and a half
+    waits: list[float] = []
+
+    async def flow() -> None:
+        await _until(lambda: bool(gate.granted))
+        for _ in range(4):  # a call every three seconds: more than half of lease_seconds for two
+            asked = cluster.now
+            assert await cluster.call(gate, "wf", worst, worst) == worst
+            waits.append(cluster.now - asked)
+            await _until(lambda start=asked: cluster.now >= start + 3.0)
+
+    await cluster.run(flow())
+    assert gate.opened == 1 and gate.granted >= 2, "the first call under an opening, then the workflow's lease"
+    assert waits == [0.0] * 4
+
+
 async def test_a_dead_holders_lease_comes_back_after_lease_seconds() -> None:
     cluster = Cluster(settings_with(workflow_usd=0.01, lease_seconds=4.0), holders=2)
     dead, alive = cluster.gates
@@ -345,8 +437,8 @@ async def test_an_opening_is_granted_only_out_of_the_least_room_of_its_partition
     cluster = Cluster(settings_with(workflow_usd=0.01, opening_share=0.5), holders=1)
     spender = cluster.gates[0]
     low = cluster.partition_of(b"wf-spent")
-    spent = [await _run(cluster, cluster.call(spender, "wf-spent", worst, worst)) for _ in range(7)]
-    assert spent == [worst] * 7
+    spent = [await _run(cluster, cluster.call(spender, "wf-spent", worst, worst)) for _ in range(6)]
+    assert spent == [worst] * 6
     total = cluster.cost_view.workflow_spend("wf-spent")
     assert total is not None
     held = openings_held(cluster.cost_view.openings[low].leases, total.opened, cluster.now, 10.0)

@@ -23,11 +23,14 @@ that every worker reads (:class:`~streams.guardrails.view.GuardrailView`).
   is passed by at most one call; without it, a call fits in the room or is not made.
 - Leases are sized to the calls this process admitted in the scope over the last second
   (``lease_seconds / 2`` of them, at least four worst cases), and the next one is asked
-  for when half of the current one is used, so a steady flow of calls does not wait for
-  grants unless the cost role is further behind than that.
+  for when what the leases in hand have left falls below half of the newest (a used-up
+  lease stays in hand while its calls last) or below two of the largest calls admitted
+  lately, so a steady flow of calls does not wait for grants unless the cost role is
+  further behind than that.
   The cost role grants at most half of what is left, so several holders share a scope
   and the last worst-case call of a budget can still be granted.
-- Unused leases go back: returned after ``lease_seconds / 2`` without a call, and
+- Unused leases go back: returned after ``lease_seconds / 2`` without a call (the newest
+  of a scope, asked for ahead, counts as used while the scope is), and
   renewed every ``lease_seconds / 3`` while used. A holder that stops (SIGKILL) stops
   renewing, and its lease expires after ``lease_seconds``; this process stops using a
   lease at 80 % of that, counted from when it sent the request or renewal (earlier than
@@ -146,6 +149,11 @@ class Allowance:
                 return lease
         return None
 
+    def room(self, now: float) -> int:
+        """What the leases in hand have left for new calls (one used up can stay in hand
+        for as long as its calls last)."""
+        return sum(max(lease.room(), 0) for lease in self.leases if now < lease.deadline)
+
     def rate(self, now: float) -> int:
         while self.admitted and now - self.admitted[0] > 1.0:
             self.admitted.popleft()
@@ -231,6 +239,7 @@ class BudgetGate:
         partitions = view.topology.costs.partitions
         self.partitions, self.partition_of = partitioner or (partitions, lambda key: partition_of(key, partitions))
         self._opening_keys: dict[int, bytes] = {}  # costs partition -> a key that goes there
+        self._largest: tuple[float, int] = (0.0, 0)  # (since, the largest worst case admitted)
 
     # ------------------------------------------------------------------ admission
     async def admit(self, workflow_id: str, worst_nanos: int) -> Reservation:
@@ -297,15 +306,27 @@ class BudgetGate:
         if flow_lease is None or (hour is not None and hour_lease is None):
             return None
         reservation = Reservation(workflow_id, window, worst, flow_lease, hour_lease)
+        largest = self._largest_call(worst, now)
         for lease, allowance in ((flow_lease, flow), (hour_lease, hour)):
             if lease is not None and allowance is not None:
                 lease.reserved += worst
                 lease.calls += 1
                 lease.last_used = now
                 allowance.admitted.append(now)
-                if not self.long_reservations and lease.room() < lease.granted // 2 and len(allowance.leases) == 1:
-                    self._ask(allowance, worst, now)  # the next lease before this one runs out
+                # The next lease before what is held runs out: once half the newest grant
+                # is used, or sooner when two of the largest calls seen lately would not
+                # fit (calls vary in size, and a lease made of an opening holds a few).
+                if not self.long_reservations and allowance.room(now) < max(lease.granted // 2, 2 * largest):
+                    self._ask(allowance, worst, now)
         return reservation
+
+    def _largest_call(self, worst: int, now: float) -> int:
+        """The largest worst case admitted here in about the last ``lease_seconds``."""
+        since, largest = self._largest
+        if worst >= largest or now - since > self.lease_seconds:
+            self._largest = (now, worst)
+            return worst
+        return largest
 
     def _openings(self, partition: int) -> Allowance:
         allowance = self._allowance(openings_key(partition), None)
@@ -597,12 +618,16 @@ class BudgetGate:
                 self._ask(self._allowance(HOUR_SCOPE, window), least, now)  # and the hour's lease
         for key, allowance in list(self._allowances.items()):
             current_hour = allowance.window is None or allowance.window == window
+            # Calls go under the oldest lease with room: the newest, asked for ahead of
+            # need, is in use as long as the scope is.
+            scope_used = max((lease.last_used for lease in allowance.leases), default=0.0)
             for lease in list(allowance.leases):
                 if allowance.partition is not None:  # an opening: kept (renewed) while this process runs
                     lease.last_used = now if self.opening_share else 0.0  # or given back
                     if lease.opened is not None and len(lease.opened) >= OPENED_LIMIT:
                         lease.last_used = 0.0  # used up: give it back, the next is asked for
-                idle = now - lease.last_used > self.lease_seconds / 2
+                last_used = scope_used if lease is allowance.leases[-1] and allowance.partition is None else lease.last_used
+                idle = now - last_used > self.lease_seconds / 2
                 spent_out = lease.room() <= 0
                 if lease.calls == 0 and (idle or spent_out or not current_hour or now >= lease.deadline):
                     allowance.leases.remove(lease)
