@@ -132,6 +132,7 @@ def test_broker_url_is_in_faust_form() -> None:
             "greater than 0",
         ),
         ({"worker": {"log_level": "loud"}}, "worker.log_level", "'debug'"),
+        ({"worker": {"gc_thresholds": [700, 0, 10]}}, "worker.gc_thresholds.1", "greater than 0"),
         ({"kafka": {"topic_prefix": "has space"}}, "kafka.topic_prefix", "pattern"),
     ],
 )
@@ -539,3 +540,18 @@ def test_consumer_group_differs_per_role() -> None:
     ]
     assert len(set(groups)) == len(ALL_ROLES)
     assert topo.consumer_group("other", tier_role(Tier.NANO)) == "other-tier-nano"
+
+
+def test_a_worker_sets_the_collectors_thresholds_from_its_settings() -> None:
+    import gc
+
+    from streams.runtime.worker import tune_the_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_the_collector(load_settings(environ={"TIERSTREAM__WORKER__GC_THRESHOLDS": "[5000, 7, 9]"}))
+        assert gc.get_threshold() == (5000, 7, 9)
+        tune_the_collector(load_settings(environ={}))
+        assert gc.get_threshold() == (20_000, 20, 10)
+    finally:
+        gc.set_threshold(*before)

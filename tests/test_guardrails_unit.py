@@ -10,6 +10,7 @@ the tests move, so no test depends on the wall-clock hour.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,7 +24,7 @@ from schemas.models import BudgetRecord, CostEvent, GuardrailEvent, LeaseState, 
 from streams.envelope import Source
 from streams.guardrails.budget import RECHECK_SECONDS, BudgetExceeded, BudgetGate, Reservation
 from streams.guardrails.ledger import OPENINGS_SCOPE, Lease, Total, expired, hour_key
-from streams.guardrails.money import HOUR_SECONDS, hour_window, nanos_to_usd, usd_to_nanos
+from streams.guardrails.money import HOUR_SECONDS, NANOS_PER_USD, hour_window, nanos_to_usd, usd_to_nanos
 from streams.guardrails.view import LEDGER, GuardrailView, PartTotal, WorkflowTotal
 from streams.roles.cost import CostAccountant, _newest
 from tests.support import wait_until
@@ -1362,3 +1363,15 @@ def test_the_hour_reached_across_partitions_in_one_batch_is_announced() -> None:
     assert spend(0, 1, 0.3) == []
     assert spend(1, 1, 0.2) == ["limit_reached"], "1.1 over both partitions, none read back yet"
     assert spend(1, 2, 0.1) == [], "announced once"
+
+
+def test_usd_to_nanos_of_a_float_is_the_exact_decimal_product_rounded() -> None:
+    """The float path (every call's cost) gives what exact decimal arithmetic gives, for
+    amounts quantized to a nano-dollar as prices and costs are, and for unquantized ones."""
+    rng = random.Random(5)
+    amounts = [rng.randrange(0, 10**15) / 10**9 for _ in range(20_000)]  # up to $1M, quantized
+    amounts += [rng.uniform(0, 50) for _ in range(20_000)]  # any float, below a large limit
+    amounts += [0.0, 1e-9, 0.1 + 0.2, 999_999.999999999, 2_000_000.000000001, -0.000123]
+    for usd in amounts:
+        assert usd_to_nanos(usd) == round(Decimal(str(usd)) * NANOS_PER_USD), usd
+    assert usd_to_nanos(Decimal("0.0000000025")) == 2, "a Decimal is rounded half to even, exactly"

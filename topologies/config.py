@@ -323,6 +323,10 @@ class WorkerSettings(Section):
     # tier partitions: cluster-wide) or "process" (each process enforces the whole limit:
     # the naive per-process limiter, N replicas send N times the limit; for benchmarks).
     rate_limit_sharing: Literal["partitions", "process"] = "partitions"
+    # The cyclic collector's thresholds (gc.set_threshold) in worker processes. CPython's
+    # (700, 10, 10) walk every call in flight each few hundred allocations: at 64-4,000
+    # calls in flight that is about a tenth of a tier worker's CPU (docs/benchmarks.md).
+    gc_thresholds: tuple[PositiveInt, PositiveInt, PositiveInt] = (20_000, 20, 10)
 
 
 class Settings(Section):
