@@ -122,6 +122,24 @@ def test_repeats_report_the_median_round_and_list_every_round() -> None:
     assert median_run([round_(2.0), round_(1.0)])["throughput"]["results_per_s"] == 1.0, "lower middle"
 
 
+def test_a_run_at_a_rate_is_reported_by_its_median_overhead_p99() -> None:
+    """At ``--rate`` every round delivers about the offered rate: ranked by results/s the
+    reported round would be any of them, whatever its latency."""
+    from benchmarks.harness import median_run
+
+    def round_(rps: float, p99: float) -> dict:
+        figures = {**_pipeline(rps), "counts": {"lost": 0, "duplicates": 0}}
+        figures["latency_ms"] = {**figures["latency_ms"], "overhead": {**figures["latency_ms"]["overhead"], "p99": p99}}
+        return figures
+
+    rounds = [round_(150.2, 40.0), round_(149.8, 900.0), round_(150.0, 60.0)]
+    assert median_run(rounds)["latency_ms"]["overhead"]["p99"] == 60.0
+    assert median_run(rounds, "overhead_p99_ms")["latency_ms"]["overhead"]["p99"] == 60.0
+    rounds = [round_(149.8, 40.0), round_(150.0, 900.0), round_(150.2, 60.0)]
+    assert median_run(rounds)["latency_ms"]["overhead"]["p99"] == 900.0, "by results/s: the slowest round"
+    assert median_run(rounds, "overhead_p99_ms")["latency_ms"]["overhead"]["p99"] == 60.0
+
+
 def test_scenario_4_guarded_pipeline_has_rate_limits_that_the_others_do_not() -> None:
     from benchmarks.harness import pipeline_env
     from topologies.config import load_settings
